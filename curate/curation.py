@@ -1,0 +1,736 @@
+"""Act on the scores: rules that drop, flip or reweight pairs, with an audit trail.
+
+A :class:`Rule` selects pairs from the scored table (pairs joined with every
+score column) and names an action:
+
+- ``drop``: the pair leaves the training set;
+- ``flip``: chosen and rejected are swapped (same ``pair_id``; the flip is
+  recorded in ``meta`` and in the audit trail);
+- ``reweight=F``: the pair's ``weight`` is multiplied by ``F`` (default 0.5).
+
+Semantics, so that a run is easy to reason about and exactly repeatable:
+
+- Pairs set aside by the holdout (a stable hash of ``pair_id``) are never
+  seen by any rule.
+- Every rule *selects* on the original scores of all pairs entering curation
+  (after the holdout). Percentages are of those pairs, not of what earlier
+  rules left, so selections do not depend on rule order and their overlaps
+  are meaningful.
+- Rules are *applied* in order. A dropped pair stays dropped; a pair flips at
+  most once (two flip rules matching it mean the same thing); reweight
+  factors multiply. ``changed`` counts the pairs a rule actually changed,
+  ``matched`` the pairs it selected.
+- A pair whose value in the rule's column is missing (null/NaN) is never
+  selected; such pairs are counted as ``missing``.
+
+Per-pair training signals (methods.md section 6), computed after the rules on
+the final orientation of each pair:
+
+- ``weight``: ``strength`` = 2·σ(μ̂) from the ensemble mean margin
+  ``rm_margin_mean`` (1 at μ̂ = 0, → 2 for strong pairs, → 0 for pairs the
+  ensemble thinks are mislabelled); ``madpo`` = the MADPO weight of the
+  logit-scale margin logit(``p_chosen``); times any reweight factors.
+- ``label_confidence`` = 1 − ``flip_prob``, mirrored (= ``flip_prob``) for
+  flipped pairs: the probability that the pair's label, as exported, is right.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from curate.data.schema import PAIR_SCHEMA
+from curate.errors import CurateError
+
+ACTIONS = ("drop", "flip", "reweight")
+DEFAULT_REWEIGHT_FACTOR = 0.5
+WEIGHT_SCHEMES = ("none", "strength", "madpo")
+SELECTORS = ("above", "below", "top", "bottom", "outside-bottom", "where")
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+STRENGTH_COLUMN = "rm_margin_mean"
+P_CHOSEN_COLUMN = "p_chosen"
+FLIP_PROB_COLUMN = "flip_prob"
+
+# MADPO defaults from methods.md section 6 (the reference code's tau is 2).
+MADPO_C_MAX = 2.0
+MADPO_C_MIN = 0.5
+MADPO_LAMBDA = 1.0
+MADPO_TAU = math.log(999.0)
+
+
+# ----------------------------------------------------------------- pure math
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+
+
+def logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 − p)), with p clipped to [eps, 1 − eps] so certain pairs stay finite."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def madpo_coefficient(
+    abs_margin: np.ndarray,
+    *,
+    c_max: float = MADPO_C_MAX,
+    c_min: float = MADPO_C_MIN,
+    lam: float = MADPO_LAMBDA,
+    tau: float = MADPO_TAU,
+) -> np.ndarray:
+    """c(|m|) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min))·exp(λ(|m| − τ)))."""
+    abs_margin = np.asarray(abs_margin, dtype=np.float64)
+    return c_min + (c_max - c_min) / (1.0 + (c_max - 1.0) / (1.0 - c_min) * np.exp(lam * (abs_margin - tau)))
+
+
+def madpo_weight(
+    margin: np.ndarray,
+    *,
+    c_max: float = MADPO_C_MAX,
+    c_min: float = MADPO_C_MIN,
+    lam: float = MADPO_LAMBDA,
+    tau: float = MADPO_TAU,
+) -> np.ndarray:
+    """MADPO per-pair loss weight of a Bradley-Terry logit margin m (chosen minus rejected).
+
+    w = σ(c(|m|)·m) / σ(m) for m > −τ, else 1. The weight is above 1 for small
+    positive margins, below 1 for negative ones, dips to about 0.06 at m = −3,
+    and returns to 1 for m ≤ −τ: the most confidently mislabelled pairs get
+    full weight, so drop or flip those with a rule first.
+    """
+    m = np.asarray(margin, dtype=np.float64)
+    c = madpo_coefficient(np.abs(m), c_max=c_max, c_min=c_min, lam=lam, tau=tau)
+    ratio = sigmoid(c * m) / sigmoid(m)
+    return np.where(m > -tau, ratio, 1.0)
+
+
+def strength_weight(mean_margin: np.ndarray) -> np.ndarray:
+    """2·σ(μ̂): 1 for an ambiguous pair, towards 2 for strong ones, towards 0 for reversed ones."""
+    return 2.0 * sigmoid(mean_margin)
+
+
+def holdout_mask(pair_ids: Sequence[str], fraction: float) -> np.ndarray:
+    """True for the pairs set aside: a hash of the pair_id below ``fraction``.
+
+    Stable across runs and machines, and independent of row order and of the
+    other pairs, so the same pair is held out in every run with this fraction
+    (and a larger fraction holds out a superset).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise CurateError(f"--holdout must be a fraction in [0, 1), got {fraction}")
+    u = np.array(
+        [int.from_bytes(hashlib.sha256(f"curate-holdout:{pid}".encode()).digest()[:8], "big") / 2**64 for pid in pair_ids],
+        dtype=np.float64,
+    )
+    return u < fraction
+
+
+# ----------------------------------------------------------------- actions and rules
+@dataclass(frozen=True)
+class Action:
+    kind: str = "drop"
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ACTIONS:
+            raise CurateError(f"unknown action {self.kind!r}: use one of {', '.join(ACTIONS)}")
+        if self.kind == "reweight" and not (self.factor >= 0 and math.isfinite(self.factor)):
+            raise CurateError(f"a reweight factor must be a finite number >= 0, got {self.factor}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        """'drop', 'flip', 'reweight' or 'reweight=F'."""
+        text = text.strip()
+        if text.startswith("reweight"):
+            rest = text[len("reweight"):]
+            if not rest:
+                return cls("reweight", DEFAULT_REWEIGHT_FACTOR)
+            if rest.startswith("="):
+                try:
+                    return cls("reweight", float(rest[1:]))
+                except ValueError:
+                    pass
+            raise CurateError(f"cannot read action {text!r}: write reweight or reweight=0.5")
+        return cls(text)
+
+    def __str__(self) -> str:
+        return f"reweight={self.factor:g}" if self.kind == "reweight" else self.kind
+
+
+_ACTION_SUFFIX = re.compile(r":\s*(drop|flip|reweight(?:=[-+0-9.eE]+)?)\s*$")
+
+
+def split_action(text: str, default: Action | str | None = None) -> tuple[str, Action]:
+    """Split 'VALUE[:ACTION]' into the value text and the action (``default`` if none given)."""
+    match = _ACTION_SUFFIX.search(text)
+    if match:
+        return text[: match.start()].strip(), Action.parse(match.group(1))
+    if isinstance(default, str):
+        default = Action.parse(default)
+    return text.strip(), default or Action("drop")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One selection of pairs and what to do with them.
+
+    ``select``: ``above`` (column > value), ``below`` (column < value),
+    ``top`` / ``bottom`` (the ``value`` highest / lowest pairs by column, a
+    percentage of the pairs entering curation when ``percent``),
+    ``outside-bottom`` (every valued pair except the lowest ``value``), or
+    ``where`` (``value`` is a polars expression, see :func:`parse_where`).
+    """
+
+    name: str
+    select: str
+    column: str | None
+    value: Any
+    action: Action = field(default_factory=Action)
+    percent: bool = False
+
+    def __post_init__(self):
+        if self.select not in SELECTORS:
+            raise CurateError(f"unknown selector {self.select!r}: use one of {', '.join(SELECTORS)}")
+        if self.select in ("top", "bottom", "outside-bottom"):
+            limit = 100 if self.percent else float("inf")
+            if not (0 < float(self.value) <= limit):
+                what = "a percentage in (0, 100]" if self.percent else "a count > 0"
+                raise CurateError(f"{self.name}: {self.value} is not {what}")
+
+    def columns(self) -> list[str]:
+        if self.select == "where":
+            return where_columns(self.value)
+        return [self.column]
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["action"] = str(self.action)
+        return out
+
+
+def _ches_action(text: str, rule: str) -> tuple[str, Action]:
+    value, action = split_action(text, "drop")
+    if action.kind == "flip":
+        raise CurateError(f"{rule}: CHES measures likelihood displacement, not label errors; use drop or reweight")
+    return value, action
+
+
+def _number(text: str, rule: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CurateError(f"{rule}: cannot read {text!r} as a number") from None
+
+
+def ches_threshold_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    """Pairs with CHES above an absolute value (model-specific: compare with the column's quantiles)."""
+    value, action = _ches_action(str(spec), "--ches-threshold")
+    return Rule(f"ches-threshold {column} > {value}", "above", column, _number(value, "--ches-threshold"), action)
+
+
+def ches_drop_top_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    """The highest PCT percent of pairs by CHES (the most likelihood displacement)."""
+    value, action = _ches_action(str(spec), "--ches-drop-top")
+    return Rule(f"ches-drop-top {value}% {column}", "top", column, _number(value, "--ches-drop-top"), action, percent=True)
+
+
+def ches_keep_lowest_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    """Every pair except the lowest PCT percent by CHES (the paper kept ~5-15% on refusal data)."""
+    value, action = _ches_action(str(spec), "--ches-keep-lowest")
+    return Rule(
+        f"ches-keep-lowest {value}% {column}", "outside-bottom", column,
+        _number(value, "--ches-keep-lowest"), action, percent=True,
+    )
+
+
+def min_strength_rule(spec: str | float, default_action: str = "drop", column: str = STRENGTH_COLUMN) -> Rule:
+    """Pairs whose reward-ensemble mean margin is below X (weak or reversed preferences)."""
+    value, action = split_action(str(spec), default_action)
+    return Rule(f"min-strength {column} < {value}", "below", column, _number(value, "--min-strength"), action)
+
+
+def max_margin_std_rule(spec: str | float, default_action: str = "drop", column: str = "rm_margin_std") -> Rule:
+    """Pairs whose reward-ensemble members disagree: margin std above X."""
+    value, action = split_action(str(spec), default_action)
+    return Rule(f"max-margin-std {column} > {value}", "above", column, _number(value, "--max-margin-std"), action)
+
+
+def max_flip_prob_rule(spec: str | float, default_action: str = "drop", column: str = FLIP_PROB_COLUMN) -> Rule:
+    """Pairs whose estimated probability of a wrong label is above X."""
+    value, action = split_action(str(spec), default_action)
+    return Rule(f"max-flip-prob {column} > {value}", "above", column, _number(value, "--max-flip-prob"), action)
+
+
+_FEATURE_SPEC = re.compile(r"^\s*([^:\s]+)\s*:\s*(drop|flip|reweight(?:=[-+0-9.eE]+)?)-(top|bottom)\s*=\s*([0-9.]+)(%?)\s*$")
+
+
+def feature_rule(spec: str) -> Rule:
+    """'FEATURE:ACTION-top=N' or '...-bottom=N' (N a count, or 'N%'), e.g. '7:flip-top=50'.
+
+    FEATURE is an SAE feature index (column ``sae_f<index>``) or a column
+    name. Activations are signed: top = the pairs with the largest values.
+    """
+    match = _FEATURE_SPEC.match(spec)
+    if not match:
+        raise CurateError(
+            f"cannot read --feature {spec!r}: write FEATURE:ACTION-top=N, e.g. 7:drop-top=100, 7:flip-top=50 or 7:drop-top=5%"
+        )
+    feature, action, side, count, pct = match.groups()
+    column = f"sae_f{feature}" if feature.isdigit() else feature
+    return Rule(
+        f"feature {column} {action}-{side}={count}{pct}", side, column,
+        float(count), Action.parse(action), percent=bool(pct),
+    )
+
+
+def where_rule(spec: str, default_action: str = "drop") -> Rule:
+    """A polars expression over the columns, optionally ending in ':ACTION'."""
+    expr, action = split_action(spec, default_action)
+    where_columns(expr)  # parse now so a bad expression fails before any work
+    return Rule(f"where {expr}", "where", None, expr, action)
+
+
+# ----------------------------------------------------------------- safe --where expressions
+_WHERE_PL_FUNCTIONS = {
+    "col", "lit", "when", "all_horizontal", "any_horizontal", "sum_horizontal",
+    "max_horizontal", "min_horizontal", "mean_horizontal", "len", "element",
+}
+_WHERE_FORBIDDEN = ("write", "sink", "read", "scan", "map", "pipe", "apply", "register", "plugin", "eval", "sql")
+_WHERE_NODES = (
+    ast.Expression, ast.Call, ast.Attribute, ast.Name, ast.Load, ast.Constant, ast.Compare,
+    ast.BinOp, ast.UnaryOp, ast.List, ast.Tuple, ast.keyword,
+    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
+    ast.BitAnd, ast.BitOr, ast.BitXor, ast.Invert, ast.USub, ast.UAdd, ast.Not,
+)
+
+
+def _parse_where(expr: str) -> ast.Expression:
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError as exc:
+        raise CurateError(f"--where {expr!r} is not a valid expression ({exc.msg}); e.g. \"pl.col('rm_margin_std') > 2\"") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _WHERE_NODES):
+            raise CurateError(
+                f"--where {expr!r} uses {type(node).__name__}, which is not allowed: use pl.col(...), "
+                "comparisons, arithmetic and & | ~ (not 'and'/'or')"
+            )
+        if isinstance(node, ast.Attribute):
+            if node.attr.startswith("_") or any(word in node.attr for word in _WHERE_FORBIDDEN):
+                raise CurateError(f"--where {expr!r}: attribute {node.attr!r} is not allowed")
+            if isinstance(node.value, ast.Name) and node.value.id == "pl" and node.attr not in _WHERE_PL_FUNCTIONS:
+                raise CurateError(
+                    f"--where {expr!r}: pl.{node.attr} is not allowed; use one of "
+                    + ", ".join(f"pl.{f}" for f in sorted(_WHERE_PL_FUNCTIONS))
+                )
+        if isinstance(node, ast.Name) and node.id.startswith("_"):
+            raise CurateError(f"--where {expr!r}: name {node.id!r} is not allowed")
+    return tree
+
+
+def where_columns(expr: str) -> list[str]:
+    """Columns an expression reads: pl.col('name') arguments and bare names (other than pl)."""
+    tree = _parse_where(expr)
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "col"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "pl"
+        ):
+            names += [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        elif isinstance(node, ast.Name) and node.id != "pl":
+            names.append(node.id)
+    return list(dict.fromkeys(names))
+
+
+def parse_where(expr: str) -> pl.Expr:
+    """Evaluate a --where expression safely into a polars expression.
+
+    Only ``pl`` (restricted to ``pl.col``, ``pl.lit``, ``pl.when`` and the
+    ``*_horizontal`` helpers) and column names (a bare name ``x`` means
+    ``pl.col('x')``) are in scope; no builtins, no private attributes, no
+    I/O or Python-callback methods. Combine conditions with ``&``, ``|``,
+    ``~``. Examples::
+
+        pl.col('rm_margin_std') > 2
+        (pl.col('flip_prob') > 0.6) & (rm_vote_share < 0.3)
+        pl.col('ln_ches').is_between(-50, 0)
+    """
+    tree = _parse_where(expr)
+    scope: dict[str, Any] = {name: pl.col(name) for name in where_columns(expr)}
+    scope["pl"] = pl
+    try:
+        result = eval(compile(tree, "<--where>", "eval"), {"__builtins__": {}}, scope)  # noqa: S307 (AST checked above)
+    except Exception as exc:
+        raise CurateError(f"--where {expr!r} failed: {exc}") from None
+    if not isinstance(result, pl.Expr):
+        raise CurateError(f"--where {expr!r} must give a polars expression, e.g. \"pl.col('rm_margin_std') > 2\"")
+    return result
+
+
+# ----------------------------------------------------------------- selection
+def _values(pool: pl.DataFrame, column: str, rule: Rule) -> np.ndarray:
+    dtype = pool.schema[column]
+    if not dtype.is_numeric():
+        raise CurateError(f"{rule.name}: column {column!r} is {dtype}, not numeric")
+    return pool[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def _rank_mask(values: np.ndarray, pair_ids: np.ndarray, k: int, highest: bool) -> np.ndarray:
+    """The k valued entries with the highest (or lowest) values; ties broken by pair_id."""
+    valued = np.flatnonzero(~np.isnan(values))
+    key = -values[valued] if highest else values[valued]
+    order = valued[np.lexsort((pair_ids[valued], key))]
+    mask = np.zeros(len(values), dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def select(pool: pl.DataFrame, rule: Rule) -> tuple[np.ndarray, int]:
+    """(mask of the pairs the rule selects, count of pairs it could not judge)."""
+    if rule.select == "where":
+        try:
+            values = pool.select(parse_where(rule.value).alias("_m"))["_m"]
+        except pl.exceptions.PolarsError as exc:
+            raise CurateError(f"{rule.name} failed: {exc}") from None
+        if values.dtype != pl.Boolean:
+            raise CurateError(f"{rule.name} must give True/False per pair, got {values.dtype}; e.g. add '> 0'")
+        missing = values.is_null().sum()
+        return values.fill_null(False).to_numpy().astype(bool), int(missing)
+    values = _values(pool, rule.column, rule)
+    valued = ~np.isnan(values)
+    missing = int((~valued).sum())
+    with np.errstate(invalid="ignore"):
+        if rule.select == "above":
+            return valued & (values > rule.value), missing
+        if rule.select == "below":
+            return valued & (values < rule.value), missing
+    n_valued = int(valued.sum())
+    k = int(round(rule.value * n_valued / 100.0)) if rule.percent else int(min(rule.value, n_valued))
+    pair_ids = pool["pair_id"].to_numpy()
+    if rule.select == "top":
+        return _rank_mask(values, pair_ids, k, highest=True), missing
+    if rule.select == "bottom":
+        return _rank_mask(values, pair_ids, k, highest=False), missing
+    return valued & ~_rank_mask(values, pair_ids, k, highest=False), missing  # outside-bottom
+
+
+def column_quantiles(values: pl.Series) -> dict[str, float]:
+    """Quantiles of a score column, shown next to absolute thresholds (which are model-specific)."""
+    arr = values.cast(pl.Float64).drop_nulls().drop_nans().to_numpy()
+    if arr.size == 0:
+        return {}
+    return {f"q{round(q * 100):02d}": float(np.quantile(arr, q)) for q in QUANTILES}
+
+
+def check_columns(table: pl.DataFrame, needed: dict[str, str], where: str = "the run") -> None:
+    """Raise one CurateError naming every missing column and listing the ones the table has."""
+    missing = {col: who for col, who in needed.items() if col not in table.columns}
+    if not missing:
+        return
+    have = [c for c in table.columns if c not in PAIR_SCHEMA]
+    wanted = "; ".join(f"{who} needs column {col!r}" for col, who in missing.items())
+    listing = ", ".join(have) if have else "(none: run `curate score` first)"
+    raise CurateError(f"{wanted}, which {where} does not have; its score columns are: {listing}")
+
+
+# ----------------------------------------------------------------- applying rules
+@dataclass
+class CurationResult:
+    """What :func:`curate_pairs` produced; nothing is written."""
+
+    pairs: pl.DataFrame  # kept pairs in input order; flips applied; + weight / label_confidence
+    holdout: pl.DataFrame  # untouched pairs set aside (pair schema)
+    audit: pl.DataFrame  # one row per (pair, rule) selection, plus holdout rows
+    summary: dict[str, Any]
+
+
+AUDIT_SCHEMA = {
+    "pair_id": pl.Utf8, "step": pl.Int32, "rule": pl.Utf8, "action": pl.Utf8,
+    "changed": pl.Boolean, "values": pl.Utf8,
+}
+
+
+def _trigger_values(pool: pl.DataFrame, mask: np.ndarray, columns: list[str]) -> list[str]:
+    rows = pool.filter(pl.Series(mask)).select(columns).to_dicts()
+    return [json.dumps(row, default=float) for row in rows]
+
+
+def _with_flip_meta(meta: str | None, rule: str) -> str:
+    data = json.loads(meta or "{}")
+    data["flipped"] = True
+    data["flipped_by"] = rule
+    return json.dumps(data, ensure_ascii=False)
+
+
+def curate_pairs(
+    table: pl.DataFrame,
+    rules: Sequence[Rule],
+    *,
+    weights: str = "none",
+    soft_labels: bool = False,
+    holdout: float = 0.0,
+) -> CurationResult:
+    """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O."""
+    if weights not in WEIGHT_SCHEMES:
+        raise CurateError(f"--weights must be one of {', '.join(WEIGHT_SCHEMES)}, got {weights!r}")
+    needed: dict[str, str] = {}
+    for rule in rules:
+        for col in rule.columns():
+            needed.setdefault(col, rule.name)
+    if weights == "strength":
+        needed.setdefault(STRENGTH_COLUMN, "--weights strength")
+    if weights == "madpo":
+        needed.setdefault(P_CHOSEN_COLUMN, "--weights madpo (margin = logit(p_chosen))")
+    if soft_labels:
+        needed.setdefault(FLIP_PROB_COLUMN, "--soft-labels")
+    check_columns(table, needed)
+    if table["pair_id"].is_duplicated().any():
+        raise CurateError("the pair table has duplicate pair_ids: deduplicate the pairs before curating")
+
+    held = holdout_mask(table["pair_id"].to_list(), holdout) if holdout else np.zeros(table.height, dtype=bool)
+    pool = table.filter(pl.Series(~held))
+    n = pool.height
+    dropped = np.zeros(n, dtype=bool)
+    flipped_by = np.full(n, None, dtype=object)
+    factor = np.ones(n)
+    audit_parts = []
+    rule_rows, masks, warnings = [], [], []
+
+    for step, rule in enumerate(rules, start=1):
+        mask, missing = select(pool, rule)
+        live = mask & ~dropped
+        if rule.action.kind == "drop":
+            changed = live
+            dropped |= changed
+        elif rule.action.kind == "flip":
+            changed = live & (flipped_by == None)  # noqa: E711 (elementwise on an object array)
+            flipped_by[changed] = rule.name
+        else:
+            changed = live if rule.action.factor != 1.0 else np.zeros(n, dtype=bool)
+            factor[live] *= rule.action.factor
+        masks.append(mask)
+        row = {
+            "step": step, "rule": rule.name, "action": str(rule.action),
+            "matched": int(mask.sum()), "changed": int(changed.sum()), "missing": missing,
+        }
+        if rule.select != "where":
+            row["column"] = rule.column
+            row["quantiles"] = column_quantiles(pool[rule.column])
+            if rule.select in ("above", "below"):
+                row["threshold"] = rule.value
+        if n - missing > 0 and row["matched"] == n - missing:
+            warnings.append(f"{rule.name} matches every pair it can judge ({n - missing})")
+        elif n and row["matched"] == 0:
+            warnings.append(f"{rule.name} matches no pair")
+        if missing:
+            warnings.append(f"{rule.name}: {missing} pairs have no value in its column and were not selected")
+        rule_rows.append(row)
+        columns = [c for c in rule.columns() if c in pool.columns]
+        audit_parts.append(
+            pl.DataFrame(
+                {
+                    "pair_id": pool["pair_id"].filter(pl.Series(mask)),
+                    "step": [step] * int(mask.sum()),
+                    "rule": [rule.name] * int(mask.sum()),
+                    "action": [str(rule.action)] * int(mask.sum()),
+                    "changed": changed[mask],
+                    "values": _trigger_values(pool, mask, columns),
+                },
+                schema=AUDIT_SCHEMA,
+            )
+        )
+
+    if held.any():
+        audit_parts.insert(
+            0,
+            pl.DataFrame(
+                {
+                    "pair_id": table["pair_id"].filter(pl.Series(held)),
+                    "step": [0] * int(held.sum()), "rule": [f"holdout {holdout:g}"] * int(held.sum()),
+                    "action": ["holdout"] * int(held.sum()), "changed": [True] * int(held.sum()),
+                    "values": ["{}"] * int(held.sum()),
+                },
+                schema=AUDIT_SCHEMA,
+            ),
+        )
+
+    flipped = flipped_by != None  # noqa: E711
+    kept_mask = ~dropped
+    kept = pool.filter(pl.Series(kept_mask))
+    kept_flipped = flipped[kept_mask]
+    kept_flipped_by = flipped_by[kept_mask]
+    sign = np.where(kept_flipped, -1.0, 1.0)
+    out = kept.select(list(PAIR_SCHEMA))
+    if kept_flipped.any():
+        flip = pl.Series(kept_flipped)
+        meta = [
+            _with_flip_meta(m, by) if by is not None else m
+            for m, by in zip(out["meta"].to_list(), kept_flipped_by)
+        ]
+        out = out.with_columns(
+            chosen=pl.when(flip).then(pl.col("rejected")).otherwise(pl.col("chosen")),
+            rejected=pl.when(flip).then(pl.col("chosen")).otherwise(pl.col("rejected")),
+            meta=pl.Series(meta, dtype=pl.Utf8),
+        )
+
+    signals: dict[str, Any] = {"weights": weights, "soft_labels": soft_labels}
+    reweighted = any(r.action.kind == "reweight" for r in rules)
+    if weights != "none" or reweighted:
+        base = np.ones(kept.height)
+        if weights == "strength":
+            mu = kept[STRENGTH_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            base = strength_weight(sign * mu)
+        elif weights == "madpo":
+            p = kept[P_CHOSEN_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            base = madpo_weight(sign * logit(p))
+        no_value = np.isnan(base)
+        if no_value.any():
+            warnings.append(f"--weights {weights}: {int(no_value.sum())} pairs have no score; they get weight 1")
+            base = np.where(no_value, 1.0, base)
+        out = out.with_columns(weight=pl.Series(base * factor[kept_mask], dtype=pl.Float64))
+        signals["weight_without_score"] = int(no_value.sum())
+    if soft_labels:
+        fp = kept[FLIP_PROB_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        confidence = np.where(kept_flipped, fp, 1.0 - fp)
+        no_value = np.isnan(confidence)
+        if no_value.any():
+            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no flip_prob; their label_confidence is 1")
+            confidence = np.where(no_value, 1.0, confidence)
+        out = out.with_columns(label_confidence=pl.Series(confidence, dtype=pl.Float64))
+        signals["confidence_without_score"] = int(no_value.sum())
+
+    overlaps = [[int((a & b).sum()) for b in masks] for a in masks]
+    summary = {
+        "rules": [r.describe() for r in rules],
+        "per_rule": rule_rows,
+        "overlaps": overlaps,
+        "counts": {
+            "input": table.height,
+            "holdout": int(held.sum()),
+            "curated_input": n,
+            "dropped": int(dropped.sum()),
+            "flipped": int(kept_flipped.sum()),
+            "reweighted": int(((factor != 1.0) & kept_mask).sum()),
+            "kept": kept.height,
+        },
+        "holdout_fraction": holdout,
+        "signals": signals,
+        "warnings": warnings,
+    }
+    audit = pl.concat(audit_parts) if audit_parts else pl.DataFrame(schema=AUDIT_SCHEMA)
+    holdout_pairs = table.filter(pl.Series(held)).select(list(PAIR_SCHEMA))
+    return CurationResult(pairs=out, holdout=holdout_pairs, audit=audit, summary=summary)
+
+
+# ----------------------------------------------------------------- the run-directory step
+CURATION = "curation.parquet"
+HOLDOUT = "holdout.parquet"
+SECTION = "curation"
+
+
+def rules_from_options(
+    *,
+    ches_threshold: str | None = None,
+    ches_column: str = "ln_ches",
+    ches_drop_top: str | None = None,
+    ches_keep_lowest: str | None = None,
+    min_strength: str | None = None,
+    max_margin_std: str | None = None,
+    max_flip_prob: str | None = None,
+    noise_action: str = "drop",
+    features: Sequence[str] = (),
+    where: Sequence[str] = (),
+) -> list[Rule]:
+    """The CLI's rules in their documented order: CHES, strength and noise, features, --where."""
+    rules: list[Rule] = []
+    if ches_threshold is not None:
+        rules.append(ches_threshold_rule(ches_threshold, ches_column))
+    if ches_drop_top is not None:
+        rules.append(ches_drop_top_rule(ches_drop_top, ches_column))
+    if ches_keep_lowest is not None:
+        rules.append(ches_keep_lowest_rule(ches_keep_lowest, ches_column))
+    if min_strength is not None:
+        rules.append(min_strength_rule(min_strength, noise_action))
+    if max_margin_std is not None:
+        rules.append(max_margin_std_rule(max_margin_std, noise_action))
+    if max_flip_prob is not None:
+        rules.append(max_flip_prob_rule(max_flip_prob, noise_action))
+    rules += [feature_rule(spec) for spec in features]
+    rules += [where_rule(expr) for expr in where]
+    return rules
+
+
+def _prepare_out(out: Path, run: Path, force: bool) -> None:
+    if out.resolve() == run.resolve():
+        raise CurateError(f"--out {out} is the run directory itself: choose a new directory for the curated set")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CurateError(f"{out} already exists and is not empty: choose another --out or pass --force to overwrite")
+
+
+def filter_run(
+    run: str | Path,
+    rules: Sequence[Rule],
+    out: str | Path | None = None,
+    *,
+    weights: str = "none",
+    soft_labels: bool = False,
+    holdout: float = 0.0,
+    dry_run: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Curate a run directory's pairs into ``out`` and return the summary.
+
+    Writes ``out/pairs.parquet`` (kept pairs, flips applied, + ``weight`` /
+    ``label_confidence`` when asked), ``out/curation.parquet`` (the audit
+    trail), ``out/holdout.parquet`` (when ``holdout`` > 0), a copy of the
+    run's ``scores.parquet`` and ``manifest.json`` with a ``curation``
+    section, so ``out`` is itself a run directory that ``export`` reads.
+    With ``dry_run`` nothing is written.
+    """
+    from curate.rundir import MANIFEST, SCORES, RunDir, write_json, write_parquet
+
+    run_dir = RunDir(run)
+    if not (run_dir / "pairs.parquet").exists():
+        raise CurateError(f"{run_dir.path} is not a run directory (no pairs.parquet): run `curate score` first")
+    if not dry_run:
+        if out is None:
+            raise CurateError("curate filter needs --out DIR (or --dry-run)")
+        _prepare_out(Path(out), run_dir.path, force)
+    result = curate_pairs(run_dir.table(), rules, weights=weights, soft_labels=soft_labels, holdout=holdout)
+    summary = dict(result.summary, run=str(run_dir.path), out=None if dry_run else str(out), dry_run=dry_run)
+    if dry_run:
+        return summary
+
+    out_dir = RunDir(out)
+    write_parquet(result.pairs, out_dir / "pairs.parquet")
+    write_parquet(result.audit, out_dir / CURATION)
+    if holdout:
+        write_parquet(result.holdout, out_dir / HOLDOUT)
+    else:
+        (out_dir / HOLDOUT).unlink(missing_ok=True)
+    scores = run_dir.scores()
+    if scores.width > 1:
+        write_parquet(scores, out_dir / SCORES)
+    else:
+        (out_dir / SCORES).unlink(missing_ok=True)
+    manifest = run_dir.manifest()
+    manifest[SECTION] = {
+        k: v for k, v in summary.items() if k not in ("dry_run",)
+    } | {"note": "scores.parquet is the source run's, in the original orientation; flipped pairs have meta.flipped"}
+    write_json(manifest, out_dir / MANIFEST)
+    return summary

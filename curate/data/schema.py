@@ -1,0 +1,86 @@
+"""The one pair schema every loader produces and every score joins on.
+
+A pair is ``pair_id``, ``prompt`` (chat messages ending with a user turn),
+``chosen``, ``rejected`` (assistant reply text), ``source`` (where the row came
+from, e.g. ``file.jsonl.gz:123``) and ``meta`` (a JSON object as a string, so
+heterogeneous metadata survives parquet round trips).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable, Mapping, Sequence
+
+import polars as pl
+
+Message = Mapping[str, str]
+
+MESSAGE_DTYPE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+
+PAIR_SCHEMA: dict[str, pl.DataType] = {
+    "pair_id": pl.Utf8,
+    "prompt": pl.List(MESSAGE_DTYPE),
+    "chosen": pl.Utf8,
+    "rejected": pl.Utf8,
+    "source": pl.Utf8,
+    "meta": pl.Utf8,
+}
+
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "source": pl.Utf8,
+    "reason": pl.Utf8,
+    "detail": pl.Utf8,
+    "raw": pl.Utf8,
+}
+
+ROLES = ("system", "user", "assistant")
+
+
+def make_pair_id(prompt: Sequence[Message], reply_a: str, reply_b: str) -> str:
+    """Stable id of a prompt and the *unordered* pair of replies.
+
+    Swapping chosen and rejected keeps the id, so a flip recorded in the
+    audit trail still joins with every score of the pair.
+    """
+    canonical = json.dumps(
+        {
+            "prompt": [[m["role"], m["content"]] for m in prompt],
+            "replies": sorted([reply_a, reply_b]),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def pairs_frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    """Build a pair table from dicts with prompt/chosen/rejected (+source, meta)."""
+    records = []
+    for row in rows:
+        prompt = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+        meta = row.get("meta") or {}
+        records.append(
+            {
+                "pair_id": row.get("pair_id")
+                or make_pair_id(prompt, row["chosen"], row["rejected"]),
+                "prompt": prompt,
+                "chosen": row["chosen"],
+                "rejected": row["rejected"],
+                "source": row.get("source") or "",
+                "meta": meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False),
+            }
+        )
+    return pl.DataFrame(records, schema=PAIR_SCHEMA)
+
+
+def quarantine_frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [{k: row.get(k) for k in QUARANTINE_SCHEMA} for row in rows],
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
+def meta_of(pairs: pl.DataFrame, key: str, default: Any = None) -> list[Any]:
+    """Read one key of every pair's JSON ``meta``."""
+    return [json.loads(m or "{}").get(key, default) for m in pairs["meta"]]

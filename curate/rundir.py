@@ -1,0 +1,132 @@
+"""A run directory holds everything one analysis produced.
+
+Layout (each file optional, written by the step that owns it)::
+
+    RUN/manifest.json      one section per step: model, settings, counts, timings
+    RUN/pairs.parquet      the normalised pairs (pair schema)
+    RUN/quarantine.parquet rows refused, with the reason
+    RUN/scores.parquet     one row per pair_id, one column per signal; every
+                           step merges its columns in (replacing its own)
+    RUN/...                step outputs (features, curated sets, checkpoints)
+
+All writes are atomic (temp file + rename) so a killed run never leaves a
+half-written file that a later run would read as done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PAIRS = "pairs.parquet"
+QUARANTINE = "quarantine.parquet"
+SCORES = "scores.parquet"
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: Any, path: Path) -> None:
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
+
+
+class RunDir:
+    """Thin accessor over a run directory; creates it on first write."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    # -- pairs ---------------------------------------------------------
+    def write_pairs(self, pairs: pl.DataFrame, quarantine: pl.DataFrame) -> None:
+        write_parquet(pairs, self.path / PAIRS)
+        write_parquet(quarantine, self.path / QUARANTINE)
+
+    def pairs(self) -> pl.DataFrame:
+        path = self.path / PAIRS
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{self.path} has no {PAIRS}: run `curate score` or `curate data inspect --out` first"
+            )
+        return pl.read_parquet(path)
+
+    def quarantine(self) -> pl.DataFrame:
+        path = self.path / QUARANTINE
+        return pl.read_parquet(path) if path.exists() else pl.DataFrame()
+
+    # -- scores --------------------------------------------------------
+    def scores(self) -> pl.DataFrame:
+        """All signals computed so far, one row per pair_id (empty if none)."""
+        path = self.path / SCORES
+        if not path.exists():
+            return pl.DataFrame({"pair_id": []}, schema={"pair_id": pl.Utf8})
+        return pl.read_parquet(path)
+
+    def merge_scores(self, new: pl.DataFrame) -> pl.DataFrame:
+        """Join ``new`` (keyed by pair_id) into scores.parquet, replacing same-named columns."""
+        if "pair_id" not in new.columns:
+            raise ValueError("score table needs a pair_id column")
+        old = self.scores()
+        keep = [c for c in old.columns if c == "pair_id" or c not in new.columns]
+        if old.height == 0:
+            merged = new
+        else:
+            merged = old.select(keep).join(new, on="pair_id", how="full", coalesce=True)
+        write_parquet(merged, self.path / SCORES)
+        return merged
+
+    def table(self) -> pl.DataFrame:
+        """Pairs joined with every score column (what curation and reports read)."""
+        pairs = self.pairs()
+        scores = self.scores()
+        if scores.width <= 1:
+            return pairs
+        return pairs.join(scores, on="pair_id", how="left")
+
+    # -- manifest ------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        path = self.path / MANIFEST
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def update_manifest(self, section: str, info: dict[str, Any]) -> dict[str, Any]:
+        manifest = self.manifest()
+        manifest[section] = info
+        write_json(manifest, self.path / MANIFEST)
+        return manifest

@@ -1,0 +1,289 @@
+"""The batched forward engine behind `curate score`.
+
+For every pair it returns, per reply, the fp32 sum of the last-layer hidden
+states at the positions that predict the reply (CHES), the last of those
+states (the hidden-inner-product baseline) and, when asked, the summed
+log-prob of the reply. Only the final hidden state is kept, and ``lm_head``
+runs only on reply positions and only when log-probs are asked for.
+
+How a batch runs (``prefix_sharing=True``, the default):
+
+1. the prompts, left-padded, go through the decoder once, keeping the KV cache;
+2. the cache is repeated for the two replies of each pair, and the replies
+   (without their final end-of-turn token, whose own state is never used)
+   run on top of it, right-padded after the reply.
+
+Left padding puts every prompt's last token in the last column, and right
+padding after a reply cannot influence earlier positions of a causal model,
+so every mask is built from lengths alone. ``prefix_sharing=False`` runs each
+(prompt, reply) as one left-padded sequence instead (two forwards per pair).
+
+Batches are formed by sorting pairs by length and filling a token budget;
+on a GPU an out-of-memory error halves the budget and retries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from curate.scores.logps import span_sum, token_logprobs
+
+# Tokens per batch on CPU; larger batches stop paying off there and cost memory.
+CPU_TOKEN_BUDGET = 4096
+# Starting token budget on an accelerator; halved on out-of-memory.
+GPU_TOKEN_BUDGET = 131072
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one pair; each reply ends with the end-of-turn token."""
+
+    prompt: Sequence[int]
+    chosen: Sequence[int]
+    rejected: Sequence[int]
+
+
+OUTPUT_KEYS = ("sum_chosen", "sum_rejected", "last_chosen", "last_rejected", "logp_chosen", "logp_rejected")
+
+
+def batch_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) -> int:
+    """Padded tokens one batch of these pairs runs through the model."""
+    prompt_len = max(len(p.prompt) for p in pairs)
+    reply_len = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+    if prefix_sharing:
+        return len(pairs) * (prompt_len + 2 * reply_len)
+    return 2 * len(pairs) * (prompt_len + reply_len)
+
+
+def plan_batches(
+    pairs: Sequence[EncodedPair],
+    *,
+    token_budget: int,
+    batch_size: int | None = None,
+    prefix_sharing: bool = True,
+    indices: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Group pair indices (all, or ``indices``) into batches of similar length.
+
+    Pairs are sorted by (prompt length, longer reply), longest first, and cut
+    into batches of ``batch_size`` pairs, or, when it is None, of as many pairs
+    as fit ``token_budget`` padded tokens (at least one pair per batch).
+    """
+    order = sorted(
+        range(len(pairs)) if indices is None else indices,
+        key=lambda i: (len(pairs[i].prompt), max(len(pairs[i].chosen), len(pairs[i].rejected))),
+        reverse=True,
+    )
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        candidate = current + [index]
+        if batch_size is not None:
+            fits = len(candidate) <= batch_size
+        else:
+            fits = batch_cost([pairs[i] for i in candidate], prefix_sharing) <= token_budget
+        if current and not fits:
+            batches.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (counting from each sequence's start)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return ids
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (ending in the final norm) and the unembedding of a causal LM."""
+    return model.base_model, model.get_output_embeddings()
+
+
+def _reply_scores(
+    states: torch.Tensor,
+    replies: Sequence[Sequence[int]],
+    lm_head: torch.nn.Module | None,
+) -> dict[str, torch.Tensor]:
+    """Sums, last states and log-probs from the states that predict each reply.
+
+    ``states [R, W, d]``: row r holds, from column 0, the states predicting
+    reply r's tokens (its last prompt token, then its tokens but the last).
+    """
+    device = states.device
+    lengths = torch.tensor([len(r) for r in replies], device=device)
+    zeros = torch.zeros_like(lengths)
+    rows = torch.arange(len(replies), device=device)
+    out = {
+        "sum": span_sum(states, zeros, lengths),
+        "last": states[rows, lengths - 1].float(),
+    }
+    if lm_head is not None:
+        targets = _right_pad(replies, states.shape[1]).to(device)
+        valid = torch.arange(states.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        token_lp = token_logprobs(states[valid], targets[valid], lm_head)
+        per_row = torch.zeros(len(replies), dtype=torch.float32, device=device)
+        out["logp"] = per_row.index_add_(0, valid.nonzero()[:, 0], token_lp)
+    return out
+
+
+def _forward_shared(model, pairs: Sequence[EncodedPair], want_logps: bool) -> dict[str, torch.Tensor]:
+    decoder, lm_head = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    ids, mask, positions = _left_pad([p.prompt for p in pairs], device)
+    prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    last_prompt_state = prompt_out.last_hidden_state[:, -1]  # left padding: last column
+
+    # rows 2i / 2i+1 are the chosen / rejected reply of pair i
+    replies = [r for p in pairs for r in (p.chosen, p.rejected)]
+    prompt_lens = torch.tensor([len(p.prompt) for p in pairs]).repeat_interleave(2)
+    fed = [r[:-1] for r in replies]  # the end-of-turn token's own state is never used
+    width = max(len(f) for f in fed)
+    first_state = last_prompt_state.repeat_interleave(2, dim=0).unsqueeze(1)
+    if width == 0:
+        states = first_state
+    else:
+        cache = prompt_out.past_key_values
+        cache.batch_repeat_interleave(2)
+        fed_lens = torch.tensor([len(f) for f in fed])
+        reply_mask = (torch.arange(width).unsqueeze(0) < fed_lens.unsqueeze(1)).long()
+        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), reply_mask.to(device)], dim=1)
+        reply_positions = (prompt_lens.unsqueeze(1) + torch.arange(width).unsqueeze(0)).to(device)
+        reply_out = decoder(
+            input_ids=_right_pad(fed, width).to(device),
+            attention_mask=full_mask,
+            position_ids=reply_positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        states = torch.cat([first_state, reply_out.last_hidden_state], dim=1)
+    scores = _reply_scores(states, replies, lm_head if want_logps else None)
+    return _split_chosen_rejected(scores)
+
+
+def _forward_separate(model, pairs: Sequence[EncodedPair], want_logps: bool) -> dict[str, torch.Tensor]:
+    decoder, lm_head = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    replies = [r for p in pairs for r in (p.chosen, p.rejected)]
+    seqs = [list(p.prompt) + list(r[:-1]) for p in pairs for r in (p.chosen, p.rejected)]
+    ids, mask, positions = _left_pad(seqs, device)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    # with left padding the n states predicting an n-token reply are the last n columns
+    lengths = torch.tensor([len(r) for r in replies], device=device)
+    gather = (hidden.shape[1] - lengths).unsqueeze(1) + torch.arange(max(len(r) for r in replies), device=device)
+    gather = gather.clamp(max=hidden.shape[1] - 1)
+    states = hidden[torch.arange(len(seqs), device=device).unsqueeze(1), gather]
+    scores = _reply_scores(states, replies, lm_head if want_logps else None)
+    return _split_chosen_rejected(scores)
+
+
+def _split_chosen_rejected(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in scores.items():
+        out[f"{name}_chosen"] = value[0::2].cpu()
+        out[f"{name}_rejected"] = value[1::2].cpu()
+    return out
+
+
+def forward_batch(
+    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool = True
+) -> dict[str, torch.Tensor]:
+    """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
+    if any(len(p.prompt) == 0 or len(p.chosen) == 0 or len(p.rejected) == 0 for p in pairs):
+        raise ValueError("every pair needs a non-empty prompt and replies that end with the end-of-turn token")
+    forward = _forward_shared if prefix_sharing else _forward_separate
+    with torch.inference_mode():
+        return forward(model, pairs, want_logps)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def default_token_budget(model) -> int:
+    device = next(model.parameters()).device
+    return CPU_TOKEN_BUDGET if device.type == "cpu" else GPU_TOKEN_BUDGET
+
+
+def score_batches(
+    model,
+    pairs: Sequence[EncodedPair],
+    *,
+    want_logps: bool = True,
+    prefix_sharing: bool = True,
+    batch_size: int | None = None,
+    token_budget: int | None = None,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(pair indices, outputs)`` batch by batch, longest pairs first.
+
+    With ``batch_size=None`` batches fill ``token_budget`` padded tokens
+    (default: a fixed budget on CPU, a large one on GPU that halves on
+    out-of-memory until the batch fits).
+    """
+    budget = token_budget or default_token_budget(model)
+    pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing)
+    while pending:
+        indices = pending.pop(0)
+        try:
+            out = forward_batch(model, [pairs[i] for i in indices], want_logps=want_logps, prefix_sharing=prefix_sharing)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc) or len(indices) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # halve what failed and re-plan everything not yet done
+            budget = max(1, batch_cost([pairs[i] for i in indices], prefix_sharing) // 2)
+            if batch_size is not None:
+                batch_size = max(1, len(indices) // 2)
+            remaining = indices + [i for batch in pending for i in batch]
+            pending = plan_batches(
+                pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing, indices=remaining
+            )
+            continue
+        yield indices, out
+
+
+def score_encoded(
+    model,
+    pairs: Sequence[EncodedPair],
+    *,
+    want_logps: bool = True,
+    prefix_sharing: bool = True,
+    batch_size: int | None = None,
+    token_budget: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Score all pairs; returns the engine outputs stacked in input order."""
+    results: dict[str, torch.Tensor] = {}
+    for indices, out in score_batches(
+        model, pairs, want_logps=want_logps, prefix_sharing=prefix_sharing,
+        batch_size=batch_size, token_budget=token_budget,
+    ):
+        index = torch.tensor(indices)
+        for name, value in out.items():
+            if name not in results:
+                results[name] = torch.empty((len(pairs), *value.shape[1:]), dtype=value.dtype)
+            results[name][index] = value
+        if on_batch is not None:
+            on_batch(len(indices))
+    return results

@@ -1,0 +1,96 @@
+"""What the trainer reads: pairs plus the optional per-pair columns curation wrote.
+
+A directory with ``pairs.parquet`` (a run directory or a curated directory
+from ``curate filter``) is read with its scores joined in, so ``weight``,
+``label_confidence`` and ``flip_prob`` are found wherever curation put them.
+Anything else goes through :func:`curate.data.load_pairs`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from curate.errors import CurateError
+
+MAX_EPSILON = 0.5
+
+
+def read_training_pairs(data: Any, *, limit: int | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Pairs (pair schema + any extra columns) and a description of where they came from."""
+    if isinstance(data, pl.DataFrame):
+        pairs, info = data, {"source": "DataFrame"}
+    elif isinstance(data, (str, Path)) and (Path(data) / "pairs.parquet").is_file():
+        from curate.rundir import RunDir
+
+        pairs, info = RunDir(data).table(), {"source": str(data), "kind": "run or curated directory"}
+    else:
+        from curate.data import load_pairs
+
+        loaded = load_pairs(str(data), limit=limit)
+        pairs = loaded.pairs
+        info = {"source": str(data), "kind": "dataset", "quarantined": loaded.quarantine.height, **loaded.info}
+    if limit is not None:
+        pairs = pairs.head(limit)
+    if pairs.height == 0:
+        raise CurateError(f"no pairs to train on in {info['source']}: check the path or the filter that produced it")
+    missing = {"pair_id", "prompt", "chosen", "rejected"} - set(pairs.columns)
+    if missing:
+        raise CurateError(f"{info['source']} lacks the pair columns {sorted(missing)}: load it with `curate data inspect --out`")
+    return pairs, info
+
+
+def column_values(pairs: pl.DataFrame, column: str | None, what: str) -> np.ndarray | None:
+    """A per-pair float column (``--weights`` / ``--soft-labels``), refusing missing or bad values."""
+    if column is None:
+        return None
+    if column not in pairs.columns:
+        raise CurateError(
+            f"--{what} column {column!r} is not in the data (columns: {', '.join(pairs.columns)}); "
+            "run `curate filter` with the matching option or name an existing column"
+        )
+    values = pairs[column].cast(pl.Float64).to_numpy()
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise CurateError(f"--{what} column {column!r} has {int(bad.sum())} missing or non-finite values; fill or drop them first")
+    if what == "soft-labels" and ((values < 0) | (values > 1)).any():
+        raise CurateError(f"--soft-labels column {column!r} must hold probabilities in [0, 1]")
+    if what == "weights" and (values < 0).any():
+        raise CurateError(f"--weights column {column!r} has negative weights; weights must be >= 0")
+    return values
+
+
+def flipped_mask(pairs: pl.DataFrame) -> np.ndarray:
+    """Which pairs curation flipped (``meta.flipped``), so their label is the opposite of the scored one."""
+    if "meta" not in pairs.columns:
+        return np.zeros(pairs.height, dtype=bool)
+    return np.array([bool(json.loads(m or "{}").get("flipped", False)) for m in pairs["meta"]], dtype=bool)
+
+
+def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
+    """The flip rate of the pairs actually trained on: mean flip_prob, 1 − flip_prob for flipped pairs.
+
+    ``flip_prob`` is the probability that the *scored* label is wrong; after a
+    flip the exported label is the other one, so its probability of being wrong
+    is 1 − flip_prob. Using the kept pairs only means curation is not corrected for twice.
+    """
+    flip_prob = np.asarray(flip_prob, dtype=np.float64)
+    if flip_prob.size == 0 or not np.isfinite(flip_prob).all():
+        raise CurateError("--epsilon auto needs a flip_prob for every pair: run the noise step (`curate score`) first")
+    epsilon = float(np.where(flipped, 1.0 - flip_prob, flip_prob).mean())
+    if epsilon >= MAX_EPSILON:
+        raise CurateError(
+            f"--epsilon auto estimated a flip rate of {epsilon:.3f} >= 0.5: the labels carry no usable signal; "
+            "curate the data (drop or flip the likely errors) or pass --epsilon explicitly"
+        )
+    return epsilon
+
+
+def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
+    if "flip_prob" not in pairs.columns:
+        raise CurateError("--epsilon auto needs a flip_prob column: run the noise step (`curate score`) on these pairs first")
+    return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))

@@ -1,0 +1,527 @@
+"""The training loop: DPO-family and SparsePO on curated pairs, readable top to bottom.
+
+One optimizer step consumes ``batch_size`` pairs (the global batch), split
+into ``grad_accum`` micro-batches per process. Each micro-batch is one
+forward over its chosen and rejected sequences together. Sequence-level
+losses use reference log-probs computed once before training; token-level
+losses (tdpo1, tdpo2, sparsepo) run the frozen reference alongside the policy.
+
+Data order is a seeded permutation per epoch, so a resumed run sees the same
+batches as an uninterrupted one, and 2 processes see the same global batches
+as 1. Works unchanged under ``accelerate launch`` / torchrun (DDP); with
+several processes each takes its slice of every micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from curate.errors import CurateError
+from curate.train import checkpoints as ckpt
+from curate.train.batching import Batch, EncodedPair, collate, encode_pairs, on_reply, reply_forward, token_logps
+from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs
+from curate.train.losses import (
+    LOSSES,
+    SEQUENCE_LOSSES,
+    TokenTerms,
+    pair_losses,
+    sft_loss,
+    sparsepo_losses,
+    tdpo1_losses,
+    tdpo2_losses,
+    token_kl,
+    weighted_mean,
+)
+from curate.train.masks import SparsePOMasks, activation_mask, zero_fraction
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI options map one to one)."""
+
+    loss: str = "dpo"
+    beta: float = 0.1
+    epsilon: float | str = 0.0  # flip rate for cdpo / rdpo, or "auto" (from flip_prob)
+    sft_alpha: float = 0.0  # RPO: + alpha * token-mean NLL of the chosen replies
+    weights: str | None = None  # per-pair weight column
+    soft_labels: str | None = None  # per-pair label-confidence column (dpo only)
+    tdpo_alpha: float = 0.5
+    mask: str = "learned"  # sparsepo: learned | mapo
+    mask_mode: str = "common"  # learned masks: common | independent
+    mask_l1: float = 0.0
+    mask_weight_decay: float = 0.01
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    batch_size: int = 8  # pairs per optimizer step, over all processes
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    system_prompt: str = "default"
+    bf16: bool | str = "auto"
+    lora_r: int = 0
+    lora_alpha: float | None = None
+    gradient_checkpointing: bool = False
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise CurateError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.beta <= 0:
+            raise CurateError(f"--beta must be > 0, got {self.beta}")
+        if self.soft_labels and self.loss != "dpo":
+            raise CurateError("--soft-labels replaces the label with a confidence and goes with --loss dpo only")
+        if self.epsilon != "auto" and not (0 <= float(self.epsilon) < 0.5):
+            raise CurateError(f"--epsilon must be in [0, 0.5) or 'auto', got {self.epsilon}")
+        if self.epsilon != 0 and self.loss not in ("cdpo", "rdpo"):
+            raise CurateError("--epsilon (a flip rate) is used by --loss cdpo and rdpo only")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise CurateError("--batch-size and --grad-accum must be >= 1")
+        if self.mask not in ("learned", "mapo") or self.mask_mode not in ("common", "independent"):
+            raise CurateError("--mask must be learned or mapo, and --mask-mode common or independent")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    final_dir: Path
+    steps: int
+    final_loss: float
+    last_metrics: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ helpers
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Linear warmup from 0, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _use_bf16(setting: bool | str, device: torch.device) -> bool:
+    if setting == "auto":
+        from curate.models import resolve_dtype
+
+        return resolve_dtype("auto", device) == torch.bfloat16
+    return bool(setting) and setting != "false"
+
+
+def _fingerprint(cfg: TrainConfig, model_name: str, pair_ids: list[str], epsilon: float, total: int) -> dict:
+    digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:16]
+    keep = ("loss", "beta", "sft_alpha", "weights", "soft_labels", "tdpo_alpha", "mask", "mask_mode", "mask_l1",
+            "lr", "batch_size", "grad_accum", "max_length", "system_prompt", "lora_r", "seed")
+    return {**{k: getattr(cfg, k) for k in keep}, "epsilon": epsilon, "model": model_name,
+            "pairs": len(pair_ids), "pairs_sha": digest, "total_steps": total}
+
+
+class _Reference:
+    """The frozen reference: precomputed sequence log-probs, or a model run alongside the policy."""
+
+    def __init__(self, model=None, logps: torch.Tensor | None = None, lora: bool = False):
+        self.model, self.logps, self.lora = model, logps, lora
+
+    def forward(self, policy, batch: Batch, hidden_states: bool):
+        if self.lora:  # the base model with the adapter switched off
+            unwrapped = getattr(policy, "module", policy)
+            with unwrapped.disable_adapter():
+                return reply_forward(unwrapped, batch, hidden_states=hidden_states)
+        return reply_forward(self.model, batch, hidden_states=hidden_states)
+
+
+@torch.no_grad()
+def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int, batch_size: int,
+                               autocast, accelerator) -> torch.Tensor:
+    """Σ log π_ref(y|x) of every pair's chosen and rejected reply, ``[N, 2]`` fp32.
+
+    Pairs are processed in length order (less padding); with several processes
+    each computes a share and the results are gathered.
+    """
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].chosen) + len(encoded[i].rejected))
+    mine = order[rank::world]
+    rows = []
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        batch = collate([encoded[i] for i in idx], pad_id).to(accelerator.device)
+        with autocast():
+            logits, _ = reply_forward(model, batch)
+        logps = on_reply(token_logps(logits, batch.labels), batch).sum(-1).cpu()
+        chosen, rejected = logps.chunk(2)
+        rows += [(i, float(c), float(r)) for i, c, r in zip(idx, chosen, rejected)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    out = torch.zeros(len(encoded), 2)
+    for i, c, r in rows:
+        out[i, 0], out[i, 1] = c, r
+    model.train(was_training)
+    return out
+
+
+def _compute_micro_loss(policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *, cfg: TrainConfig,
+                        epsilon: float, weights, confidence, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Objective of one micro-batch (before accumulation scaling) and per-pair detached stats."""
+    n = len(idx)
+    token_level = cfg.loss not in SEQUENCE_LOSSES
+    need_hidden = cfg.loss == "sparsepo"
+    ref_hidden = None
+    if token_level:
+        with torch.no_grad(), autocast():
+            ref_logits, ref_hidden = reference.forward(policy, batch, need_hidden)
+    with autocast():
+        logits, _ = reply_forward(policy, batch)
+    tok = on_reply(token_logps(logits, batch.labels), batch)
+    logps = tok.sum(-1)
+    device = logps.device
+    reply_len = batch.valid.sum(-1)
+    w = torch.as_tensor(weights[idx], dtype=torch.float32, device=device) if weights is not None else None
+    stats: dict[str, torch.Tensor] = {}
+
+    if token_level:
+        ref_tok = on_reply(token_logps(ref_logits, batch.labels), batch)
+        kl = on_reply(token_kl(logits, ref_logits), batch)
+        ratio = tok - ref_tok
+        sides = [TokenTerms(ratio[s], kl[s], batch.valid[s]) for s in (slice(0, n), slice(n, 2 * n))]
+        if cfg.loss == "tdpo1":
+            losses = tdpo1_losses(*sides, beta=cfg.beta)
+        elif cfg.loss == "tdpo2":
+            losses = tdpo2_losses(*sides, beta=cfg.beta, alpha=cfg.tdpo_alpha)
+        else:
+            if cfg.mask == "mapo":
+                m = activation_mask(ref_hidden, batch.valid)
+                reward_m = kl_m = m
+                shared = True
+            else:
+                with autocast():
+                    reward_m, kl_m = masks([h.detach() for h in ref_hidden])
+                shared = getattr(masks, "module", masks).shared
+            losses = sparsepo_losses(
+                *sides, reward_masks=(reward_m[:n], reward_m[n:]), kl_masks=(kl_m[:n], kl_m[n:]), beta=cfg.beta,
+                l1_reward=cfg.mask_l1 if cfg.mask == "learned" else 0.0,
+                l1_kl=cfg.mask_l1 if cfg.mask == "learned" else 0.0, shared_mask=shared,
+            )
+            stats["mask_zero"] = torch.tensor([zero_fraction(reward_m.detach(), batch.valid)], device=device)
+        logratio = ratio.sum(-1)
+    else:
+        logratio = logps - reference.logps[idx].T.reshape(-1).to(device)
+        c = torch.as_tensor(confidence[idx], dtype=torch.float32, device=device) if confidence is not None else None
+        losses = pair_losses(cfg.loss, logratio[:n], logratio[n:], beta=cfg.beta, epsilon=epsilon,
+                             chosen_len=reply_len[:n], rejected_len=reply_len[n:], label_confidence=c)
+    objective = weighted_mean(losses, w)
+    if cfg.sft_alpha:
+        objective = objective + cfg.sft_alpha * sft_loss(tok[:n], batch.valid[:n])
+    stats.update(
+        chosen_logratio=logratio[:n].detach(), rejected_logratio=logratio[n:].detach(),
+        chosen_logps=logps[:n].detach(), rejected_logps=logps[n:].detach(),
+    )
+    return objective, stats
+
+
+# ------------------------------------------------------------------ the loop
+def train(
+    data: Any,
+    *,
+    out: str | os.PathLike[str],
+    model: Any = "smollm2-135m-instruct",
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "auto",
+    **options: Any,
+) -> TrainResult:
+    """Train ``model`` on preference pairs; write checkpoints, metrics and a final model to ``out``.
+
+    ``data``: a run or curated directory (``pairs.parquet``, with optional
+    ``weight`` / ``label_confidence`` / ``flip_prob`` columns), a pair
+    DataFrame, or anything :func:`curate.data.load_pairs` reads. ``model``: a
+    name or path for :func:`curate.models.load_causal_lm`, or a ``LoadedModel``
+    (trained in place). ``options``: the fields of :class:`TrainConfig`.
+    ``resume``: continue from the last checkpoint in ``out`` (same data and
+    settings required). Returns the final directory, which
+    ``AutoModelForCausalLM.from_pretrained`` loads.
+    """
+    from accelerate import Accelerator
+
+    from curate.data.chat import ChatEncoder
+    from curate.models import LoadedModel, load_causal_lm, resolve_device
+
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    cfg = TrainConfig(**options)
+    cfg.validate()
+    out = Path(out)
+    accelerator = Accelerator(cpu=resolve_device(device).type == "cpu")
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise CurateError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+                          f"({world} x {cfg.grad_accum})")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+
+    # -- data ---------------------------------------------------------------
+    pairs, data_info = read_training_pairs(data, limit=cfg.limit)
+    weights = column_values(pairs, cfg.weights, "weights")
+    confidence = column_values(pairs, cfg.soft_labels, "soft-labels")
+    epsilon = epsilon_from_pairs(pairs) if cfg.epsilon == "auto" else float(cfg.epsilon)
+
+    # -- model and tokens ---------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    loaded = model if isinstance(model, LoadedModel) else load_causal_lm(str(model), device=accelerator.device, dtype="fp32")
+    policy = loaded.model.to(accelerator.device)
+    if next(policy.parameters()).dtype != torch.float32:
+        policy.float()  # master weights in fp32; bf16 enters through autocast
+    _disable_dropout(policy)
+    encoder = ChatEncoder(loaded.tokenizer, system_prompt=cfg.system_prompt, max_length=cfg.max_length)
+    encoding = encode_pairs(pairs, encoder)
+    if not encoding.pairs:
+        raise CurateError(f"every pair's reply is longer than --max-length {cfg.max_length}; raise it")
+    kept = np.asarray(encoding.kept)
+    weights = weights[kept] if weights is not None else None
+    confidence = confidence[kept] if confidence is not None else None
+    n = len(encoding.pairs)
+    if n < cfg.batch_size:
+        raise CurateError(f"only {n} pairs to train on, fewer than --batch-size {cfg.batch_size}; lower it")
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else encoder.eot_id
+    steps_per_epoch = n // cfg.batch_size  # the last partial batch of an epoch is skipped
+    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+    bf16 = _use_bf16(cfg.bf16, accelerator.device)
+
+    def autocast():
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    pair_ids = [pairs["pair_id"][int(i)] for i in kept]
+    fingerprint = _fingerprint(cfg, loaded.name, pair_ids, epsilon, total)
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and checkpoint is None and main:
+        accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+    if checkpoint is not None:
+        ckpt.check_compatible(checkpoint, fingerprint)
+
+    # -- reference ----------------------------------------------------------
+    t0 = time.perf_counter()
+    reference = _Reference(lora=cfg.lora_r > 0)
+    ref_path = out / "reference_logps.pt"
+    if cfg.loss in SEQUENCE_LOSSES:
+        if checkpoint is not None and ref_path.exists():
+            reference.logps = torch.load(ref_path, weights_only=True)
+        else:
+            reference.logps = precompute_reference_logps(policy, encoding.pairs, pad_id=pad_id,
+                                                         batch_size=max(micro, 8), autocast=autocast,
+                                                         accelerator=accelerator)
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                torch.save(reference.logps, ref_path)
+    elif cfg.lora_r == 0:
+        reference.model = copy.deepcopy(policy).eval().requires_grad_(False)
+    precompute_s = time.perf_counter() - t0
+
+    # -- trainable modules, optimizer ----------------------------------------
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                                                   lora_dropout=0.0, target_modules="all-linear"))
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r > 0:
+            policy.enable_input_require_grads()
+    policy.config.use_cache = False
+    policy.train()
+    masks = None
+    if cfg.loss == "sparsepo" and cfg.mask == "learned":
+        config = policy.config
+        masks = SparsePOMasks(config.num_hidden_layers, config.hidden_size, mode=cfg.mask_mode,
+                              eps=getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", 1e-5))
+        masks.to(accelerator.device).train()
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    if masks is not None:  # the mask network has its own group (own weight decay), as in SparsePO
+        groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+
+    start = 0
+    if checkpoint is not None:
+        ckpt.load_checkpoint(checkpoint, policy=policy, masks=masks, optimizer=optimizer)
+        start = json.loads((checkpoint / "state.json").read_text())["step"]
+    if masks is not None:
+        policy, masks = accelerator.prepare(policy, masks)
+    else:
+        policy = accelerator.prepare(policy)
+
+    # -- metrics file: keep what the resumed steps already wrote ------------
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        old = metrics_path.read_text().splitlines() if (checkpoint is not None and metrics_path.exists()) else []
+        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+
+    info: dict[str, Any] = {
+        "config": asdict(cfg), "epsilon": epsilon, "model": loaded.info, "data": data_info, "pairs": n,
+        "left_out_reply_too_long": len(encoding.too_long), "left_out_pair_ids": encoding.too_long[:100],
+        "prompt_truncated": encoding.truncated, "truncation_rule": "keep the reply, cut the prompt from the left",
+        "processes": world, "micro_batch": micro, "steps": total, "steps_per_epoch": steps_per_epoch,
+        "bf16_autocast": bf16, "reference_precompute_s": round(precompute_s, 3), "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+
+    # -- steps ----------------------------------------------------------------
+    last: dict[str, Any] = {}
+    bar = _progress(enabled=progress and main and not os.environ.get("CURATE_QUIET"), total=total, start=start)
+    with bar as live:
+        task = live.add_task(f"train {cfg.loss}", total=total, completed=start) if live else None
+        for step in range(start, total):
+            t_step = time.perf_counter()
+            epoch, within = divmod(step, steps_per_epoch)
+            order = epoch_order(n, cfg.seed, epoch)
+            step_idx = order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
+            objective_sum = 0.0
+            stats: dict[str, list[torch.Tensor]] = {}
+            for k in range(cfg.grad_accum):
+                chunk = step_idx[k * world * micro:(k + 1) * world * micro]
+                idx = chunk[accelerator.process_index * micro:(accelerator.process_index + 1) * micro]
+                batch = collate([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
+                sync = k == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(policy):
+                    objective, micro_stats = _compute_micro_loss(
+                        policy, reference, masks, batch, idx, cfg=cfg, epsilon=epsilon, weights=weights,
+                        confidence=confidence, autocast=autocast)
+                    accelerator.backward(objective / cfg.grad_accum)
+                objective_sum += objective.detach().float() / cfg.grad_accum
+                for key, value in micro_stats.items():
+                    stats.setdefault(key, []).append(value)
+            lr = cfg.lr * lr_factor(step, warmup=warmup, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            loss_value = float(accelerator.reduce(torch.as_tensor(objective_sum, device=accelerator.device), "mean"))
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                good = ckpt.latest_checkpoint(out / "checkpoints")
+                info["stopped"] = f"non-finite loss ({loss_value}) or gradient at step {step + 1}"
+                if main:
+                    _write_manifest(out, info)
+                raise CurateError(
+                    f"training stopped: the loss became {loss_value} (grad norm {float(grad_norm)}) at step {step + 1}; "
+                    f"the last good checkpoint is {good or 'none (no checkpoint was written yet)'}; "
+                    "lower --lr or --beta and resume from it"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            last = _step_metrics(step + 1, epoch, loss_value, stats, accelerator, cfg, float(grad_norm),
+                                 lr=lr,
+                                 seconds=time.perf_counter() - t_step)
+            if step == 0:
+                info["step0_max_abs_logratio"] = last.pop("_max_abs_logratio")
+            last.pop("_max_abs_logratio", None)
+            if main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+            is_last = step + 1 == total
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or is_last:
+                if main:
+                    ckpt.save_checkpoint(out / "checkpoints", step + 1, policy=accelerator.unwrap_model(policy),
+                                         masks=accelerator.unwrap_model(masks) if masks is not None else None,
+                                         optimizer=optimizer, keep=cfg.keep_checkpoints,
+                                         state={"fingerprint": fingerprint, "loss": loss_value})
+                accelerator.wait_for_everyone()
+            if live:
+                live.update(task, advance=1, description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
+
+    final_dir = out / "final"
+    if main:
+        _save_final(accelerator.unwrap_model(policy), loaded.tokenizer, final_dir,
+                    accelerator.unwrap_model(masks) if masks is not None else None)
+        info["final_loss"] = last.get("loss")
+        _write_manifest(out, info)
+    accelerator.wait_for_everyone()
+    return TrainResult(out, final_dir, total, float(last.get("loss", float("nan"))), last, info)
+
+
+def _step_metrics(step: int, epoch: int, loss: float, stats: dict[str, list[torch.Tensor]], accelerator,
+                  cfg: TrainConfig, grad_norm: float, *, lr: float, seconds: float) -> dict[str, Any]:
+    gathered = {k: accelerator.gather(torch.cat(v)).float() for k, v in stats.items()}
+    margin = cfg.beta * (gathered["chosen_logratio"] - gathered["rejected_logratio"])
+    metrics = {
+        "step": step, "epoch": epoch, "loss": loss,
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "margin": float(margin.mean()),
+        "chosen_reward": float(cfg.beta * gathered["chosen_logratio"].mean()),
+        "rejected_reward": float(cfg.beta * gathered["rejected_logratio"].mean()),
+        "chosen_logps": float(gathered["chosen_logps"].mean()),
+        "rejected_logps": float(gathered["rejected_logps"].mean()),
+        "lr": lr, "grad_norm": grad_norm, "pairs_per_s": cfg.batch_size / max(seconds, 1e-9),
+        "_max_abs_logratio": float(torch.cat([gathered["chosen_logratio"], gathered["rejected_logratio"]]).abs().max()),
+    }
+    if "mask_zero" in gathered:
+        metrics["mask_sparsity"] = float(gathered["mask_zero"].mean())
+    return metrics
+
+
+def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
+    """A directory ``AutoModelForCausalLM.from_pretrained`` loads (LoRA merged into the weights)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    if hasattr(policy, "merge_and_unload"):
+        policy = copy.deepcopy(policy).merge_and_unload()
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=".final."))
+    try:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if masks is not None:
+            save_file(ckpt.trainable_state(masks), str(tmp / "sparsepo_masks.safetensors"))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_manifest(out: Path, info: dict[str, Any]) -> None:
+    from curate.rundir import RunDir
+
+    RunDir(out).update_manifest("train", info)
+
+
+def _progress(*, enabled: bool, total: int, start: int):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

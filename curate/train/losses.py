@@ -1,0 +1,192 @@
+"""Preference losses as pure functions of tensors (methods.md §6).
+
+Sequence-level losses take per-pair log-ratios r± = log π(y±|x) − log π_ref(y±|x)
+(sums over reply tokens, end-of-turn token included) and return one loss per
+pair, unreduced. Token-level losses (TDPO, SparsePO) take per-token terms.
+
+Values match TRL's ``DPOTrainer`` for dpo ("sigmoid"), ipo, rdpo ("robust")
+and hinge, and TRL <= 0.28's sigmoid loss with label smoothing for cdpo.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SEQUENCE_LOSSES = ("dpo", "ipo", "cdpo", "rdpo", "hinge")
+TOKEN_LOSSES = ("tdpo1", "tdpo2", "sparsepo")
+LOSSES = SEQUENCE_LOSSES + TOKEN_LOSSES
+
+
+def pair_losses(
+    kind: str,
+    chosen_logratio: Tensor,
+    rejected_logratio: Tensor,
+    *,
+    beta: float,
+    epsilon: float = 0.0,
+    chosen_len: Tensor | None = None,
+    rejected_len: Tensor | None = None,
+    label_confidence: Tensor | None = None,
+) -> Tensor:
+    """One loss per pair (no reduction) for a sequence-level loss ``kind``.
+
+    - ``dpo``: −log σ(βΔ), Δ = r⁺ − r⁻. With ``label_confidence`` c (per pair,
+      the confidence that the label is right) it is the soft-label loss
+      −[c log σ(βΔ) + (1−c) log σ(−βΔ)]; c < 0.5 reverses the pair.
+    - ``cdpo``: −(1−ε) log σ(βΔ) − ε log σ(−βΔ) (conservative DPO, bounded).
+    - ``rdpo``: [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1−2ε) (robust DPO, unbiased; ε < 0.5).
+    - ``ipo``: (r⁺/N⁺ − r⁻/N⁻ − 1/(2β))², with N± the reply token counts
+      (``chosen_len``, ``rejected_len``), as TRL averages per token.
+    - ``hinge``: relu(1 − βΔ).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if label_confidence is not None and kind != "dpo":
+        raise ValueError("label_confidence (soft labels) goes with kind='dpo' only")
+    logits = beta * (chosen_logratio - rejected_logratio)
+    if kind == "dpo":
+        if label_confidence is None:
+            return -F.logsigmoid(logits)
+        c = label_confidence.to(logits.dtype)
+        return -(c * F.logsigmoid(logits) + (1 - c) * F.logsigmoid(-logits))
+    if kind == "cdpo":
+        _check_epsilon(epsilon, upper=1.0)
+        return -(1 - epsilon) * F.logsigmoid(logits) - epsilon * F.logsigmoid(-logits)
+    if kind == "rdpo":
+        _check_epsilon(epsilon, upper=0.5)
+        return (-(1 - epsilon) * F.logsigmoid(logits) + epsilon * F.logsigmoid(-logits)) / (1 - 2 * epsilon)
+    if kind == "ipo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("ipo needs chosen_len and rejected_len (reply token counts)")
+        per_token = chosen_logratio / chosen_len.clamp(min=1) - rejected_logratio / rejected_len.clamp(min=1)
+        return (per_token - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return torch.relu(1 - logits)
+    raise ValueError(f"unknown sequence loss {kind!r}; choose one of {', '.join(SEQUENCE_LOSSES)}")
+
+
+def _check_epsilon(epsilon: float, *, upper: float) -> None:
+    if not 0.0 <= epsilon < upper:
+        raise ValueError(f"epsilon (flip rate) must be in [0, {upper}), got {epsilon}")
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean of w_i · loss_i over the batch (plain mean without weights).
+
+    Dividing by the batch size, not by Σw, keeps a weight's meaning absolute:
+    a pair with weight 0.5 counts half as much as an unweighted pair in any batch.
+    """
+    if weights is None:
+        return losses.mean()
+    return (weights.to(losses.dtype) * losses).mean()
+
+
+def sft_loss(chosen_token_logps: Tensor, chosen_valid: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of the chosen replies over the batch (TRL's "sft" / RPO term)."""
+    valid = chosen_valid.to(chosen_token_logps.dtype)
+    return -(chosen_token_logps * valid).sum() / valid.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------ MADPO weights
+def madpo_weights(
+    margin: Tensor,
+    *,
+    c_max: float = 2.0,
+    c_min: float = 0.5,
+    lam: float = 1.0,
+    tau: float = math.log(999),
+) -> Tensor:
+    """Margin-adaptive DPO weights from a Bradley-Terry logit margin m (MADPO).
+
+    w = σ(c·m)/σ(m) for m > −τ, else 1, with
+    c(|m|) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min)) · e^{λ(|m| − τ)}).
+    Note the shape: w dips for moderately negative m and returns to 1 for m ≤ −τ,
+    so the most confidently mislabelled pairs get full weight; drop or flip them first.
+    """
+    m = margin.to(torch.float64)
+    c = c_min + (c_max - c_min) / (1 + ((c_max - 1) / (1 - c_min)) * torch.exp(lam * (m.abs() - tau)))
+    w = torch.exp(F.logsigmoid(c * m) - F.logsigmoid(m))
+    return torch.where(m > -tau, w, torch.ones_like(w)).to(margin.dtype)
+
+
+# ------------------------------------------------------------------ token level
+class TokenTerms(NamedTuple):
+    """Per-token quantities of one side (chosen or rejected) of a batch of pairs, all ``[B, T]``.
+
+    ``logratio``: log π(y_t|·) − log π_ref(y_t|·); ``kl``: KL(π_ref(·|x,y<t) ‖ π(·|x,y<t));
+    ``valid``: 1.0 on reply tokens, 0.0 on padding (built from lengths, never from pad ids).
+    """
+
+    logratio: Tensor
+    kl: Tensor
+    valid: Tensor
+
+
+def token_kl(policy_logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """KL(π_ref ‖ π) per position over the vocabulary, ``[..., V] -> [...]``, in fp32.
+
+    Uses log_softmax on both models (softmax().log() underflows to NaN).
+    """
+    policy_logp = policy_logits.float().log_softmax(-1)
+    reference_logp = reference_logits.float().log_softmax(-1)
+    return (reference_logp.exp() * (reference_logp - policy_logp)).sum(-1)
+
+
+def _masked_sum(values: Tensor, valid: Tensor, mask: Tensor | None = None) -> Tensor:
+    if mask is not None:
+        values = mask * values
+    return (values * valid).sum(-1)
+
+
+def tdpo1_losses(chosen: TokenTerms, rejected: TokenTerms, *, beta: float) -> Tensor:
+    """TDPO1: −log σ(β[Δ − (SeqKL(y⁻) − SeqKL(y⁺))]), one loss per pair."""
+    delta = _masked_sum(chosen.logratio, chosen.valid) - _masked_sum(rejected.logratio, rejected.valid)
+    kl_gap = _masked_sum(rejected.kl, rejected.valid) - _masked_sum(chosen.kl, chosen.valid)
+    return -F.logsigmoid(beta * (delta - kl_gap))
+
+
+def tdpo2_losses(chosen: TokenTerms, rejected: TokenTerms, *, beta: float, alpha: float = 0.5) -> Tensor:
+    """TDPO2: −log σ(β[Δ − α(SeqKL(y⁻) − sg(SeqKL(y⁺)))]), sg = stop-gradient."""
+    delta = _masked_sum(chosen.logratio, chosen.valid) - _masked_sum(rejected.logratio, rejected.valid)
+    kl_gap = _masked_sum(rejected.kl, rejected.valid) - _masked_sum(chosen.kl, chosen.valid).detach()
+    return -F.logsigmoid(beta * (delta - alpha * kl_gap))
+
+
+def sparsepo_losses(
+    chosen: TokenTerms,
+    rejected: TokenTerms,
+    *,
+    reward_masks: tuple[Tensor, Tensor],
+    kl_masks: tuple[Tensor, Tensor],
+    beta: float,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    shared_mask: bool = False,
+) -> Tensor:
+    """SparsePO: −log σ(β(u − δ)) + L1 penalties on the masks, one loss per pair.
+
+    u = Σ m_u ρ(y⁺) − Σ m_u ρ(y⁻);  δ = Σ m_d KL(y⁻) − Σ m_d KL(y⁺), sums over reply
+    tokens. ``reward_masks`` and ``kl_masks`` are (chosen, rejected) ``[B, T]`` tensors
+    of non-negative weights. With one shared mask (``shared_mask``) each λ is halved,
+    so the one mask is not penalised twice. All-ones masks and λ = 0 give TDPO1 exactly.
+    """
+    reward_chosen, reward_rejected = reward_masks
+    kl_chosen, kl_rejected = kl_masks
+    u = _masked_sum(chosen.logratio, chosen.valid, reward_chosen) - _masked_sum(
+        rejected.logratio, rejected.valid, reward_rejected
+    )
+    delta = _masked_sum(rejected.kl, rejected.valid, kl_rejected) - _masked_sum(chosen.kl, chosen.valid, kl_chosen)
+    losses = -F.logsigmoid(beta * (u - delta))
+    scale = 0.5 if shared_mask else 1.0
+    if l1_reward:
+        l1 = _masked_sum(reward_chosen.abs(), chosen.valid) + _masked_sum(reward_rejected.abs(), rejected.valid)
+        losses = losses + scale * l1_reward * l1
+    if l1_kl:
+        l1 = _masked_sum(kl_chosen.abs(), chosen.valid) + _masked_sum(kl_rejected.abs(), rejected.valid)
+        losses = losses + scale * l1_kl * l1
+    return losses

@@ -1,0 +1,198 @@
+"""Checks on the shipped demo set, ``data/demo/pairs.jsonl`` (issue 2, "Demo data").
+
+The file is read with plain ``json`` so these tests do not depend on the loader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "pairs.jsonl"
+GENERATOR = REPO / "data" / "make_demo.py"
+HH_SAMPLE = REPO.parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
+
+CATEGORIES = {"correct_vs_wrong", "helpful_vs_evasive", "refusal_vs_harmful", "on_vs_off_topic", "near_duplicate"}
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    with DEMO.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def ngrams(text: str, n_max: int = 3) -> set[tuple[str, ...]]:
+    tokens = words(text)
+    return {tuple(tokens[i : i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1)}
+
+
+def is_near_duplicate(a: str, b: str) -> bool:
+    """Different texts whose word sequences are at least 80% the same."""
+    return a != b and difflib.SequenceMatcher(None, words(a), words(b)).ratio() >= 0.8
+
+
+def better_and_worse(row: dict) -> tuple[str, str]:
+    if row["meta"]["planted_flip"]:
+        return row["rejected"], row["chosen"]
+    return row["chosen"], row["rejected"]
+
+
+# --------------------------------------------------------------------------- shape
+
+
+def test_every_row_is_a_well_formed_pair(rows):
+    for row in rows:
+        assert set(row) == {"prompt", "chosen", "rejected", "meta"}
+        prompt = row["prompt"]
+        assert prompt and prompt[-1]["role"] == "user"
+        assert all(set(m) == {"role", "content"} and m["role"] in {"user", "assistant"} for m in prompt)
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in prompt)
+        assert row["chosen"].strip() and row["rejected"].strip()
+        assert row["chosen"] != row["rejected"]
+        meta = row["meta"]
+        assert meta["category"] in CATEGORIES
+        assert isinstance(meta["planted_flip"], bool)
+        assert isinstance(meta["contrast"], str) and meta["contrast"]
+        assert isinstance(meta["template"], str) and meta["template"]
+
+
+def test_size_prompts_and_templates(rows):
+    assert len(rows) >= 240
+    distinct_prompts = {json.dumps(row["prompt"], sort_keys=True) for row in rows}
+    assert len(distinct_prompts) >= 100
+    assert any(len(row["prompt"]) > 1 for row in rows), "expected some multi-turn prompts"
+    template_use = Counter(row["meta"]["template"] for row in rows)
+    assert max(template_use.values()) <= 5, template_use.most_common(3)
+    assert len({(row["chosen"], row["rejected"]) for row in rows}) == len(rows), "duplicate pairs"
+
+
+def test_every_category_has_many_pairs(rows):
+    per_category = Counter(row["meta"]["category"] for row in rows)
+    assert set(per_category) == CATEGORIES
+    assert min(per_category.values()) >= 40, per_category
+
+
+def test_planted_flips_are_about_ten_percent_and_spread_over_categories(rows):
+    flips = [row["meta"]["planted_flip"] for row in rows]
+    assert 0.08 <= sum(flips) / len(rows) <= 0.12
+    for category in CATEGORIES:
+        in_category = [row["meta"]["planted_flip"] for row in rows if row["meta"]["category"] == category]
+        assert 0.05 <= sum(in_category) / len(in_category) <= 0.15, category
+
+
+def test_near_duplicates_are_at_least_fifteen_percent(rows):
+    near = [row for row in rows if row["meta"]["category"] == "near_duplicate"]
+    assert all(is_near_duplicate(row["chosen"], row["rejected"]) for row in near)
+    assert len(near) / len(rows) >= 0.15
+    # and the other categories really are different replies, not disguised near-duplicates
+    others = [row for row in rows if row["meta"]["category"] != "near_duplicate"]
+    assert not any(is_near_duplicate(row["chosen"], row["rejected"]) for row in others)
+
+
+# --------------------------------------------------------------------------- hard to game
+
+
+def length_features(a: str, b: str) -> list[float]:
+    return [len(a) - len(b), len(words(a)) - len(words(b))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_length_alone_does_not_predict_the_label(rows, seed):
+    """Logistic regression on length differences, randomly oriented pairs, 5-fold CV: AUC <= 0.6."""
+    rng = random.Random(seed)
+    features, labels = [], []
+    for row in rows:
+        a_is_chosen = rng.random() < 0.5
+        a, b = (row["chosen"], row["rejected"]) if a_is_chosen else (row["rejected"], row["chosen"])
+        features.append(length_features(a, b))
+        labels.append(int(a_is_chosen))
+    x = np.asarray(features, dtype=float)
+    x /= x.std(axis=0)
+    y = np.asarray(labels)
+    scores = cross_val_predict(LogisticRegression(), x, y, cv=5, method="predict_proba")[:, 1]
+    assert roc_auc_score(y, scores) <= 0.6
+
+
+def giveaway_ngrams(pairs: list[tuple[str, str]], min_share: float = 0.05, max_accuracy: float = 0.75):
+    """N-grams (n = 1..3) that on their own tell the first reply of a pair from the second.
+
+    An n-gram takes part when it occurs in exactly one of the two replies of at
+    least ``min_share`` of the pairs; on those pairs the rule "the reply with
+    it is the first" (or "the second") must not be right more than
+    ``max_accuracy`` of the time.
+    """
+    in_first, in_second = Counter(), Counter()
+    for first, second in pairs:
+        a, b = ngrams(first), ngrams(second)
+        in_first.update(a - b)
+        in_second.update(b - a)
+    found = {}
+    for gram in set(in_first) | set(in_second):
+        support = in_first[gram] + in_second[gram]
+        if support >= min_share * len(pairs):
+            accuracy = max(in_first[gram], in_second[gram]) / support
+            if accuracy > max_accuracy:
+                found[" ".join(gram)] = (in_first[gram], in_second[gram])
+    return found
+
+
+def test_giveaway_ngram_check_catches_a_planted_phrase():
+    pairs = [(f"I'm sorry, no {i}.", f"Sure thing {i}.") for i in range(20)] + [(f"a {i}", f"b {i}") for i in range(80)]
+    found = giveaway_ngrams(pairs)
+    assert "i'm sorry" in found and found["sure thing"] == (0, 20)
+    assert "a" in found and "b" in found
+    assert giveaway_ngrams([(f"x {i}", f"x {i + 1}") for i in range(100)]) == {}
+
+
+def test_no_phrase_gives_the_stored_label_away(rows):
+    assert giveaway_ngrams([(row["chosen"], row["rejected"]) for row in rows]) == {}
+
+
+def test_no_phrase_gives_the_true_label_away(rows):
+    assert giveaway_ngrams([better_and_worse(row) for row in rows]) == {}
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_generator_reproduces_the_committed_file(tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    subprocess.run([sys.executable, str(GENERATOR), "--out", str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == DEMO.read_bytes()
+
+
+def test_a_different_seed_changes_flips_but_not_the_pairs(tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--seed", "7"], check=True, capture_output=True)
+    other = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    committed = [json.loads(line) for line in DEMO.read_text(encoding="utf-8").splitlines()]
+    as_set = lambda rs: {(json.dumps(r["prompt"]), *sorted([r["chosen"], r["rejected"]])) for r in rs}  # noqa: E731
+    assert as_set(other) == as_set(committed)
+    assert [r["meta"]["planted_flip"] for r in other] != [r["meta"]["planted_flip"] for r in committed]
+
+
+@pytest.mark.skipif(not HH_SAMPLE.exists(), reason="needs ../shared/data/hh-rlhf beside the repo")
+def test_no_reply_is_copied_from_hh_rlhf(rows):
+    with gzip.open(HH_SAMPLE, "rt", encoding="utf-8") as f:
+        hh_text = " ".join(" ".join(words(line)) for line in f)
+    replies = {text for row in rows for text in (row["chosen"], row["rejected"])}
+    copied = [text for text in replies if " ".join(words(text)) in hh_text]
+    assert copied == []
