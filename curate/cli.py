@@ -73,6 +73,7 @@ def data_inspect(
     columns: Optional[str] = typer.Option(None, help="Column mapping, e.g. prompt=question,chosen=good,rejected=bad"),
     keep_empty: bool = typer.Option(False, help="Keep pairs whose reply is empty instead of quarantining them."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many rows."),
+    streaming: bool = typer.Option(False, help="Stream hub data instead of downloading it whole (use with --limit)."),
     model: Optional[str] = typer.Option(None, help="Also report token lengths under this model's tokenizer."),
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
     out: Optional[Path] = typer.Option(None, help="Write pairs.parquet and quarantine.parquet here."),
@@ -83,12 +84,31 @@ def data_inspect(
 
     summary = inspect_dataset(
         dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns,
-        keep_empty=keep_empty, limit=limit, model=model, system_prompt=system_prompt, out=out,
+        keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt, out=out,
     )
     if as_json:
         emit_json(summary)
     else:
         render_inspection(summary, Console())
+
+
+@data_app.command("overlap")
+@handle_errors
+def data_overlap(
+    left: str = typer.Argument(..., help="First dataset (e.g. the train file)."),
+    right: str = typer.Argument(..., help="Second dataset (e.g. the test file)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Count pairs and prompts shared by two datasets (train/test leakage)."""
+    from curate.data import load_pairs
+    from curate.data.inspect import overlap
+
+    stats = overlap(load_pairs(left).pairs, load_pairs(right).pairs)
+    if as_json:
+        emit_json(stats)
+    else:
+        Console().print(f"{stats['shared_pairs']} shared pairs and {stats['shared_prompts']} shared prompts "
+                        f"({stats['left_pairs']} pairs in {left}, {stats['right_pairs']} in {right})")
 
 
 # ---------------------------------------------------------------- score
@@ -155,16 +175,20 @@ def _render_filter(summary: dict, out: Console) -> None:
     from rich.table import Table
 
     table = Table(title="curate filter" + (" (dry run: nothing written)" if summary["dry_run"] else ""))
-    for col in ("step", "rule", "action", "matched", "changed", "missing", "q05 / q50 / q95"):
-        table.add_column(col, justify="left" if col in ("rule", "action") else "right")
+    table.add_column("step", justify="right")
+    table.add_column("rule", min_width=16, overflow="fold")
+    counts = ["matched", "changed"] + (["missing"] if any(r["missing"] for r in summary["per_rule"]) else [])
+    table.add_column("action")
+    for col in counts:
+        table.add_column(col, justify="right")
+    table.add_column("q05/q50/q95 of column", justify="right", min_width=16, overflow="fold")
     for row in summary["per_rule"]:
         q = row.get("quantiles") or {}
-        qs = " / ".join(f"{q[k]:.3g}" for k in ("q05", "q50", "q95")) if q else ""
-        table.add_row(str(row["step"]), row["rule"], row["action"], str(row["matched"]), str(row["changed"]),
-                      str(row["missing"]), qs)
+        qs = "/".join(f"{q[k]:.3g}" for k in ("q05", "q50", "q95")) if q else ""
+        table.add_row(str(row["step"]), row["rule"], row["action"], *(str(row[c]) for c in counts), qs)
     out.print(table)
     if len(summary["per_rule"]) > 1:
-        overlap = Table(title="pairs matched by both rules (by step)")
+        overlap = Table(title="overlap: pairs matched by both steps")
         overlap.add_column("step")
         for row in summary["per_rule"]:
             overlap.add_column(str(row["step"]), justify="right")
@@ -203,9 +227,132 @@ def export_cmd(
 
 # ---------------------------------------------------------------- train
 # (issue 7: `curate train` goes here)
+@app.command("train")
+@handle_errors
+def train_cmd(
+    data: str = typer.Argument(..., help="Curated/run directory (pairs.parquet), a local file, or a hub dataset name."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Policy (and reference) model: bundled alias, local path or hub id."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: DATA/train for a directory, else runs/train)."),
+    loss: str = typer.Option("dpo", help="dpo | ipo | cdpo | rdpo | hinge | tdpo1 | tdpo2 | sparsepo"),
+    beta: float = typer.Option(0.1, help="KL strength beta."),
+    epsilon: str = typer.Option("0", help="Flip rate for cdpo/rdpo, or 'auto' (mean flip_prob of the kept pairs)."),
+    sft_alpha: float = typer.Option(0.0, help="Add alpha x token-mean NLL of the chosen replies (RPO)."),
+    weights: Optional[str] = typer.Option(None, help="Per-pair weight column, e.g. 'weight' from `curate filter --weights`."),
+    soft_labels: Optional[str] = typer.Option(None, help="Per-pair label-confidence column (dpo only), e.g. 'label_confidence'."),
+    tdpo_alpha: float = typer.Option(0.5, help="TDPO2's alpha."),
+    mask: str = typer.Option("learned", help="SparsePO masks: learned (mask network) or mapo (reference activations)."),
+    mask_mode: str = typer.Option("common", help="Learned masks: common (one network for reward and KL) or independent."),
+    mask_l1: float = typer.Option(0.0, help="L1 penalty on learned masks (0.001 on HH in the paper)."),
+    lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW, linear warmup then cosine)."),
+    batch_size: int = typer.Option(8, help="Pairs per optimizer step, over all processes."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    epochs: int = typer.Option(1, help="Passes over the data."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps of linear warmup."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
+    max_length: int = typer.Option(1024, help="Max tokens per sequence; longer prompts are cut from the left."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    bf16: str = typer.Option("auto", help="bf16 autocast: auto | on | off."),
+    lora_r: int = typer.Option(0, help="Train a LoRA adapter of this rank instead of all weights (0 = full)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    save_every: int = typer.Option(50, help="Checkpoint every N steps (and at the end)."),
+    seed: int = typer.Option(0, help="Seed for data order and mask initialisation."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N pairs only."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train DPO-family or SparsePO losses on curated pairs, using their weights and soft labels."""
+    from curate.train import train
+
+    if out is None:
+        out = Path(data) / "train" if Path(data).is_dir() else Path("runs") / "train"
+    bf16_setting = {"auto": "auto", "on": True, "off": False}.get(bf16)
+    if bf16_setting is None:
+        raise CurateError(f"--bf16 must be auto, on or off, got {bf16!r}")
+    result = train(
+        data, out=out, model=model, resume=resume, device=device, progress=not _state["quiet"],
+        loss=loss, beta=beta, epsilon=epsilon if epsilon == "auto" else float(epsilon), sft_alpha=sft_alpha,
+        weights=weights, soft_labels=soft_labels, tdpo_alpha=tdpo_alpha, mask=mask, mask_mode=mask_mode,
+        mask_l1=mask_l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_length=max_length, system_prompt=system_prompt,
+        bf16=bf16_setting, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+        seed=seed, limit=limit,
+    )
+    summary = {"out": str(result.out), "final_model": str(result.final_dir), "steps": result.steps,
+               "final_loss": result.final_loss, "epsilon": result.info["epsilon"], "pairs": result.info["pairs"],
+               "prompt_truncated": result.info["prompt_truncated"],
+               "left_out_reply_too_long": result.info["left_out_reply_too_long"], "last": result.last_metrics}
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        from rich.table import Table
+
+        table = Table(title=f"curate train --loss {loss}")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for key in ("pairs", "steps", "final_loss", "epsilon", "prompt_truncated", "left_out_reply_too_long"):
+            table.add_row(key, f"{summary[key]:.4g}" if isinstance(summary[key], float) else str(summary[key]))
+        for key in ("reward_accuracy", "margin", "chosen_logps", "rejected_logps", "mask_sparsity"):
+            if key in result.last_metrics:
+                table.add_row(f"last step {key}", f"{result.last_metrics[key]:.4g}")
+        Console().print(table)
+        Console().print(f"final model: {result.final_dir}  (metrics: {result.out / 'metrics.jsonl'})")
+
 
 # ---------------------------------------------------------------- eval
 # (issue 8: `curate eval` goes here)
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="The trained policy: a checkpoint dir (e.g. TRAIN/final) or a model name."),
+    ref: str = typer.Option("smollm2-135m-instruct", "--ref", help="The reference it was trained from."),
+    data: str = typer.Option(..., "--data", help="Pairs to evaluate on: a run/curated dir, holdout.parquet, or a dataset."),
+    out: Path = typer.Option(..., "--out", help="Directory for eval.json and per-pair eval.parquet."),
+    beta: float = typer.Option(0.1, help="beta of the implicit reward beta*(log pi - log pi_ref)."),
+    betas: str = typer.Option("0.01,0.05,0.1,0.5,1,5", help="Comma-separated beta sweep for the idealised ranking accuracy."),
+    alpha: float = typer.Option(1 - 1e-3, help="Fraction of raters preferring the chosen reply, for the idealised accuracy."),
+    scores: Optional[Path] = typer.Option(None, help="Run dir or scores.parquet with ln_ches for these pairs (optional)."),
+    generate: int = typer.Option(0, help="Sample replies to N prompts from both models: refusal rate and win rate."),
+    max_new_tokens: int = typer.Option(128, help="Tokens per sampled reply (--generate)."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (--generate); 0 is greedy."),
+    seed: int = typer.Option(0, help="Seed for choosing and sampling the --generate prompts."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    max_length: Optional[int] = typer.Option(None, help="Token limit per sequence (default: the model's context)."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs per forward (default: a token budget)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 (default: log-prob changes are small) or bf16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
+    from curate.eval import evaluate, summary_rows
+
+    try:
+        beta_sweep = [float(b) for b in betas.split(",") if b.strip()]
+    except ValueError:
+        raise CurateError(f"--betas must be comma-separated numbers, got {betas!r}") from None
+    summary = evaluate(
+        model, ref, data, out=out, beta=beta, betas=beta_sweep, alpha=alpha, scores=scores, generate=generate,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system_prompt=system_prompt,
+        max_length=max_length, batch_size=batch_size, device=device, dtype=dtype,
+    )
+    if as_json:
+        emit_json({k: v for k, v in summary.items() if k != "generation"} | (
+            {"generation": {k: v for k, v in summary["generation"].items() if k != "samples"}}
+            if "generation" in summary else {}))
+    elif not _state["quiet"]:
+        from rich.table import Table
+
+        table = Table(title=f"curate eval: {summary['data']['pairs_evaluated']} pairs")
+        for col in ("metric", "reference", "policy"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for row in summary_rows(summary):
+            table.add_row(*row)
+        console_out = Console()
+        console_out.print(table)
+        for note in summary["notes"]:
+            console_out.print(f"[yellow]note:[/] {note}")
+        console_out.print(f"wrote {out / 'eval.json'} and {out / 'eval.parquet'}")
 
 # ---------------------------------------------------------------- report / run
 # (issue 9: `curate report`, `curate run` go here)

@@ -50,6 +50,7 @@ import polars as pl
 
 from curate.data.schema import PAIR_SCHEMA
 from curate.errors import CurateError
+from curate.rundir import MANIFEST, PAIRS, SCORES, RunDir, write_json, write_parquet
 
 ACTIONS = ("drop", "flip", "reweight")
 DEFAULT_REWEIGHT_FACTOR = 0.5
@@ -390,13 +391,15 @@ def _values(pool: pl.DataFrame, column: str, rule: Rule) -> np.ndarray:
     return pool[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 
-def _rank_mask(values: np.ndarray, pair_ids: np.ndarray, k: int, highest: bool) -> np.ndarray:
+def _rank_mask(values: np.ndarray, pair_ids: pl.Series, k: int, highest: bool) -> np.ndarray:
     """The k valued entries with the highest (or lowest) values; ties broken by pair_id."""
-    valued = np.flatnonzero(~np.isnan(values))
-    key = -values[valued] if highest else values[valued]
-    order = valued[np.lexsort((pair_ids[valued], key))]
+    ranked = (
+        pl.DataFrame({"value": values, "pair_id": pair_ids, "row": np.arange(len(values))})
+        .filter(pl.col("value").is_not_nan())
+        .sort(["value", "pair_id"], descending=[highest, False])
+    )
     mask = np.zeros(len(values), dtype=bool)
-    mask[order[:k]] = True
+    mask[ranked["row"].head(k).to_numpy()] = True
     return mask
 
 
@@ -421,7 +424,7 @@ def select(pool: pl.DataFrame, rule: Rule) -> tuple[np.ndarray, int]:
             return valued & (values < rule.value), missing
     n_valued = int(valued.sum())
     k = int(round(rule.value * n_valued / 100.0)) if rule.percent else int(min(rule.value, n_valued))
-    pair_ids = pool["pair_id"].to_numpy()
+    pair_ids = pool["pair_id"]
     if rule.select == "top":
         return _rank_mask(values, pair_ids, k, highest=True), missing
     if rule.select == "bottom":
@@ -465,9 +468,12 @@ AUDIT_SCHEMA = {
 }
 
 
-def _trigger_values(pool: pl.DataFrame, mask: np.ndarray, columns: list[str]) -> list[str]:
-    rows = pool.filter(pl.Series(mask)).select(columns).to_dicts()
-    return [json.dumps(row, default=float) for row in rows]
+def _trigger_values(pool: pl.DataFrame, mask: np.ndarray, columns: list[str]) -> pl.Series:
+    """The values of the rule's columns for each selected pair, as JSON objects."""
+    selected = pool.filter(pl.Series(mask))
+    if not columns:
+        return pl.Series(["{}"] * selected.height, dtype=pl.Utf8)
+    return selected.select(pl.struct(columns).struct.json_encode())[:, 0]
 
 
 def _with_flip_meta(meta: str | None, rule: str) -> str:
@@ -475,6 +481,97 @@ def _with_flip_meta(meta: str | None, rule: str) -> str:
     data["flipped"] = True
     data["flipped_by"] = rule
     return json.dumps(data, ensure_ascii=False)
+
+
+def _audit_frame(pair_ids: pl.Series, step: int, rule: str, action: str, changed: np.ndarray, values: pl.Series) -> pl.DataFrame:
+    n = pair_ids.len()
+    return pl.DataFrame(
+        {"pair_id": pair_ids, "step": [step] * n, "rule": [rule] * n, "action": [action] * n,
+         "changed": changed, "values": values},
+        schema=AUDIT_SCHEMA,
+    )
+
+
+def _rule_report(pool: pl.DataFrame, rule: Rule, step: int, mask: np.ndarray, changed: np.ndarray,
+                 missing: int) -> tuple[dict[str, Any], list[str]]:
+    """The summary row of one rule and its warnings (matches everything / nothing / missing values)."""
+    n = pool.height
+    row: dict[str, Any] = {
+        "step": step, "rule": rule.name, "action": str(rule.action),
+        "matched": int(mask.sum()), "changed": int(changed.sum()), "missing": missing,
+    }
+    if rule.select != "where":
+        row["column"] = rule.column
+        row["quantiles"] = column_quantiles(pool[rule.column])
+        if rule.select in ("above", "below"):
+            row["threshold"] = rule.value
+    warnings = []
+    if n - missing > 0 and row["matched"] == n - missing:
+        warnings.append(f"{rule.name} matches every pair it can judge ({n - missing})")
+    elif n and row["matched"] == 0:
+        warnings.append(f"{rule.name} matches no pair")
+    if missing:
+        warnings.append(f"{rule.name}: {missing} pairs have no value in its column and were not selected")
+    return row, warnings
+
+
+def _apply_flips(pairs: pl.DataFrame, flipped_by: np.ndarray) -> pl.DataFrame:
+    """Swap chosen and rejected where ``flipped_by`` names a rule, and record it in ``meta``."""
+    flip = flipped_by != None  # noqa: E711 (elementwise on an object array)
+    if not flip.any():
+        return pairs
+    meta = [_with_flip_meta(m, by) if by is not None else m for m, by in zip(pairs["meta"].to_list(), flipped_by)]
+    mask = pl.Series(flip)
+    return pairs.with_columns(
+        chosen=pl.when(mask).then(pl.col("rejected")).otherwise(pl.col("chosen")),
+        rejected=pl.when(mask).then(pl.col("chosen")).otherwise(pl.col("rejected")),
+        meta=pl.Series(meta, dtype=pl.Utf8),
+    )
+
+
+def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
+    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarray, weights: str,
+                      soft_labels: bool, reweighted: bool) -> tuple[dict[str, pl.Series], dict[str, Any], list[str]]:
+    """``weight`` and ``label_confidence`` of the kept pairs, on their final orientation."""
+    columns, info, warnings = {}, {"weights": weights, "soft_labels": soft_labels}, []
+    sign = np.where(flipped, -1.0, 1.0)  # a flip negates margins and mirrors probabilities
+    if weights != "none" or reweighted:
+        base = np.ones(kept.height)
+        if weights == "strength":
+            base = strength_weight(sign * _float_column(kept, STRENGTH_COLUMN))
+        elif weights == "madpo":
+            base = madpo_weight(sign * logit(_float_column(kept, P_CHOSEN_COLUMN)))
+        no_value = np.isnan(base)
+        if no_value.any():
+            warnings.append(f"--weights {weights}: {int(no_value.sum())} pairs have no score; they get weight 1")
+        columns["weight"] = pl.Series(np.where(no_value, 1.0, base) * factor, dtype=pl.Float64)
+        info["weight_without_score"] = int(no_value.sum())
+    if soft_labels:
+        flip_prob = _float_column(kept, FLIP_PROB_COLUMN)
+        confidence = np.where(flipped, flip_prob, 1.0 - flip_prob)
+        no_value = np.isnan(confidence)
+        if no_value.any():
+            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no flip_prob; their label_confidence is 1")
+        columns["label_confidence"] = pl.Series(np.where(no_value, 1.0, confidence), dtype=pl.Float64)
+        info["confidence_without_score"] = int(no_value.sum())
+    return columns, info, warnings
+
+
+def _required_columns(rules: Sequence[Rule], weights: str, soft_labels: bool) -> dict[str, str]:
+    needed: dict[str, str] = {}
+    for rule in rules:
+        for col in rule.columns():
+            needed.setdefault(col, rule.name)
+    if weights == "strength":
+        needed.setdefault(STRENGTH_COLUMN, "--weights strength")
+    if weights == "madpo":
+        needed.setdefault(P_CHOSEN_COLUMN, "--weights madpo (margin = logit(p_chosen))")
+    if soft_labels:
+        needed.setdefault(FLIP_PROB_COLUMN, "--soft-labels")
+    return needed
 
 
 def curate_pairs(
@@ -488,28 +585,22 @@ def curate_pairs(
     """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O."""
     if weights not in WEIGHT_SCHEMES:
         raise CurateError(f"--weights must be one of {', '.join(WEIGHT_SCHEMES)}, got {weights!r}")
-    needed: dict[str, str] = {}
-    for rule in rules:
-        for col in rule.columns():
-            needed.setdefault(col, rule.name)
-    if weights == "strength":
-        needed.setdefault(STRENGTH_COLUMN, "--weights strength")
-    if weights == "madpo":
-        needed.setdefault(P_CHOSEN_COLUMN, "--weights madpo (margin = logit(p_chosen))")
-    if soft_labels:
-        needed.setdefault(FLIP_PROB_COLUMN, "--soft-labels")
-    check_columns(table, needed)
+    check_columns(table, _required_columns(rules, weights, soft_labels))
     if table["pair_id"].is_duplicated().any():
         raise CurateError("the pair table has duplicate pair_ids: deduplicate the pairs before curating")
 
     held = holdout_mask(table["pair_id"].to_list(), holdout) if holdout else np.zeros(table.height, dtype=bool)
-    pool = table.filter(pl.Series(~held))
+    # NaN scores mean "no value": as nulls, no comparison can select them (polars orders NaN above every number).
+    pool = table.filter(pl.Series(~held)).with_columns(pl.col(pl.Float32, pl.Float64).fill_nan(None))
     n = pool.height
     dropped = np.zeros(n, dtype=bool)
     flipped_by = np.full(n, None, dtype=object)
     factor = np.ones(n)
-    audit_parts = []
-    rule_rows, masks, warnings = [], [], []
+    audit, per_rule, masks, warnings = [], [], [], []
+    if held.any():
+        ids = table["pair_id"].filter(pl.Series(held))
+        audit.append(_audit_frame(ids, 0, f"holdout {holdout:g}", "holdout", np.ones(ids.len(), dtype=bool),
+                                  pl.Series(["{}"] * ids.len(), dtype=pl.Utf8)))
 
     for step, rule in enumerate(rules, start=1):
         mask, missing = select(pool, rule)
@@ -518,123 +609,52 @@ def curate_pairs(
             changed = live
             dropped |= changed
         elif rule.action.kind == "flip":
-            changed = live & (flipped_by == None)  # noqa: E711 (elementwise on an object array)
+            changed = live & (flipped_by == None)  # noqa: E711 (a pair flips at most once)
             flipped_by[changed] = rule.name
         else:
             changed = live if rule.action.factor != 1.0 else np.zeros(n, dtype=bool)
             factor[live] *= rule.action.factor
+        row, rule_warnings = _rule_report(pool, rule, step, mask, changed, missing)
+        per_rule.append(row)
+        warnings += rule_warnings
         masks.append(mask)
-        row = {
-            "step": step, "rule": rule.name, "action": str(rule.action),
-            "matched": int(mask.sum()), "changed": int(changed.sum()), "missing": missing,
-        }
-        if rule.select != "where":
-            row["column"] = rule.column
-            row["quantiles"] = column_quantiles(pool[rule.column])
-            if rule.select in ("above", "below"):
-                row["threshold"] = rule.value
-        if n - missing > 0 and row["matched"] == n - missing:
-            warnings.append(f"{rule.name} matches every pair it can judge ({n - missing})")
-        elif n and row["matched"] == 0:
-            warnings.append(f"{rule.name} matches no pair")
-        if missing:
-            warnings.append(f"{rule.name}: {missing} pairs have no value in its column and were not selected")
-        rule_rows.append(row)
-        columns = [c for c in rule.columns() if c in pool.columns]
-        audit_parts.append(
-            pl.DataFrame(
-                {
-                    "pair_id": pool["pair_id"].filter(pl.Series(mask)),
-                    "step": [step] * int(mask.sum()),
-                    "rule": [rule.name] * int(mask.sum()),
-                    "action": [str(rule.action)] * int(mask.sum()),
-                    "changed": changed[mask],
-                    "values": _trigger_values(pool, mask, columns),
-                },
-                schema=AUDIT_SCHEMA,
-            )
-        )
+        values = _trigger_values(pool, mask, [c for c in rule.columns() if c in pool.columns])
+        audit.append(_audit_frame(pool["pair_id"].filter(pl.Series(mask)), step, rule.name, str(rule.action),
+                                  changed[mask], values))
 
-    if held.any():
-        audit_parts.insert(
-            0,
-            pl.DataFrame(
-                {
-                    "pair_id": table["pair_id"].filter(pl.Series(held)),
-                    "step": [0] * int(held.sum()), "rule": [f"holdout {holdout:g}"] * int(held.sum()),
-                    "action": ["holdout"] * int(held.sum()), "changed": [True] * int(held.sum()),
-                    "values": ["{}"] * int(held.sum()),
-                },
-                schema=AUDIT_SCHEMA,
-            ),
-        )
-
-    flipped = flipped_by != None  # noqa: E711
-    kept_mask = ~dropped
-    kept = pool.filter(pl.Series(kept_mask))
-    kept_flipped = flipped[kept_mask]
-    kept_flipped_by = flipped_by[kept_mask]
-    sign = np.where(kept_flipped, -1.0, 1.0)
-    out = kept.select(list(PAIR_SCHEMA))
-    if kept_flipped.any():
-        flip = pl.Series(kept_flipped)
-        meta = [
-            _with_flip_meta(m, by) if by is not None else m
-            for m, by in zip(out["meta"].to_list(), kept_flipped_by)
-        ]
-        out = out.with_columns(
-            chosen=pl.when(flip).then(pl.col("rejected")).otherwise(pl.col("chosen")),
-            rejected=pl.when(flip).then(pl.col("chosen")).otherwise(pl.col("rejected")),
-            meta=pl.Series(meta, dtype=pl.Utf8),
-        )
-
-    signals: dict[str, Any] = {"weights": weights, "soft_labels": soft_labels}
+    keep = ~dropped
+    kept = pool.filter(pl.Series(keep))
+    out = _apply_flips(kept.select(list(PAIR_SCHEMA)), flipped_by[keep])
     reweighted = any(r.action.kind == "reweight" for r in rules)
-    if weights != "none" or reweighted:
-        base = np.ones(kept.height)
-        if weights == "strength":
-            mu = kept[STRENGTH_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-            base = strength_weight(sign * mu)
-        elif weights == "madpo":
-            p = kept[P_CHOSEN_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-            base = madpo_weight(sign * logit(p))
-        no_value = np.isnan(base)
-        if no_value.any():
-            warnings.append(f"--weights {weights}: {int(no_value.sum())} pairs have no score; they get weight 1")
-            base = np.where(no_value, 1.0, base)
-        out = out.with_columns(weight=pl.Series(base * factor[kept_mask], dtype=pl.Float64))
-        signals["weight_without_score"] = int(no_value.sum())
-    if soft_labels:
-        fp = kept[FLIP_PROB_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        confidence = np.where(kept_flipped, fp, 1.0 - fp)
-        no_value = np.isnan(confidence)
-        if no_value.any():
-            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no flip_prob; their label_confidence is 1")
-            confidence = np.where(no_value, 1.0, confidence)
-        out = out.with_columns(label_confidence=pl.Series(confidence, dtype=pl.Float64))
-        signals["confidence_without_score"] = int(no_value.sum())
+    signal_columns, signals, signal_warnings = _training_signals(
+        kept, flipped_by[keep] != None, factor[keep], weights, soft_labels, reweighted  # noqa: E711
+    )
+    out = out.with_columns(**signal_columns)
+    warnings += signal_warnings
 
-    overlaps = [[int((a & b).sum()) for b in masks] for a in masks]
     summary = {
         "rules": [r.describe() for r in rules],
-        "per_rule": rule_rows,
-        "overlaps": overlaps,
+        "per_rule": per_rule,
+        "overlaps": [[int((a & b).sum()) for b in masks] for a in masks],
         "counts": {
             "input": table.height,
             "holdout": int(held.sum()),
             "curated_input": n,
             "dropped": int(dropped.sum()),
-            "flipped": int(kept_flipped.sum()),
-            "reweighted": int(((factor != 1.0) & kept_mask).sum()),
+            "flipped": int((flipped_by[keep] != None).sum()),  # noqa: E711
+            "reweighted": int(((factor != 1.0) & keep).sum()),
             "kept": kept.height,
         },
         "holdout_fraction": holdout,
         "signals": signals,
         "warnings": warnings,
     }
-    audit = pl.concat(audit_parts) if audit_parts else pl.DataFrame(schema=AUDIT_SCHEMA)
-    holdout_pairs = table.filter(pl.Series(held)).select(list(PAIR_SCHEMA))
-    return CurationResult(pairs=out, holdout=holdout_pairs, audit=audit, summary=summary)
+    return CurationResult(
+        pairs=out,
+        holdout=table.filter(pl.Series(held)).select(list(PAIR_SCHEMA)),
+        audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA),
+        summary=summary,
+    )
 
 
 # ----------------------------------------------------------------- the run-directory step
@@ -702,10 +722,8 @@ def filter_run(
     section, so ``out`` is itself a run directory that ``export`` reads.
     With ``dry_run`` nothing is written.
     """
-    from curate.rundir import MANIFEST, SCORES, RunDir, write_json, write_parquet
-
     run_dir = RunDir(run)
-    if not (run_dir / "pairs.parquet").exists():
+    if not (run_dir / PAIRS).exists():
         raise CurateError(f"{run_dir.path} is not a run directory (no pairs.parquet): run `curate score` first")
     if not dry_run:
         if out is None:
@@ -717,7 +735,7 @@ def filter_run(
         return summary
 
     out_dir = RunDir(out)
-    write_parquet(result.pairs, out_dir / "pairs.parquet")
+    write_parquet(result.pairs, out_dir / PAIRS)
     write_parquet(result.audit, out_dir / CURATION)
     if holdout:
         write_parquet(result.holdout, out_dir / HOLDOUT)
@@ -729,8 +747,7 @@ def filter_run(
     else:
         (out_dir / SCORES).unlink(missing_ok=True)
     manifest = run_dir.manifest()
-    manifest[SECTION] = {
-        k: v for k, v in summary.items() if k not in ("dry_run",)
-    } | {"note": "scores.parquet is the source run's, in the original orientation; flipped pairs have meta.flipped"}
+    manifest[SECTION] = {k: v for k, v in summary.items() if k != "dry_run"}
+    manifest[SECTION]["note"] = "scores.parquet is the source run's, in its orientation; flipped pairs have meta.flipped"
     write_json(manifest, out_dir / MANIFEST)
     return summary

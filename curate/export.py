@@ -230,7 +230,12 @@ def data_card(
                   f"`{CURATION}` in the curated run directory."]
 
     lines += ["", "## Flip-rate estimates", ""]
-    flip_estimates = _find(manifest, ("flip_rate", "epsilon", "noise_rate", "eps_hat"))
+    flip_estimates = _find(manifest, ("flip_rate", "epsilon", "noise_rate", "eps_hat")) + [
+        (f"{section}.{key}", value)
+        for section, body in manifest.items() if "noise" in section
+        for key, value in _scalars(body)
+        if key.rsplit(".", 1)[-1] in ("rate", "eps") and isinstance(value, (int, float))
+    ]
     lines += [f"- {k}: {_fmt(v)}" for k, v in flip_estimates]
     flipped = int(flipped_mask(pairs).sum())
     lines.append(f"- pairs flipped by curation in this export: {flipped} of {n}" + (f" ({flipped / n:.1%})" if n else ""))

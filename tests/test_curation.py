@@ -224,6 +224,9 @@ def test_missing_values_are_never_selected_and_counted():
     assert result.summary["per_rule"][0]["matched"] == 9
     assert any("no value" in w for w in result.summary["warnings"])
     assert any("every pair" in w for w in result.summary["warnings"])
+    with_nan = make_table().with_columns(pl.when(pl.col("ln_ches") == 9).then(float("nan")).otherwise("ln_ches").alias("ln_ches"))
+    where = curate_pairs(with_nan, [where_rule("pl.col('ln_ches') > 7.5")])
+    assert where.summary["per_rule"][0]["matched"] == 1 and where.summary["per_rule"][0]["missing"] == 1
     nothing = curate_pairs(make_table(), [max_flip_prob_rule("0.95")])
     assert any("matches no pair" in w for w in nothing.summary["warnings"])
 

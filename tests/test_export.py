@@ -37,7 +37,7 @@ def write_run(path: Path) -> RunDir:
     run.write_pairs(pairs, pl.DataFrame())
     run.merge_scores(scores)
     run.update_manifest("score", {"dataset": "synthetic.jsonl", "model": "tiny-random", "settings": {"batch_size": 4}})
-    run.update_manifest("noise", {"estimators": {"em": {"flip_rate": 0.123}}})
+    run.update_manifest("noise", {"estimators": {"em": {"flip_rate": 0.123}, "cleanlab": {"rate": 0.2}}})
     return run
 
 
@@ -75,7 +75,7 @@ def test_data_card(curated, tmp_path):
     card = (tmp_path / "pq" / "README.md").read_text()
     assert "synthetic.jsonl" in card and "tiny-random" in card
     assert "| 1 | ches-drop-top" in card and "| 2 | max-flip-prob flip_prob > 0.7 | flip | 3 | 2 | 0 |" in card
-    assert "noise.estimators.em.flip_rate: 0.123" in card
+    assert "noise.estimators.em.flip_rate: 0.123" in card and "noise.estimators.cleanlab.rate: 0.2" in card
     assert "flipped by curation in this export: 2 of 11" in card
     # mean ln_ches over the 11 exported pairs (0..10) is 5
     assert "| ln_ches | 11 | 5 |" in card

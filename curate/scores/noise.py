@@ -43,6 +43,7 @@ class NoiseEstimate:
     name: str
     rate: float
     flip_prob: np.ndarray
+    p_clean: np.ndarray  # the estimator's clean posterior that the chosen reply is better
     assumption: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +88,7 @@ def margin_heuristic(member_margins: np.ndarray) -> NoiseEstimate:
         name="margin",
         rate=float((mean < 0).mean()),
         flip_prob=np.clip(against + tiebreak, 0.0, 1.0),
+        p_clean=1.0 - against,
         assumption=(
             "every pair whose ensemble margin is negative is mislabelled; biased upward "
             "by reward-model error (a weak ensemble calls many correct pairs flipped)"
@@ -124,6 +126,7 @@ def confident_learning(q: np.ndarray, *, seed: int = 0) -> NoiseEstimate:
         name="cleanlab",
         rate=float(1.0 - np.trace(joint)),
         flip_prob=1.0 - q,
+        p_clean=q,
         assumption=(
             "out-of-fold probabilities rank and threshold pairs well per class; treats "
             "the noisy posterior as if clean, so genuine ambiguity counts as noise (biased upward)"
@@ -150,6 +153,7 @@ def anchor_rate(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstima
         name="anchor",
         rate=eps,
         flip_prob=flip_posterior(p, eps),
+        p_clean=p,
         assumption=(
             f"the {top_fraction:.0%} most confident pairs are unambiguous (clean posterior 0 or 1) "
             "and noise is independent of the pair; biased upward if they are not"
@@ -210,6 +214,7 @@ def mixture_mle(margin: np.ndarray) -> NoiseEstimate:
         name="mixture",
         rate=eps,
         flip_prob=flip_posterior(p, eps),
+        p_clean=p,
         assumption=(
             "symmetric noise independent of the pair, and a clean posterior that is logistic "
             "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"
@@ -251,6 +256,7 @@ def em_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstim
         name="em",
         rate=eps,
         flip_prob=flip,
+        p_clean=p,
         assumption=(
             "the anchor-corrected probabilities are the clean posterior; then EM is the maximum "
             "likelihood label accuracy (inherits the anchor's assumption)"
@@ -261,11 +267,13 @@ def em_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstim
 
 def em_naive(margin: np.ndarray) -> NoiseEstimate:
     """EM fed the noisy-label (Platt) probabilities as if clean: shown only as a warning baseline."""
-    eps, flip = em_flip(platt_probability(margin))
+    q = platt_probability(margin)
+    eps, flip = em_flip(q)
     return NoiseEstimate(
         name="em_naive",
         rate=eps,
         flip_prob=flip,
+        p_clean=q,
         assumption="(wrong on purpose) probabilities learned from the noisy labels are clean; underestimates",
     )
 

@@ -18,14 +18,18 @@ Members are put on one scale by dividing each member's rewards by their
 standard deviation over every reply of the dataset (a z-score: the mean
 cancels in a margin). Per pair: mean margin, population std, vote share.
 
-Everything here takes arrays and returns arrays; the run-directory
-orchestration is :func:`curate.scores.reward_run.score_reward_and_noise`.
+The math takes arrays and returns arrays; the run-directory orchestration
+(features from the run, noise estimates, scores.parquet, manifest) is
+:func:`score_reward_and_noise` at the bottom.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import re
 
 import numpy as np
 from scipy.optimize import minimize
@@ -35,7 +39,7 @@ from curate.errors import CurateError
 
 # Fixed, not tuned on the folds being scored: L2 strength per pair on
 # standardised feature differences (chosen once on synthetic data).
-DEFAULT_L2 = 1.0
+DEFAULT_L2 = 4.0
 MIN_PAIRS_PER_FOLD = 5
 
 
@@ -46,6 +50,15 @@ class FeatureSet:
     name: str
     chosen: np.ndarray
     rejected: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.chosen.shape[1])
+
+    def swapped(self, flip: np.ndarray) -> "FeatureSet":
+        """The same features with chosen and rejected exchanged where ``flip`` is True."""
+        f = np.asarray(flip, dtype=bool)[:, None]
+        return FeatureSet(self.name, np.where(f, self.rejected, self.chosen), np.where(f, self.chosen, self.rejected))
 
     def __post_init__(self) -> None:
         self.chosen = np.asarray(self.chosen, dtype=np.float64)
@@ -110,15 +123,18 @@ def fit_bt_head(diff: np.ndarray, *, l2: float = DEFAULT_L2) -> np.ndarray:
 def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAULT_L2) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold rewards of every reply: each pair scored by the head that did not train on it.
 
-    Features are standardised with the training folds' reply statistics; the
-    reward of a reply is w . standardised(features).
+    Features are standardised with the training folds' reply statistics and
+    divided by sqrt(dim), so every feature set has unit total variance and one
+    fixed ``l2`` suits a 1-dim length feature and a 576-dim hidden state alike.
+    The reward of a reply is w . standardised(features).
     """
     reward_c = np.empty(len(fold))
     reward_r = np.empty(len(fold))
     for k in np.unique(fold):
         train, test = fold != k, fold == k
         replies = np.concatenate([features.chosen[train], features.rejected[train]])
-        mean, std = replies.mean(axis=0), replies.std(axis=0) + 1e-8
+        mean = replies.mean(axis=0)
+        std = (replies.std(axis=0) + 1e-8) * np.sqrt(features.dim)
         xc = (features.chosen - mean) / std
         xr = (features.rejected - mean) / std
         w = fit_bt_head(xc[train] - xr[train], l2=l2)
@@ -213,3 +229,308 @@ def ensemble_quality(members: Sequence[Member], margins: np.ndarray, seeds: Sequ
     }
     out["members"] = names
     return out
+
+
+def concat_feature_sets(feature_sets: Sequence[FeatureSet], name: str = "all") -> FeatureSet:
+    """One feature set holding every block side by side, each block scaled to unit total variance.
+
+    A head on it learns how much each block matters (averaging separate heads
+    gives a weak block the same vote as a strong one).
+    """
+    def blocks(side: str) -> np.ndarray:
+        out = []
+        for fs in feature_sets:
+            x = getattr(fs, side)
+            both = np.concatenate([fs.chosen, fs.rejected])
+            out.append((x - both.mean(axis=0)) / ((both.std(axis=0) + 1e-8) * np.sqrt(fs.dim)))
+        return np.concatenate(out, axis=1)
+
+    return FeatureSet(name, blocks("chosen"), blocks("rejected"))
+
+
+def ensemble_heads(feature_sets: Sequence[FeatureSet]) -> list[FeatureSet]:
+    """The heads the ensemble trains: all blocks together, plus each leave-one-block-out mix.
+
+    Every head sees most of the signal (single weak blocks such as length
+    would otherwise get an equal vote), and the leave-one-out heads make the
+    members differ in what they look at, not only in their data split.
+    """
+    if len(feature_sets) == 1:
+        return list(feature_sets)
+    heads = [concat_feature_sets(feature_sets, "all")]
+    if len(feature_sets) > 2:
+        for left_out in feature_sets:
+            rest = [fs for fs in feature_sets if fs is not left_out]
+            heads.append(concat_feature_sets(rest, f"no_{left_out.name}"))
+    else:
+        heads.extend(feature_sets)
+    return heads
+
+
+# ------------------------------------------------------------------ text statistics
+_TEXT_PATTERNS = {
+    "questions": r"\?",
+    "apologies": r"\b(?:sorry|apologi[sz]e)",
+    "negations": r"\b(?:not|no|never|can't|cannot|won't|don't)\b",
+    "newlines": r"\n",
+    "first_person": r"\b(?:I|I'm|I've|me|my)\b",
+    "second_person": r"\b(?:you|your|you're)\b",
+    "exclamations": r"!",
+}
+
+
+def text_statistics(texts: Sequence[str]) -> np.ndarray:
+    """[n, 9] cheap per-reply statistics: log characters, log words, log(1 + count) of a few markers."""
+    cols = [np.log1p([len(t) for t in texts]), np.log1p([len(t.split()) for t in texts])]
+    for pattern in _TEXT_PATTERNS.values():
+        rx = re.compile(pattern, flags=re.IGNORECASE)
+        cols.append(np.log1p([len(rx.findall(t)) for t in texts]))
+    return np.stack(cols, axis=1).astype(np.float64)
+
+
+# ------------------------------------------------------------------ pretrained reward models
+def _conversation_texts(tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], replies: Sequence[str]) -> list[str]:
+    """Each (prompt, reply) rendered with the reward model's chat template (plain turns without one)."""
+    out = []
+    for messages, reply in zip(prompts, replies):
+        chat = [{"role": m["role"], "content": m["content"]} for m in messages] + [{"role": "assistant", "content": reply}]
+        if getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(chat, tokenize=False))
+        else:
+            out.append("\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat))
+    return out
+
+
+def pretrained_rewards(
+    name_or_path: str, prompts, replies: Sequence[str], *, device: str = "auto", batch_size: int = 8,
+    max_length: int = 1024, model_and_tokenizer=None,
+) -> np.ndarray:
+    """Reward of each (prompt, reply) from an ``AutoModelForSequenceClassification`` reward model.
+
+    One output logit is the reward; with two, the second minus the first.
+    Long conversations are cut from the left so the reply is always scored.
+    """
+    import torch
+
+    from curate.models import resolve_device
+
+    if model_and_tokenizer is None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear sentence
+            raise CurateError(
+                f"reward model {name_or_path!r} failed to load ({type(exc).__name__}); pass a local path or a "
+                "hub id of an AutoModelForSequenceClassification reward model (online)"
+            ) from exc
+    else:
+        model, tokenizer = model_and_tokenizer
+    n_labels = model.config.num_labels
+    if n_labels not in (1, 2):
+        raise CurateError(f"reward model {name_or_path!r} has {n_labels} outputs; expected 1 (a reward) or 2")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.truncation_side = "left"
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    texts = _conversation_texts(tokenizer, prompts, replies)
+    order = np.argsort([len(t) for t in texts])
+    rewards = np.empty(len(texts))
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+            logits = model(**enc.to(dev)).logits.float()
+            r = logits[:, 0] if n_labels == 1 else logits[:, 1] - logits[:, 0]
+            rewards[idx] = r.cpu().numpy()
+    return rewards
+
+
+def pretrained_member(name_or_path: str, pairs, *, device: str = "auto", **kwargs) -> Member:
+    """A pretrained reward model as an ensemble member (it never saw these labels: out-of-fold)."""
+    prompts = pairs["prompt"].to_list()
+    rewards = pretrained_rewards(name_or_path, prompts + prompts,
+                                 pairs["chosen"].to_list() + pairs["rejected"].to_list(), device=device, **kwargs)
+    n = pairs.height
+    label = re.sub(r"[^A-Za-z0-9]+", "_", Path(name_or_path).name if Path(name_or_path).exists() else name_or_path)
+    return Member(label.strip("_").lower(), "pretrained", rewards[:n], rewards[n:], True, {"model": name_or_path})
+
+
+# ------------------------------------------------------------------ ensemble + noise table
+def swap_members(members: Sequence[Member], flip: np.ndarray) -> list[Member]:
+    """Members with chosen/rejected rewards exchanged where ``flip``: for members that did not learn the labels."""
+    f = np.asarray(flip, dtype=bool)
+    return [Member(m.name, m.kind, np.where(f, m.reward_rejected, m.reward_chosen),
+                   np.where(f, m.reward_chosen, m.reward_rejected), m.out_of_fold, m.info) for m in members]
+
+
+def reward_and_noise(
+    feature_sets: Sequence[FeatureSet],
+    fixed_members: Sequence[Member] = (),
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    folds: int = 5,
+    l2: float = DEFAULT_L2,
+    estimator: str | None = None,
+    noise_seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train the heads, combine every member, estimate noise: (columns, info).
+
+    Columns: ``rm_margin_mean``, ``rm_margin_std``, ``rm_vote_share``,
+    ``rm_m_<member>``, ``p_chosen`` (the default estimator's clean posterior that
+    the chosen reply is better), ``p_label`` (its probability that the label
+    says chosen: q = eps + (1 - 2 eps) p_chosen), ``rm_out_of_fold`` and
+    ``flip_prob``. ``info`` holds the ensemble's OOF AUC/accuracy and every
+    estimator's rate (what the manifest records).
+    """
+    from curate.scores import noise
+
+    estimator = estimator or noise.DEFAULT_ESTIMATOR
+    members = head_members(ensemble_heads(feature_sets), seeds=seeds, folds=folds, l2=l2) + list(fixed_members)
+    if not members:
+        raise CurateError("the reward ensemble has no members: give feature sets or --reward-model")
+    margins = scaled_margins(members)
+    stats = ensemble_stats(margins)
+    estimates = noise.estimate_all(stats["rm_margin_mean"], margins, seed=noise_seed)
+    if estimator not in estimates:
+        raise CurateError(f"unknown noise estimator {estimator!r}; choose one of {', '.join(estimates)}")
+    chosen = estimates[estimator]
+    columns = dict(stats)
+    columns.update({f"rm_m_{m.name}": margins[:, j] for j, m in enumerate(members)})
+    columns["p_chosen"] = chosen.p_clean
+    columns["p_label"] = noise.noisy_posterior(chosen.p_clean, chosen.rate)
+    columns["rm_out_of_fold"] = np.full(margins.shape[0], all(m.out_of_fold for m in members))
+    columns["flip_prob"] = chosen.flip_prob
+    quality = ensemble_quality(members, margins, seeds)
+    single = {}
+    if len(feature_sets) > 1:  # which features carry the signal: one head per block, first seed
+        for fs in feature_sets:
+            (m,) = head_members([fs], seeds=seeds[:1], folds=folds, l2=l2)
+            single[fs.name] = oriented_auc(m.margin, seed=seeds[0])["auc"]
+    info = {
+        "reward": {
+            "members": [{"name": m.name, "kind": m.kind, "out_of_fold": m.out_of_fold, **m.info} for m in members],
+            "feature_sets": {fs.name: fs.dim for fs in feature_sets},
+            "folds": folds, "seeds": list(seeds), "l2": l2,
+            "hyperparameters": "fixed (not tuned on the scored folds)",
+            "out_of_fold": bool(all(m.out_of_fold for m in members)),
+            "oof_auc": quality.get("auc"), "oof_accuracy": quality.get("accuracy"),
+            "auc_per_seed": quality.get("auc_per_seed"), "auc_all_members": quality["auc_all_members"],
+            "auc_by_member_group": quality["auc_by_member_group"], "auc_by_feature_set": single,
+            "auc_protocol": "AUC over randomly oriented pairs of the mean out-of-fold margin, per split seed, averaged",
+        },
+        "noise": {
+            "default_estimator": estimator,
+            "flip_rate": chosen.rate,
+            "estimators": {k: {"rate": e.rate, "assumption": e.assumption, **e.details} for k, e in estimates.items()},
+        },
+    }
+    return columns, info
+
+
+# ------------------------------------------------------------------ run directory
+POOLED_FILE = "pooled.npz"
+
+
+def policy_feature_set(run, pair_ids: Sequence[str], pooled: Mapping[str, np.ndarray] | None = None) -> FeatureSet | None:
+    """The policy's mean-pooled reply states from the CHES pass, aligned to ``pair_ids``.
+
+    ``pooled`` (or ``RUN/pooled.npz``) holds ``pair_id`` and either
+    ``mean_chosen``/``mean_rejected`` [n, d] or ``sum_chosen``/``sum_rejected``
+    with ``len_chosen``/``len_rejected``. None when neither exists.
+    """
+    if pooled is None:
+        path = run / POOLED_FILE
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            pooled = {k: z[k] for k in z.files}
+    if "mean_chosen" in pooled:
+        mc, mr = pooled["mean_chosen"], pooled["mean_rejected"]
+    else:
+        mc = pooled["sum_chosen"] / np.asarray(pooled["len_chosen"], dtype=np.float64)[:, None]
+        mr = pooled["sum_rejected"] / np.asarray(pooled["len_rejected"], dtype=np.float64)[:, None]
+    index = {str(p): i for i, p in enumerate(pooled["pair_id"])}
+    missing = [p for p in pair_ids if p not in index]
+    if missing:
+        raise CurateError(f"{len(missing)} pairs have no pooled policy states; rerun `curate score --scores ches` first")
+    rows = np.array([index[p] for p in pair_ids])
+    return FeatureSet("policy", np.asarray(mc)[rows], np.asarray(mr)[rows])
+
+
+def build_feature_sets(
+    pairs, *, run=None, embedder: str | None = "all-minilm-l6-v2", pooled=None, text_stats: bool = True,
+    device: str = "auto", cache_dir=None,
+) -> list[FeatureSet]:
+    """Frozen feature sets of every pair: policy states (if computed), reply embeddings, text statistics."""
+    sets = []
+    if run is not None or pooled is not None:
+        policy = policy_feature_set(run, pairs["pair_id"].to_list(), pooled)
+        if policy is not None:
+            sets.append(policy)
+    if embedder:
+        from curate.embeddings import embed_texts
+
+        texts = pairs["chosen"].to_list() + pairs["rejected"].to_list()
+        emb = embed_texts(texts, model=embedder, device=device, cache_dir=cache_dir, show_progress=False)
+        name = re.sub(r"[^a-z0-9]+", "_", embedder.lower().split("/")[-1]).strip("_")
+        sets.append(FeatureSet(name, emb[: pairs.height], emb[pairs.height :]))
+    if text_stats:
+        sets.append(FeatureSet("text_stats", text_statistics(pairs["chosen"].to_list()),
+                               text_statistics(pairs["rejected"].to_list())))
+    return sets
+
+
+def score_reward_and_noise(
+    run,
+    *,
+    reward_models: Sequence[str] = (),
+    embedder: str | None = "all-minilm-l6-v2",
+    pooled: Mapping[str, np.ndarray] | None = None,
+    text_stats: bool = True,
+    extra_members: Sequence[Member] = (),
+    seeds: Sequence[int] = (0, 1, 2),
+    folds: int = 5,
+    l2: float = DEFAULT_L2,
+    estimator: str | None = None,
+    device: str = "auto",
+    cache_dir=None,
+):
+    """Reward-ensemble strength and noise-flip columns for a run; merged into RUN/scores.parquet.
+
+    Feature sets: the policy's pooled reply states (``pooled`` or
+    ``RUN/pooled.npz`` from the CHES pass; never recomputed here), reply
+    embeddings from ``embedder`` (None to skip) and text statistics. Each
+    ``reward_models`` entry adds a pretrained reward model; ``extra_members``
+    adds precomputed ones (e.g. implicit DPO rewards). Writes manifest
+    sections ``reward`` and ``noise`` and returns the new columns.
+    """
+    import time
+
+    import polars as pl
+
+    from curate.rundir import RunDir
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    pairs = run.pairs()
+    if pairs.height == 0:
+        raise CurateError(f"{run.path} has no pairs to score")
+    started = time.perf_counter()
+    feature_sets = build_feature_sets(pairs, run=run, embedder=embedder, pooled=pooled, text_stats=text_stats,
+                                      device=device, cache_dir=cache_dir)
+    features_s = time.perf_counter() - started
+    fixed = [pretrained_member(name, pairs, device=device) for name in reward_models] + list(extra_members)
+    columns, info = reward_and_noise(feature_sets, fixed, seeds=seeds, folds=folds, l2=l2, estimator=estimator)
+    table = pl.DataFrame({"pair_id": pairs["pair_id"], **columns})
+    run.merge_scores(table)
+    info["reward"]["seconds"] = {"features": round(features_s, 2), "total": round(time.perf_counter() - started, 2)}
+    info["reward"]["embedder"] = embedder
+    info["reward"]["policy_states"] = any(fs.name == "policy" for fs in feature_sets)
+    run.update_manifest("reward", info["reward"])
+    run.update_manifest("noise", info["noise"])
+    return table

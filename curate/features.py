@@ -1,0 +1,555 @@
+"""Interpretable SAE features of preference data (WIMHF, Movva et al. 2025).
+
+What did the annotators reward? For every pair, embed both replies, take the
+difference e(chosen) - e(rejected), and learn a small signed sparse dictionary
+of those differences (:mod:`curate.sae`). Each feature is then
+
+- described by its top-activating pairs (oriented so the reply with more of the
+  feature is shown first) and the n-grams that separate those replies from
+  the other side, and
+- tested as a preference predictor: a logistic regression of the label on the
+  feature's activation plus the length difference, fit on ONE random
+  orientation per pair (which reply is "A" is a seeded coin flip, so the label
+  "A was chosen" is balanced; the +/- copies are for SAE training only).
+
+Whole-set: validation AUCs of all features + length, of a probe on the raw
+embedding differences (with and without length) and of length alone, and the
+two fractions of the probe's signal the features explain.
+
+Pure functions of arrays sit at the top; :func:`compute_features` runs the
+pipeline on a pair table and :func:`run_features` reads/writes a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from curate.errors import CurateError
+
+FEATURES_TABLE = "features.parquet"
+FEATURES_SUMMARY = "features_summary.json"
+SAE_DIR = "sae"
+
+
+@dataclass
+class FeatureSettings:
+    """Knobs of the WIMHF pipeline (defaults follow the paper's code, `rmovva/wimhf`)."""
+
+    n_features: int = 32
+    k: int = 4
+    prefixes: tuple[int, ...] = (8, 32)
+    batch_size: int = 256
+    lr: float = 5e-4
+    max_epochs: int = 50
+    min_epochs: int = 10
+    patience: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    embedder: str = "all-minilm-l6-v2"
+    top_fraction: float = 0.05
+    n_examples: int = 5
+    n_ngrams: int = 6
+    device: str = "cpu"
+
+
+@dataclass
+class FeatureResult:
+    table: pl.DataFrame  # one row per feature
+    summary: dict[str, Any]  # whole-set AUCs, fractions, settings
+    activations: pl.DataFrame  # pair_id + sae_f{j} (chosen - rejected orientation)
+    sae: Any = field(repr=False, default=None)
+
+
+# ====================================================================== pure math
+def word_count(texts: Sequence[str]) -> np.ndarray:
+    return np.array([len(t.split()) for t in texts], dtype=np.float64)
+
+
+def random_orientation(n: int, seed: int) -> np.ndarray:
+    """+1 where reply A is the chosen one, -1 where A is the rejected one (a seeded fair coin per pair)."""
+    return np.where(np.random.default_rng(seed).random(n) < 0.5, 1.0, -1.0)
+
+
+def split_by_group(groups: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows; rows sharing a group (e.g. the same prompt) stay together."""
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(unique)))
+    val_groups = set(np.array(unique, dtype=object)[rng.permutation(len(unique))[:n_val]].tolist())
+    return np.array([g in val_groups for g in groups], dtype=bool)
+
+
+def signed_augment(differences: np.ndarray) -> np.ndarray:
+    """Rows and their negations, so the SAE sees every pair in both orientations."""
+    return np.concatenate([differences, -differences], axis=0)
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-10):
+    """Unpenalised logistic regression by Newton-Raphson (X includes any intercept column).
+
+    Returns ``(beta, standard_errors)``, the maximum-likelihood coefficients and
+    their Wald standard errors from the inverse observed information, as
+    statsmodels' ``Logit(y, X).fit()`` reports them.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    beta = np.zeros(X.shape[1])
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(X @ beta)))
+        w = p * (1.0 - p)
+        hessian = X.T @ (X * w[:, None])
+        step = np.linalg.lstsq(hessian, X.T @ (y - p), rcond=None)[0]
+        beta = beta + step
+        if np.max(np.abs(step)) < tol:
+            break
+    p = 1.0 / (1.0 + np.exp(-(X @ beta)))
+    hessian = X.T @ (X * (p * (1.0 - p))[:, None])
+    covariance = np.linalg.pinv(hessian)
+    return beta, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+
+
+def wald_p_value(coef: float, se: float) -> float:
+    """Two-sided p-value of z = coef / se under a standard normal."""
+    if not np.isfinite(se) or se <= 0:
+        return 1.0
+    return float(math.erfc(abs(coef / se) / math.sqrt(2.0)))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def feature_effects(
+    activations: np.ndarray, length_diff: np.ndarray, a_chosen: np.ndarray
+) -> pl.DataFrame:
+    """Per-feature preference effect, controlling for length.
+
+    ``activations`` [n, M] are the SAE activations of e(A) - e(B) in one random
+    orientation per pair, ``length_diff`` [n] is words(A) - words(B) and
+    ``a_chosen`` [n] is 1 where A is the chosen reply. For each feature j the
+    model is  P(A chosen) = sigmoid(b0 + bL * length_diff + bj * act_j)
+    (columns scaled by their standard deviation, not centred, so an activation
+    of 0 stays 0). Returns, per feature:
+
+    - ``prevalence``: fraction of pairs where the feature is active (non-zero);
+    - ``coef``: bj per standard deviation of the activation; ``p_value``: its
+      Wald p-value; ``p_bonferroni`` = min(1, M * p_value);
+    - ``win_rate_delta``: over active pairs, oriented so the activation is
+      positive, the mean of P(that reply wins) minus the same with the
+      feature set to 0: how much more often the reply with more of the feature
+      wins, beyond what its length predicts (+0.10 = ten points more).
+    """
+    activations = np.asarray(activations, dtype=np.float64)
+    n, n_features = activations.shape
+    length_scale = length_diff.std() or 1.0
+    length_col = length_diff / length_scale
+    rows = []
+    for j in range(n_features):
+        act = activations[:, j]
+        active = act != 0
+        scale = act.std()
+        if active.sum() < 2 or scale == 0:
+            rows.append(dict(feature=j, prevalence=float(active.mean()), coef=0.0, p_value=1.0, win_rate_delta=0.0))
+            continue
+        X = np.column_stack([np.ones(n), length_col, act / scale])
+        beta, se = fit_logistic(X, a_chosen)
+        sign = np.sign(act[active])
+        eta_without = X[active, :2] @ beta[:2]
+        eta_with = eta_without + beta[2] * X[active, 2]
+        delta = float(np.mean(_sigmoid(sign * eta_with) - _sigmoid(sign * eta_without)))
+        rows.append(
+            dict(
+                feature=j,
+                prevalence=float(active.mean()),
+                coef=float(beta[2]),
+                p_value=wald_p_value(beta[2], se[2]),
+                win_rate_delta=delta,
+            )
+        )
+    table = pl.DataFrame(rows)
+    return table.with_columns(p_bonferroni=(pl.col("p_value") * n_features).clip(upper_bound=1.0))
+
+
+def validation_auc(
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, seed: int = 0,
+    Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
+) -> float:
+    """ROC-AUC on the validation rows of a standardised L2 logistic regression.
+
+    The inverse regularisation strength C is chosen from ``Cs`` by 5-fold
+    cross-validated AUC on the training rows only, so wide inputs (a 384-d
+    probe) are not over-fit and narrow ones (32 features) are not over-shrunk.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def model(C: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
+
+    folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(X_train, y_train))
+    cv_auc = []
+    for C in Cs:
+        scores = []
+        for fit_rows, test_rows in folds:
+            fitted = model(C).fit(X_train[fit_rows], y_train[fit_rows])
+            scores.append(roc_auc_score(y_train[test_rows], fitted.predict_proba(X_train[test_rows])[:, 1]))
+        cv_auc.append(np.mean(scores))
+    best = model(Cs[int(np.argmax(cv_auc))]).fit(X_train, y_train)
+    return float(roc_auc_score(y_val, best.predict_proba(X_val)[:, 1]))
+
+
+def signal_fractions(auc_sae: float, auc_probe: float, auc_probe_length: float, auc_length: float) -> dict[str, float | None]:
+    """WIMHF's fraction of signal explained and its beyond-length variant (None when undefined)."""
+
+    def ratio(num: float, den: float) -> float | None:
+        return float(num / den) if den > 1e-9 else None
+
+    return {
+        "signal_fraction": ratio(auc_sae - 0.5, auc_probe - 0.5),
+        "signal_fraction_beyond_length": ratio(auc_sae - auc_length, auc_probe_length - auc_length),
+    }
+
+
+_TOKEN = re.compile(r"[a-z0-9']+")
+
+
+def _ngrams(text: str, max_n: int = 2) -> set[str]:
+    tokens = _TOKEN.findall(text.lower())
+    grams = set(tokens)
+    for n in range(2, max_n + 1):
+        grams.update(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return grams
+
+
+def distinguishing_ngrams(high: Sequence[str], low: Sequence[str], n: int = 6, min_count: int = 2) -> tuple[list[str], list[str]]:
+    """Unigrams/bigrams most over-represented in ``high`` vs ``low`` texts, and vice versa.
+
+    Scored by the smoothed log-ratio of document frequencies,
+    log((df_high + 1) / (N_high + 2)) - log((df_low + 1) / (N_low + 2)); an
+    n-gram must occur in at least ``min_count`` texts on its own side. A bigram
+    replaces its unigrams when it scores at least as well, so lists stay short.
+    """
+    df_high = Counter(g for t in high for g in _ngrams(t))
+    df_low = Counter(g for t in low for g in _ngrams(t))
+
+    def score(g: str) -> float:
+        return math.log((df_high[g] + 1) / (len(high) + 2)) - math.log((df_low[g] + 1) / (len(low) + 2))
+
+    def top(counts: Counter, sign: float) -> list[str]:
+        ranked = sorted((g for g, c in counts.items() if c >= min_count), key=lambda g: (-sign * score(g), g))
+        chosen: list[str] = []
+        for g in ranked:
+            if sign * score(g) <= 0 or len(chosen) >= n:
+                break
+            if any(g in c.split() or c in g.split() for c in chosen):
+                continue
+            chosen.append(g)
+        return chosen
+
+    return top(df_high, 1.0), top(df_low, -1.0)
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_features(
+    activations: np.ndarray,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    pair_ids: Sequence[str],
+    *,
+    top_fraction: float = 0.05,
+    n_examples: int = 5,
+    n_ngrams: int = 6,
+) -> pl.DataFrame:
+    """Offline descriptions from top-activating pairs.
+
+    ``activations`` [n, M] are in the chosen - rejected orientation. For each
+    feature, take the pairs in the top ``top_fraction`` of |activation| among
+    active pairs (at least ``n_examples``), orient each so the activation is
+    positive ("high" = the reply with more of the feature, which is the chosen
+    one when the activation is positive) and contrast the high replies' n-grams
+    with the low replies'. ``win_rate_active`` is the fraction of active pairs
+    whose high reply is the chosen one.
+    """
+    rows = []
+    for j in range(activations.shape[1]):
+        act = activations[:, j]
+        active = np.flatnonzero(act != 0)
+        if active.size == 0:
+            rows.append(dict(feature=j, description="(never active)", more=[], less=[], win_rate_active=None,
+                             top_pair_ids=[], examples=[]))
+            continue
+        n_top = max(n_examples, int(math.ceil(top_fraction * active.size)))
+        top = active[np.argsort(-np.abs(act[active]), kind="stable")[:n_top]]
+        high = [chosen[i] if act[i] > 0 else rejected[i] for i in top]
+        low = [rejected[i] if act[i] > 0 else chosen[i] for i in top]
+        more, less = distinguishing_ngrams(high, low, n=n_ngrams)
+        description = f"more: {', '.join(more) or '-'} | less: {', '.join(less) or '-'}"
+        examples = [
+            f"[{'chosen' if act[i] > 0 else 'rejected'} has more, {abs(act[i]):.2f}] "
+            f"HIGH: {_shorten(h)} || LOW: {_shorten(lo)}"
+            for i, h, lo in zip(top[:n_examples], high, low)
+        ]
+        rows.append(
+            dict(
+                feature=j,
+                description=description,
+                more=more,
+                less=less,
+                win_rate_active=float(np.mean(act[active] > 0)),
+                top_pair_ids=[pair_ids[i] for i in top[:n_examples]],
+                examples=examples,
+            )
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "feature": pl.Int64, "description": pl.Utf8, "more": pl.List(pl.Utf8), "less": pl.List(pl.Utf8),
+            "win_rate_active": pl.Float64, "top_pair_ids": pl.List(pl.Utf8), "examples": pl.List(pl.Utf8),
+        },
+    )
+
+
+# ====================================================================== pipeline
+def _unique_rows(x: np.ndarray, keys: Sequence[str]) -> np.ndarray:
+    """Rows of ``x`` with the first occurrence of each key kept."""
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        seen.setdefault(key, i)
+    return x[sorted(seen.values())]
+
+
+def _prompt_key(prompt: Any) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
+
+
+def _check_input(differences: np.ndarray, n_unique_train: int, settings: FeatureSettings) -> None:
+    if settings.k < 1 or settings.k > settings.n_features:
+        raise CurateError(f"k={settings.k} must be between 1 and the number of features ({settings.n_features}): lower --k")
+    needed = 2 * settings.n_features
+    if n_unique_train < needed:
+        raise CurateError(
+            f"only {n_unique_train} distinct training pairs for a {settings.n_features}-feature dictionary "
+            f"(need at least {needed}): add pairs or lower --n-features to at most {max(1, n_unique_train // 2)}"
+        )
+    if float(np.abs(differences).max(initial=0.0)) < 1e-6:
+        raise CurateError(
+            "every pair's chosen and rejected embeddings are identical, so there is nothing to learn: "
+            "check that the replies differ, or use another --embedder"
+        )
+
+
+def compute_features(
+    pairs: pl.DataFrame,
+    *,
+    settings: FeatureSettings | None = None,
+    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = False,
+) -> FeatureResult:
+    """Run WIMHF on a pair table: embed, train the signed SAE, describe and test each feature.
+
+    ``embeddings`` may pass precomputed (e_chosen, e_rejected) arrays [n, d];
+    otherwise replies are embedded with ``settings.embedder``
+    (:func:`curate.embeddings.embed_texts`, cached in ``cache_dir``).
+    """
+    from curate import sae as sae_lib
+
+    settings = settings or FeatureSettings()
+    timings: dict[str, float] = {}
+    n = pairs.height
+    if n == 0:
+        raise CurateError("no pairs to analyse: load a dataset with at least a few hundred pairs")
+    chosen, rejected = pairs["chosen"].to_list(), pairs["rejected"].to_list()
+    pair_ids = pairs["pair_id"].to_list()
+
+    start = time.perf_counter()
+    if embeddings is None:
+        from curate.embeddings import embed_texts
+
+        vectors = embed_texts(chosen + rejected, model=settings.embedder, device=settings.device,
+                              cache_dir=cache_dir, show_progress=show_progress)
+        e_chosen, e_rejected = vectors[:n], vectors[n:]
+    else:
+        e_chosen, e_rejected = (np.asarray(e, dtype=np.float32) for e in embeddings)
+    timings["embed_s"] = time.perf_counter() - start
+    differences = e_chosen - e_rejected  # chosen - rejected
+
+    is_val = split_by_group([_prompt_key(p) for p in pairs["prompt"].to_list()], settings.val_fraction, settings.seed)
+    reply_keys = ["\x00".join(sorted((c, r))) for c, r in zip(chosen, rejected)]
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    train_unique = _unique_rows(differences[train_idx], [reply_keys[i] for i in train_idx])
+    val_unique = _unique_rows(differences[val_idx], [reply_keys[i] for i in val_idx]) if val_idx.size else None
+    _check_input(differences, len(train_unique), settings)
+
+    start = time.perf_counter()
+    trained = sae_lib.train_signed_sae(
+        signed_augment(train_unique),
+        None if val_unique is None else signed_augment(val_unique),
+        n_features=settings.n_features, k=settings.k, prefixes=settings.prefixes, batch_size=settings.batch_size,
+        lr=settings.lr, max_epochs=settings.max_epochs, min_epochs=settings.min_epochs, patience=settings.patience,
+        seed=settings.seed, device=settings.device,
+    )
+    timings["sae_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    acts_canonical = sae_lib.encode(trained.sae, differences)
+    orientation = random_orientation(n, settings.seed)  # +1: A = chosen
+    acts_oriented = sae_lib.encode(trained.sae, differences * orientation[:, None].astype(np.float32))
+    length_diff = (word_count(chosen) - word_count(rejected)) * orientation
+    a_chosen = (orientation > 0).astype(np.float64)
+
+    effects = feature_effects(acts_oriented, length_diff, a_chosen)
+    descriptions = describe_features(
+        acts_canonical, chosen, rejected, pair_ids,
+        top_fraction=settings.top_fraction, n_examples=settings.n_examples, n_ngrams=settings.n_ngrams,
+    )
+    table = effects.join(descriptions, on="feature").sort("feature")
+    timings["describe_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    aucs = _whole_set_aucs(acts_oriented, differences * orientation[:, None], length_diff, a_chosen, is_val, settings.seed)
+    timings["auc_s"] = time.perf_counter() - start
+
+    summary = {
+        **aucs,
+        "n_pairs": n,
+        "n_train_pairs": int(train_idx.size),
+        "n_val_pairs": int(val_idx.size),
+        "n_sae_training_rows": int(2 * len(train_unique)),
+        "sae": {
+            "architecture": "matryoshka-abstopk (sae-lens AbsTopK, signed)",
+            "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            "val_mse": trained.history["val_mse"][trained.best_epoch - 1] if trained.best_epoch else None,
+            "input_mean_sq_norm": float(np.mean(np.sum(train_unique**2, axis=1))),
+            "dead_features": int(np.sum(np.all(acts_canonical == 0, axis=0))),
+        },
+        "embedder": settings.embedder if embeddings is None else "precomputed",
+        "settings": {**asdict(settings), "prefixes": list(settings.prefixes)},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    activations = pl.DataFrame({"pair_id": pair_ids}).with_columns(
+        [pl.Series(f"sae_f{j}", acts_canonical[:, j]) for j in range(acts_canonical.shape[1])]
+    )
+    return FeatureResult(table=table, summary=summary, activations=activations, sae=trained.sae)
+
+
+def _whole_set_aucs(acts, probe, length_diff, y, is_val, seed) -> dict[str, Any]:
+    train, val = ~is_val, is_val
+    if val.sum() < 10 or len(set(y[val])) < 2 or len(set(y[train])) < 2:
+        return {"auc_note": f"too few validation pairs ({int(val.sum())}) for AUCs: raise --val-fraction or add pairs",
+                "auc_sae": None, "auc_sae_only": None, "auc_probe": None, "auc_probe_length": None,
+                "auc_length": None, "signal_fraction": None, "signal_fraction_beyond_length": None}
+    length = length_diff[:, None]
+
+    def auc(X):
+        return validation_auc(X[train], y[train], X[val], y[val], seed=seed)
+
+    result = {
+        "auc_sae": auc(np.column_stack([acts, length])),
+        "auc_sae_only": auc(acts),
+        "auc_probe": auc(probe),
+        "auc_probe_length": auc(np.column_stack([probe, length])),
+        "auc_length": auc(length),
+    }
+    result.update(signal_fractions(result["auc_sae"], result["auc_probe"], result["auc_probe_length"], result["auc_length"]))
+    return result
+
+
+# ====================================================================== run directory
+def run_features(
+    run: str | Path,
+    *,
+    dataset: str | None = None,
+    settings: FeatureSettings | None = None,
+    load_kwargs: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> FeatureResult:
+    """``curate features``: analyse RUN's pairs (loading ``dataset`` into RUN first if given).
+
+    Writes RUN/features.parquet, RUN/features_summary.json, RUN/sae/ (a
+    sae-lens SAE), the ``sae_f{j}`` columns of RUN/scores.parquet and the
+    ``features`` section of the manifest.
+    """
+    from curate.rundir import RunDir, write_json, write_parquet
+    from curate.sae import save_sae
+
+    settings = settings or FeatureSettings()
+    rundir = RunDir(run)
+    if dataset is not None:
+        from curate.data import load_pairs
+
+        loaded = load_pairs(dataset, **(load_kwargs or {}))
+        if rundir.exists("pairs.parquet"):
+            existing = set(rundir.pairs()["pair_id"].to_list())
+            if existing != set(loaded.pairs["pair_id"].to_list()):
+                raise CurateError(
+                    f"{rundir.path} already holds different pairs: omit --dataset to analyse them, or pick a new --out"
+                )
+        else:
+            rundir.write_pairs(loaded.pairs, loaded.quarantine)
+    elif not rundir.exists("pairs.parquet"):
+        raise CurateError(f"{rundir.path} has no pairs.parquet: pass --dataset to load pairs into it")
+    pairs = rundir.pairs()
+
+    result = compute_features(pairs, settings=settings, cache_dir=rundir / "cache", show_progress=show_progress)
+    save_sae(result.sae, rundir / SAE_DIR)
+    write_parquet(result.table, rundir / FEATURES_TABLE)
+    write_json(result.summary, rundir / FEATURES_SUMMARY)
+    # Replace every earlier sae_f* column, also ones from a larger dictionary.
+    stale = [c for c in rundir.scores().columns if c.startswith("sae_f") and c not in result.activations.columns]
+    if stale:
+        write_parquet(rundir.scores().drop(stale), rundir / "scores.parquet")
+    rundir.merge_scores(result.activations)
+    rundir.update_manifest("features", {
+        "embedder": result.summary["embedder"],
+        "settings": result.summary["settings"],
+        "columns": [c for c in result.activations.columns if c != "pair_id"],
+        "sae_dir": SAE_DIR,
+        "timings_s": result.summary["timings_s"],
+    })
+    return result
+
+
+def top_pairs(run: str | Path, feature: int, n: int = 10, sign: str = "positive") -> pl.DataFrame:
+    """The ``n`` pairs where feature ``feature`` is strongest, from RUN/scores.parquet.
+
+    ``sign="positive"``: largest activations (the chosen reply has more of the
+    feature); ``"negative"``: most negative (the rejected reply has more);
+    ``"abs"``: largest magnitude. Returns pair_id, chosen, rejected and the activation.
+    """
+    from curate.rundir import RunDir
+
+    if sign not in ("positive", "negative", "abs"):
+        raise CurateError(f"sign must be 'positive', 'negative' or 'abs', not {sign!r}")
+    rundir = RunDir(run)
+    scores = rundir.scores()
+    columns = sorted((c for c in scores.columns if re.fullmatch(r"sae_f\d+", c)), key=lambda c: int(c[5:]))
+    if not columns:
+        raise CurateError(f"{rundir.path} has no SAE features yet: run `curate features {rundir.path}` first")
+    column = f"sae_f{feature}"
+    if column not in scores.columns:
+        raise CurateError(f"feature {feature} does not exist: {rundir.path} has features 0..{len(columns) - 1}")
+    act = pl.col(column)
+    key = {"positive": act, "negative": -act, "abs": act.abs()}[sign]
+    ranked = scores.select("pair_id", column).filter(key > 0).sort(key, descending=True).head(n)
+    return ranked.join(rundir.pairs().select("pair_id", "chosen", "rejected"), on="pair_id", how="left").rename(
+        {column: "activation"}
+    )

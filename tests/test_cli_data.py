@@ -1,0 +1,38 @@
+import json
+
+import polars as pl
+from typer.testing import CliRunner
+
+from curate.cli import app
+
+runner = CliRunner()
+
+
+def test_inspect_hh_sample_json_and_out(hh_path, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["data", "inspect", str(hh_path), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["rows"], summary["pairs"], summary["quarantined"]) == (1800, 1794, 6)
+    assert summary["quarantine_reasons"] == {"empty_reply": 4, "prompt_mismatch": 2}
+    assert pl.read_parquet(out / "pairs.parquet").height == 1794
+    assert pl.read_parquet(out / "quarantine.parquet")["reason"].to_list().count("empty_reply") == 4
+
+
+def test_inspect_human_output_lists_quarantined_rows(hh_path):
+    result = runner.invoke(app, ["data", "inspect", str(hh_path)])
+    assert result.exit_code == 0, result.output
+    assert "1794 pairs" in result.output and "prompt_mismatch" in result.output
+
+
+def test_bad_input_is_one_clear_sentence(tmp_path):
+    result = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_overlap(hh_path, tmp_path):
+    result = runner.invoke(app, ["data", "overlap", str(hh_path), str(hh_path), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["shared_pairs"] == 1794

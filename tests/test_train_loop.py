@@ -1,0 +1,224 @@
+"""The training loop on a tiny random llama: step-0 identities, weights, masks, checkpoints, resume, NaN stop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from curate.data.schema import pairs_frame
+from curate.errors import CurateError
+from curate.train import train
+from curate.train.data import auto_epsilon, column_values, epsilon_from_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAST = dict(lr=1e-3, batch_size=4, bf16=False, save_every=0, progress=False)
+
+
+def make_pairs(n: int = 8) -> pl.DataFrame:
+    rows = [
+        {"prompt": [{"role": "user", "content": f"question {i}: what is {i} plus {i}?"}],
+         "chosen": f"It is {2 * i}." + " ok" * (i % 3), "rejected": "I don't know" + "!" * (i % 5)}
+        for i in range(n)
+    ]
+    return pairs_frame(rows)
+
+
+@pytest.fixture
+def lm(tiny_lm):
+    """A fresh copy of the session's tiny model (training changes weights in place)."""
+    fresh = copy.copy(tiny_lm)
+    fresh.model = copy.deepcopy(tiny_lm.model)
+    return fresh
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "tdpo1"])
+def test_step0_policy_equals_reference(tmp_path, lm, loss):
+    res = train(make_pairs(), out=tmp_path, model=lm, loss=loss, max_steps=1, **FAST)
+    assert res.info["step0_max_abs_logratio"] < 1e-4
+    first = read_metrics(tmp_path)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_final_dir_loads_with_from_pretrained(tmp_path, lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = train(make_pairs(), out=tmp_path, model=lm, max_steps=2, **FAST)
+    loaded = AutoModelForCausalLM.from_pretrained(res.final_dir)
+    AutoTokenizer.from_pretrained(res.final_dir)
+    for (name, p), q in zip(lm.model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert {"loss", "reward_accuracy", "margin", "chosen_logps", "rejected_logps", "lr", "pairs_per_s"} <= set(metrics[0])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["train"]
+    assert manifest["pairs"] == 8 and manifest["steps"] == 2
+
+
+def test_zero_weights_leave_the_policy_unchanged(tmp_path, lm):
+    before = copy.deepcopy(lm.model.state_dict())
+    pairs = make_pairs().with_columns(w=pl.lit(0.0))
+    train(pairs, out=tmp_path, model=lm, weights="w", max_steps=2, **FAST)
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sparsepo_learned_masks_train_and_are_saved(tmp_path, lm):
+    res = train(make_pairs(), out=tmp_path, model=lm, loss="sparsepo", mask="learned", mask_mode="independent",
+                mask_l1=1e-3, max_steps=2, **FAST)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(res.final_dir / "sparsepo_masks.safetensors"))
+    assert any(k.startswith("kl.") for k in saved) and any(k.startswith("reward.") for k in saved)
+    last = read_metrics(tmp_path)[-1]
+    assert 0.0 <= last["mask_sparsity"] <= 1.0 and math.isfinite(last["loss"])
+
+
+def test_mask_network_receives_gradient_directly(lm):
+    """One sparsepo micro-step: gradient reaches the masks, none reaches the reference."""
+    from curate.data.chat import ChatEncoder
+    from curate.train.batching import collate, encode_pairs
+    from curate.train.loop import TrainConfig, _compute_micro_loss, _Reference
+    from curate.train.masks import SparsePOMasks
+
+    policy = lm.model.train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # make the policy differ from the reference so the loss has a gradient w.r.t. the masks
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    cfg = lm.model.config
+    masks = SparsePOMasks(cfg.num_hidden_layers, cfg.hidden_size, mode="independent")
+    enc = encode_pairs(make_pairs(4), ChatEncoder(lm.tokenizer))
+    batch = collate(enc.pairs, lm.tokenizer.pad_token_id)
+    import contextlib
+
+    loss, _ = _compute_micro_loss(policy, _Reference(model=reference), masks, batch, np.arange(4),
+                                  cfg=TrainConfig(loss="sparsepo", mask_l1=1e-3), epsilon=0.0, weights=None,
+                                  confidence=None, autocast=contextlib.nullcontext)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in masks.reward.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in masks.kl.parameters())
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_lora_and_gradient_checkpointing(tmp_path, lm):
+    from transformers import AutoModelForCausalLM
+
+    before = copy.deepcopy(lm.model.state_dict())
+    res = train(make_pairs(), out=tmp_path, model=lm, loss="tdpo2", lora_r=4, gradient_checkpointing=True,
+                max_steps=2, **FAST)
+    loaded = AutoModelForCausalLM.from_pretrained(res.final_dir)
+    diffs = [not torch.equal(before[k], v) for k, v in loaded.state_dict().items() if k in before]
+    assert any(diffs)  # the merged adapter changed some weights
+    assert math.isfinite(res.final_loss)
+
+
+def test_nan_stops_with_last_good_checkpoint(tmp_path, lm, monkeypatch):
+    from curate.train import loop
+
+    calls = {"n": 0}
+    original = loop.pair_losses
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = original(*args, **kwargs)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    monkeypatch.setattr(loop, "pair_losses", poisoned)
+    with pytest.raises(CurateError, match="step 3.*step-000002"):
+        train(make_pairs(16), out=tmp_path, model=lm, max_steps=4, **{**FAST, "save_every": 2})
+    assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").exists()
+    assert not (tmp_path / "final").exists()
+
+
+def test_bad_input_errors(tmp_path, lm):
+    with pytest.raises(CurateError, match="no pairs"):
+        train(make_pairs().head(0), out=tmp_path, model=lm, **FAST)
+    with pytest.raises(CurateError, match="fewer than --batch-size"):
+        train(make_pairs(3), out=tmp_path, model=lm, **FAST)
+    with pytest.raises(CurateError, match="--soft-labels"):
+        train(make_pairs(), out=tmp_path, model=lm, loss="ipo", soft_labels="c", **FAST)
+    with pytest.raises(CurateError, match="not in the data"):
+        train(make_pairs(), out=tmp_path, model=lm, weights="nope", **FAST)
+
+
+def test_too_long_replies_are_left_out_and_counted(tmp_path, lm):
+    rows = make_pairs(8).to_dicts()
+    rows[0]["chosen"] = "word " * 200
+    res = train(pairs_frame(rows), out=tmp_path, model=lm, max_length=64, max_steps=1, **FAST)
+    assert res.info["left_out_reply_too_long"] == 1 and res.info["pairs"] == 7
+
+
+def test_auto_epsilon():
+    fp = np.array([0.1, 0.2, 0.9, 0.3])
+    assert auto_epsilon(fp, np.array([False, False, True, False])) == pytest.approx((0.1 + 0.2 + 0.1 + 0.3) / 4)
+    with pytest.raises(CurateError, match=">= 0.5"):
+        auto_epsilon(np.array([0.6, 0.5]), np.zeros(2, bool))
+    pairs = make_pairs(2).with_columns(flip_prob=pl.Series([0.2, 0.9]),
+                                       meta=pl.Series(["{}", json.dumps({"flipped": True})]))
+    assert epsilon_from_pairs(pairs) == pytest.approx(0.15)
+    with pytest.raises(CurateError, match="flip_prob"):
+        epsilon_from_pairs(make_pairs(2))
+    with pytest.raises(CurateError, match="probabilities"):
+        column_values(make_pairs(2).with_columns(c=pl.lit(1.5)), "c", "soft-labels")
+
+
+_RUN = """
+import sys, polars as pl
+sys.path.insert(0, {repo!r})
+from tests.test_train_loop import make_pairs, FAST
+from curate.models import tiny_causal_lm
+from curate.train import train
+train(make_pairs(16), out={out!r}, model=tiny_causal_lm(0), max_steps=24, resume={resume}, **{{**FAST, "save_every": 4}})
+"""
+
+
+def _run(out: Path, resume: bool) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CURATE_QUIET": "1"}
+    return subprocess.Popen([sys.executable, "-c", _RUN.format(repo=str(REPO), out=str(out), resume=resume)],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    reference_run = _run(full, resume=False)
+    victim = _run(killed, resume=False)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    resumed = _run(killed, resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert reference_run.wait(timeout=300) == 0, reference_run.stderr.read().decode()[-2000:]
+    a, b = read_metrics(full), read_metrics(killed)
+    assert [m["step"] for m in b] == list(range(1, 25))
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-6)
+    assert json.loads((killed / "manifest.json").read_text())["train"]["resumed_from"] is not None
+
+
+def test_resume_refuses_changed_settings(tmp_path, lm):
+    train(make_pairs(), out=tmp_path, model=lm, max_steps=2, **{**FAST, "save_every": 1})
+    with pytest.raises(CurateError, match="beta"):
+        train(make_pairs(), out=tmp_path, model=lm, max_steps=2, resume=True, beta=0.5, **{**FAST, "save_every": 1})
