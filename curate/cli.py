@@ -116,6 +116,81 @@ def data_overlap(
 
 # ---------------------------------------------------------------- features
 # (issue 5: `curate features` goes here)
+@app.command("features")
+@handle_errors
+def features_cmd(
+    run: Optional[Path] = typer.Argument(None, help="Existing run directory with pairs.parquet (or use --dataset/--out)."),
+    dataset: Optional[str] = typer.Option(None, help="Hub name or local file to load into --out first."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to create or reuse when --dataset is given."),
+    subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
+    split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many rows of --dataset."),
+    embedder: str = typer.Option("all-minilm-l6-v2", help="Sentence-embedding model: the bundled default, a hub id or a path."),
+    n_features: int = typer.Option(32, "--n-features", help="Dictionary size M."),
+    k: int = typer.Option(4, "--k", help="Active features per pair K (per-example, signed)."),
+    prefixes: str = typer.Option("8,32", help="Matryoshka prefix widths, comma-separated ('' for a plain AbsTopK SAE)."),
+    epochs: int = typer.Option(50, help="Maximum SAE epochs (early stopping on validation reconstruction)."),
+    lr: float = typer.Option(5e-4, help="SAE learning rate."),
+    batch_size: int = typer.Option(256, help="SAE batch size."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of prompts held out for validation AUCs."),
+    seed: int = typer.Option(0, help="Seed for the split, the orientations and the SAE."),
+    device: str = typer.Option("cpu", help="Device for the embedder and the SAE (cpu, cuda, auto)."),
+    top: int = typer.Option(10, help="How many features to print (most significant first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary and feature table as JSON."),
+) -> None:
+    """Learn signed SAE features of e(chosen) - e(rejected) and test which ones annotators rewarded (WIMHF)."""
+    from curate.features import FeatureSettings, run_features
+
+    if dataset is not None and out is None and run is None:
+        raise CurateError("--dataset needs --out RUN: the directory to write the pairs and features into")
+    if run is not None and out is not None and Path(run) != Path(out):
+        raise CurateError("give the run directory once: either as RUN or as --out")
+    target = run if run is not None else out
+    if target is None:
+        raise CurateError("name a run directory: `curate features RUN` or `curate features --dataset D --out RUN`")
+    try:
+        widths = tuple(int(p) for p in prefixes.split(",") if p.strip())
+    except ValueError:
+        raise CurateError(f"--prefixes must be comma-separated integers such as 8,32, not {prefixes!r}") from None
+    settings = FeatureSettings(
+        n_features=n_features, k=k, prefixes=widths, batch_size=batch_size, lr=lr, max_epochs=epochs,
+        val_fraction=val_fraction, seed=seed, embedder=embedder, device=device,
+    )
+    load_kwargs = {key: value for key, value in dict(subset=subset, split=split, limit=limit).items() if value is not None}
+    result = run_features(target, dataset=dataset, settings=settings, load_kwargs=load_kwargs,
+                          show_progress=not (_state["quiet"] or as_json))
+    if as_json:
+        emit_json({"summary": result.summary, "features": result.table.drop("examples").to_dicts()})
+    elif not _state["quiet"]:
+        _render_features(result, Console(), top, target)
+
+
+def _render_features(result, out: Console, top: int, run: Path) -> None:
+    from rich.table import Table
+
+    s = result.summary
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    table = Table(title=f"curate features: top {top} of {result.table.height} by p-value "
+                        "(Δwin = how much more often the reply with more of the feature wins, length-controlled)")
+    for name, justify in (("f", "right"), ("prev", "right"), ("Δwin", "right"), ("p (Bonf.)", "right"),
+                          ("description: n-grams of the reply with more / less of it", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for row in result.table.sort("p_value").head(top).iter_rows(named=True):
+        table.add_row(str(row["feature"]), f"{row['prevalence']:.2f}", f"{row['win_rate_delta']:+.3f}",
+                      f"{row['p_bonferroni']:.2g}", row["description"])
+    out.print(table)
+    out.print(
+        f"validation AUC ({s['n_val_pairs']} pairs): SAE+length {fmt(s['auc_sae'])}, probe {fmt(s['auc_probe'])}, "
+        f"probe+length {fmt(s['auc_probe_length'])}, length {fmt(s['auc_length'])}"
+    )
+    out.print(f"signal fraction {fmt(s['signal_fraction'])}, beyond length {fmt(s['signal_fraction_beyond_length'])}")
+    if s.get("auc_note"):
+        out.print(f"[yellow]note:[/] {s['auc_note']}")
+    out.print(f"wrote {run}/features.parquet, features_summary.json, sae/ and sae_f* columns in scores.parquet")
+
 
 # ---------------------------------------------------------------- filter / export
 # (issue 6: `curate filter`, `curate export` go here)
@@ -140,9 +215,12 @@ def filter_cmd(
     feature: Optional[list[str]] = typer.Option(
         None, "--feature", help="FEATURE:ACTION-top=N (or -bottom, N or N%), e.g. 7:drop-top=100, 7:flip-top=50. Repeatable."),
     where: Optional[list[str]] = typer.Option(
-        None, "--where", help="Polars expression over the columns, e.g. \"pl.col('rm_margin_std') > 2\"; optional "
+        None, "--where", help="Polars expression over the pair and score columns, e.g. \"pl.col('rm_margin_std') > 2\" "
+        "or \"(flip_prob > 0.6) & (rm_vote_share < 0.3)\" (bare names are columns; combine with & | ~); optional "
         "':flip' / ':reweight=F' suffix (default drop). Repeatable."),
-    weights: str = typer.Option("none", help="Write a per-pair 'weight' column: strength | madpo | none."),
+    weights: str = typer.Option(
+        "none", help="Write a per-pair 'weight' column: strength = 2*sigmoid(rm_margin_mean); madpo = MADPO weight of "
+        "logit(p_chosen) (it returns to 1 for margins below -ln 999: drop or flip those first); none."),
     soft_labels: bool = typer.Option(False, "--soft-labels", help="Write 'label_confidence' = 1 - flip_prob (mirrored if flipped)."),
     holdout: float = typer.Option(0.0, help="Set aside this fraction of pairs (by pair_id hash) before any rule."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what each rule would do; write nothing."),
@@ -356,6 +434,52 @@ def eval_cmd(
 
 # ---------------------------------------------------------------- report / run
 # (issue 9: `curate report`, `curate run` go here)
+@app.command("report")
+@handle_errors
+def report_cmd(
+    run: Path = typer.Argument(..., help="Run directory (curated, train/ and eval/ directories inside it are found too)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html)."),
+    title: Optional[str] = typer.Option(None, help="Page title (default: the run directory's name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Write one self-contained HTML report (opens offline) of everything the run computed."""
+    from curate.report import write_report
+
+    summary = write_report(run, out, title=title)
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        Console().print(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.1f} MB): sections "
+                        + ", ".join(summary["sections"]) + f"; {summary['plots']} plots")
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. pipelines/demo.yaml or pipelines/hh-rlhf.yaml."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="Override a recipe setting, KEY=VALUE with dots for nesting, e.g. --set dataset=PATH "
+        "--set train.max_train_pairs=16. Repeatable."),
+    force: bool = typer.Option(False, "--force", help="Rerun every step, even those finished with the same settings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary (same as curate --quiet)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (progress still goes to stderr)."),
+) -> None:
+    """Run a recipe's steps (score, features, filter, export, train, eval, report) into one run directory.
+
+    Steps finished earlier with the same settings are skipped; a changed step
+    reruns with every step after it; a killed training run resumes from its
+    last checkpoint. Ends with a summary, the headline numbers and the report path.
+    """
+    from curate.pipeline import render_summary, run_pipeline
+
+    quiet = quiet or _state["quiet"]
+    if quiet:
+        os.environ["CURATE_QUIET"] = "1"
+    result = run_pipeline(recipe, set_ or [], quiet=quiet, force=force, console=console)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        render_summary(result, Console())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
+from scipy.special import expit
 
 from curate.data.schema import PAIR_SCHEMA
 from curate.errors import CurateError
@@ -71,8 +72,7 @@ MADPO_TAU = math.log(999.0)
 
 # ----------------------------------------------------------------- pure math
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+    return expit(np.asarray(x, dtype=np.float64))
 
 
 def logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:

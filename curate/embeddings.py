@@ -46,9 +46,18 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _local_dir(name: str) -> str:
+    """The directory holding the model's files, where known without loading it."""
+    if name.lower() in (DEFAULT_EMBEDDER, "sentence-transformers/all-minilm-l6-v2"):
+        from curate.models import minilm_dir
+
+        return str(minilm_dir())
+    return name
+
+
 def _model_max_length(name_or_path: str, tokenizer: Any) -> int:
-    """sentence-transformers' max_seq_length if the model dir has one, else a sane tokenizer limit."""
-    path = Path(getattr(tokenizer, "name_or_path", "") or name_or_path)
+    """sentence-transformers' max_seq_length if the model dir has one, else the tokenizer's limit, else 256."""
+    path = Path(getattr(tokenizer, "name_or_path", "") or _local_dir(name_or_path))
     config = path / "sentence_bert_config.json"
     if config.is_file():
         return int(json.loads(config.read_text()).get("max_seq_length", DEFAULT_MAX_LENGTH))
@@ -156,7 +165,9 @@ def embed_texts(
     or an already loaded ``(model, tokenizer)`` pair. Identical texts are
     embedded once; with ``cache_dir`` the vectors are also kept on disk and
     reused by later calls with the same model and ``max_length``
-    (default: the model's sentence-transformers ``max_seq_length``, 256 for MiniLM).
+    (default: the model's sentence-transformers ``max_seq_length`` when its
+    files are local, 256 for MiniLM; 256 for a hub id). The model is loaded
+    only if some text is not in the cache.
     """
     texts = list(texts)
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -165,23 +176,17 @@ def embed_texts(
             f"embed_texts needs strings, but item {bad[0]} is {type(texts[bad[0]]).__name__}: "
             "convert or drop non-text replies first"
         )
-    if isinstance(model, str):
-        model_name = model
-        encoder, tokenizer, device = _load(model, device)
-    else:
-        encoder, tokenizer = model
-        model_name = getattr(getattr(encoder, "config", None), "_name_or_path", "") or type(encoder).__name__
-        device = _resolve_device(device)
-        encoder = encoder.to(device)
-    if max_length is None:
-        max_length = _model_max_length(model_name, tokenizer)
-
+    model_name = model if isinstance(model, str) else _loaded_name(model[0])
     unique = list(dict.fromkeys(texts))
     keys = [text_key(t) for t in unique]
+    if max_length is None:
+        # Known without loading the model, so a fully cached call never loads it.
+        max_length = _model_max_length(model_name, None if isinstance(model, str) else model[1])
     cache = EmbeddingCache(cache_dir, model_name, max_length) if cache_dir is not None else None
     found = cache.lookup(keys) if cache is not None else [None] * len(unique)
     missing = [i for i, v in enumerate(found) if v is None]
     if missing:
+        encoder, tokenizer, device = _load(model, device)
         fresh = encode_batched(
             encoder, tokenizer, [unique[i] for i in missing], max_length=max_length,
             batch_size=batch_size, device=device, show_progress=show_progress,
@@ -192,10 +197,14 @@ def embed_texts(
             cache.add([keys[i] for i in missing], fresh)
             cache.save()
     if not unique:
-        dim = getattr(getattr(encoder, "config", None), "hidden_size", 0)
-        return np.zeros((0, dim), dtype=np.float32)
+        encoder, _, _ = _load(model, device)
+        return np.zeros((0, encoder.config.hidden_size), dtype=np.float32)
     by_text = dict(zip(unique, found))
     return np.stack([by_text[t] for t in texts]).astype(np.float32, copy=False)
+
+
+def _loaded_name(encoder: torch.nn.Module) -> str:
+    return getattr(getattr(encoder, "config", None), "_name_or_path", "") or type(encoder).__name__
 
 
 def _resolve_device(device: str) -> str:
@@ -204,9 +213,13 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(name: str, device: str):
+def _load(model: str | tuple[torch.nn.Module, Any], device: str):
+    """(encoder, tokenizer, device) from a name (via curate.models.load_embedder) or a loaded pair."""
+    if not isinstance(model, str):
+        encoder, tokenizer = model
+        device = _resolve_device(device)
+        return encoder.to(device), tokenizer, device
     from curate.models import load_embedder
 
-    encoder, tokenizer = load_embedder(name, device=device)
-    actual = next(encoder.parameters()).device
-    return encoder, tokenizer, actual
+    encoder, tokenizer = load_embedder(model, device=device)
+    return encoder, tokenizer, next(encoder.parameters()).device

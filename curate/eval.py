@@ -296,24 +296,23 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, name_a: str, name_b: str) -> 
 def encode_for_engine(pairs, encoder) -> tuple[list, list[int], int]:
     """Engine inputs for each pair, the row indices kept, and how many prompts were cut from the left.
 
-    A pair whose reply alone exceeds the context is left out (the caller counts and reports it).
+    Uses `curate score`'s rule (:func:`curate.score.encode_pair`: one shared
+    prompt, cut from the left until it fits with the longer reply), so eval and
+    score see the same tokens. A pair whose longer reply alone exceeds the
+    context is left out (the caller counts and reports it).
     """
     from curate.data.chat import ReplyTooLong
-    from curate.scores.engine import EncodedPair
+    from curate.score import encode_pair
 
     encoded, kept, truncated = [], [], 0
     rows = pairs.select("prompt", "chosen", "rejected").iter_rows()
     for row, (prompt, chosen, rejected) in enumerate(rows):
-        prompt_ids = encoder.prompt_ids(prompt)
         try:
-            c = encoder.truncate(prompt_ids, encoder.reply_ids(chosen))
-            r = encoder.truncate(prompt_ids, encoder.reply_ids(rejected))
+            pair, cut = encode_pair(encoder, prompt, chosen, rejected)
         except ReplyTooLong:
             continue
-        # the engine runs one prompt for both replies: cut it as far as the longer reply needs
-        cut = max(c.prompt_truncated, r.prompt_truncated)
         truncated += bool(cut)
-        encoded.append(EncodedPair(prompt_ids[cut:], c.reply_ids, r.reply_ids))
+        encoded.append(pair)
         kept.append(row)
     return encoded, kept, truncated
 

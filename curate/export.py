@@ -25,7 +25,6 @@ flip-rate estimates and a table of the score distributions.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

@@ -97,25 +97,31 @@ def signed_augment(differences: np.ndarray) -> np.ndarray:
 def fit_logistic(X: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-10):
     """Unpenalised logistic regression by Newton-Raphson (X includes any intercept column).
 
-    Returns ``(beta, standard_errors)``, the maximum-likelihood coefficients and
-    their Wald standard errors from the inverse observed information, as
-    statsmodels' ``Logit(y, X).fit()`` reports them.
+    Returns ``(beta, standard_errors, log_likelihood)``: the maximum-likelihood
+    coefficients, their Wald standard errors from the inverse observed
+    information and the maximised log-likelihood, as statsmodels'
+    ``Logit(y, X).fit()`` reports them (``params``, ``bse``, ``llf``). Under
+    perfect separation the coefficients grow until ``max_iter``; the
+    log-likelihood still converges (towards 0), which is why
+    :func:`likelihood_ratio_p_value` is used for tests.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     beta = np.zeros(X.shape[1])
     for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(X @ beta)))
-        w = p * (1.0 - p)
-        hessian = X.T @ (X * w[:, None])
+        p = _sigmoid(X @ beta)
+        hessian = X.T @ (X * (p * (1.0 - p))[:, None])
         step = np.linalg.lstsq(hessian, X.T @ (y - p), rcond=None)[0]
         beta = beta + step
         if np.max(np.abs(step)) < tol:
             break
-    p = 1.0 / (1.0 + np.exp(-(X @ beta)))
+    eta = X @ beta
+    p = _sigmoid(eta)
     hessian = X.T @ (X * (p * (1.0 - p))[:, None])
-    covariance = np.linalg.pinv(hessian)
-    return beta, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+    se = np.sqrt(np.clip(np.diag(np.linalg.pinv(hessian)), 0.0, None))
+    # log-likelihood in a form that stays finite for large |eta|
+    loglik = float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+    return beta, se, loglik
 
 
 def wald_p_value(coef: float, se: float) -> float:
@@ -125,8 +131,18 @@ def wald_p_value(coef: float, se: float) -> float:
     return float(math.erfc(abs(coef / se) / math.sqrt(2.0)))
 
 
+def likelihood_ratio_p_value(loglik_full: float, loglik_reduced: float) -> float:
+    """P(chi-square with 1 dof > 2 (ll_full - ll_reduced)): the test of one added coefficient.
+
+    Unlike the Wald test it stays meaningful when a feature (nearly) separates
+    the labels, where the Wald standard error explodes and p goes to 1.
+    """
+    statistic = max(0.0, 2.0 * (loglik_full - loglik_reduced))
+    return float(math.erfc(math.sqrt(statistic / 2.0)))
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow warnings
 
 
 def feature_effects(
@@ -142,8 +158,9 @@ def feature_effects(
     of 0 stays 0). Returns, per feature:
 
     - ``prevalence``: fraction of pairs where the feature is active (non-zero);
-    - ``coef``: bj per standard deviation of the activation; ``p_value``: its
-      Wald p-value; ``p_bonferroni`` = min(1, M * p_value);
+    - ``coef``: bj per standard deviation of the activation; ``p_value``: the
+      likelihood-ratio test of bj = 0 (robust to separation, unlike Wald);
+      ``p_bonferroni`` = min(1, M * p_value);
     - ``win_rate_delta``: over active pairs, oriented so the activation is
       positive, the mean of P(that reply wins) minus the same with the
       feature set to 0: how much more often the reply with more of the feature
@@ -152,7 +169,8 @@ def feature_effects(
     activations = np.asarray(activations, dtype=np.float64)
     n, n_features = activations.shape
     length_scale = length_diff.std() or 1.0
-    length_col = length_diff / length_scale
+    base = np.column_stack([np.ones(n), length_diff / length_scale])
+    _, _, loglik_base = fit_logistic(base, a_chosen)
     rows = []
     for j in range(n_features):
         act = activations[:, j]
@@ -161,8 +179,8 @@ def feature_effects(
         if active.sum() < 2 or scale == 0:
             rows.append(dict(feature=j, prevalence=float(active.mean()), coef=0.0, p_value=1.0, win_rate_delta=0.0))
             continue
-        X = np.column_stack([np.ones(n), length_col, act / scale])
-        beta, se = fit_logistic(X, a_chosen)
+        X = np.column_stack([base, act / scale])
+        beta, _, loglik = fit_logistic(X, a_chosen)
         sign = np.sign(act[active])
         eta_without = X[active, :2] @ beta[:2]
         eta_with = eta_without + beta[2] * X[active, 2]
@@ -172,7 +190,7 @@ def feature_effects(
                 feature=j,
                 prevalence=float(active.mean()),
                 coef=float(beta[2]),
-                p_value=wald_p_value(beta[2], se[2]),
+                p_value=likelihood_ratio_p_value(loglik, loglik_base),
                 win_rate_delta=delta,
             )
         )
@@ -182,13 +200,14 @@ def feature_effects(
 
 def validation_auc(
     X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, seed: int = 0,
-    Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    Cs: Sequence[float] = (1.0,),
 ) -> float:
     """ROC-AUC on the validation rows of a standardised L2 logistic regression.
 
-    The inverse regularisation strength C is chosen from ``Cs`` by 5-fold
-    cross-validated AUC on the training rows only, so wide inputs (a 384-d
-    probe) are not over-fit and narrow ones (32 features) are not over-shrunk.
+    With several ``Cs`` the inverse regularisation strength is chosen by
+    5-fold cross-validated AUC on the training rows only (used for the 384-d
+    probe, which over-fits at C=1); with one, that C is used (WIMHF's C=1 for
+    the few SAE features and length).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -199,16 +218,23 @@ def validation_auc(
     def model(C: float):
         return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
 
-    folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(X_train, y_train))
-    cv_auc = []
-    for C in Cs:
-        scores = []
-        for fit_rows, test_rows in folds:
-            fitted = model(C).fit(X_train[fit_rows], y_train[fit_rows])
-            scores.append(roc_auc_score(y_train[test_rows], fitted.predict_proba(X_train[test_rows])[:, 1]))
-        cv_auc.append(np.mean(scores))
-    best = model(Cs[int(np.argmax(cv_auc))]).fit(X_train, y_train)
-    return float(roc_auc_score(y_val, best.predict_proba(X_val)[:, 1]))
+    best_C = Cs[0]
+    if len(Cs) > 1:
+        folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(X_train, y_train))
+        cv_auc = []
+        for C in Cs:
+            scores = []
+            for fit_rows, test_rows in folds:
+                fitted = model(C).fit(X_train[fit_rows], y_train[fit_rows])
+                scores.append(roc_auc_score(y_train[test_rows], fitted.predict_proba(X_train[test_rows])[:, 1]))
+            cv_auc.append(np.mean(scores))
+        best_C = Cs[int(np.argmax(cv_auc))]
+    fitted = model(best_C).fit(X_train, y_train)
+    return float(roc_auc_score(y_val, fitted.predict_proba(X_val)[:, 1]))
+
+
+#: C grid of the raw-embedding probe (chosen by cross-validation on the training pairs)
+PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 def signal_fractions(auc_sae: float, auc_probe: float, auc_probe_length: float, auc_length: float) -> dict[str, float | None]:
@@ -224,11 +250,16 @@ def signal_fractions(auc_sae: float, auc_probe: float, auc_probe_length: float, 
 
 
 _TOKEN = re.compile(r"[a-z0-9']+")
+# Unigrams too common to describe anything; they still count inside bigrams.
+_STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have he her his i if in is it its me my of on or our she so "
+    "that the their them there they this to was we were what which who will with would you your s t".split()
+)
 
 
 def _ngrams(text: str, max_n: int = 2) -> set[str]:
-    tokens = _TOKEN.findall(text.lower())
-    grams = set(tokens)
+    tokens = _TOKEN.findall(text.lower().replace("\u2019", "'"))
+    grams = {t for t in tokens if t not in _STOPWORDS}
     for n in range(2, max_n + 1):
         grams.update(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return grams
@@ -276,12 +307,13 @@ def describe_features(
     top_fraction: float = 0.05,
     n_examples: int = 5,
     n_ngrams: int = 6,
+    min_pairs: int = 20,
 ) -> pl.DataFrame:
     """Offline descriptions from top-activating pairs.
 
     ``activations`` [n, M] are in the chosen - rejected orientation. For each
     feature, take the pairs in the top ``top_fraction`` of |activation| among
-    active pairs (at least ``n_examples``), orient each so the activation is
+    active pairs (at least ``min_pairs``, so the n-gram counts mean something), orient each so the activation is
     positive ("high" = the reply with more of the feature, which is the chosen
     one when the activation is positive) and contrast the high replies' n-grams
     with the low replies'. ``win_rate_active`` is the fraction of active pairs
@@ -295,7 +327,7 @@ def describe_features(
             rows.append(dict(feature=j, description="(never active)", more=[], less=[], win_rate_active=None,
                              top_pair_ids=[], examples=[]))
             continue
-        n_top = max(n_examples, int(math.ceil(top_fraction * active.size)))
+        n_top = max(n_examples, min_pairs, int(math.ceil(top_fraction * active.size)))
         top = active[np.argsort(-np.abs(act[active]), kind="stable")[:n_top]]
         high = [chosen[i] if act[i] > 0 else rejected[i] for i in top]
         low = [rejected[i] if act[i] > 0 else chosen[i] for i in top]
@@ -459,14 +491,14 @@ def _whole_set_aucs(acts, probe, length_diff, y, is_val, seed) -> dict[str, Any]
                 "auc_length": None, "signal_fraction": None, "signal_fraction_beyond_length": None}
     length = length_diff[:, None]
 
-    def auc(X):
-        return validation_auc(X[train], y[train], X[val], y[val], seed=seed)
+    def auc(X, Cs=(1.0,)):
+        return validation_auc(X[train], y[train], X[val], y[val], seed=seed, Cs=Cs)
 
     result = {
         "auc_sae": auc(np.column_stack([acts, length])),
         "auc_sae_only": auc(acts),
-        "auc_probe": auc(probe),
-        "auc_probe_length": auc(np.column_stack([probe, length])),
+        "auc_probe": auc(probe, PROBE_CS),
+        "auc_probe_length": auc(np.column_stack([probe, length]), PROBE_CS),
         "auc_length": auc(length),
     }
     result.update(signal_fractions(result["auc_sae"], result["auc_probe"], result["auc_probe_length"], result["auc_length"]))

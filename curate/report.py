@@ -38,6 +38,7 @@ TEXT_PREVIEW = 280  # characters of a reply shown before "more"
 MAX_SCATTER = 20_000  # points per scatter plot (a random sample beyond)
 COLORS = {"chosen": "#1f77b4", "rejected": "#d62728", "before": "#9e9e9e", "after": "#2ca02c"}
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+BENCH_FILES = ("bench_noise.json", "bench.json")  # planted-flip bench output (curate.bench_noise), if saved in RUN
 
 
 # ------------------------------------------------------------------ inputs
@@ -123,7 +124,7 @@ def load_inputs(run: str | Path) -> ReportInputs:
         per_pair = path.parent / "eval.parquet"
         inputs.evals.append(EvalRun(str(path.parent.relative_to(run_dir.path)), json.loads(path.read_text()),
                                     pl.read_parquet(per_pair) if per_pair.exists() else None))
-    bench = _find(run_dir.path, "bench.json", depth=2)
+    bench = [p for name in BENCH_FILES for p in _find(run_dir.path, name, depth=1)]
     if bench:
         inputs.bench = json.loads(bench[0].read_text())
     return inputs
@@ -386,42 +387,78 @@ def ensemble_section(inputs: ReportInputs) -> Section | None:
     mean, std = column(table, "rm_margin_mean"), column(table, "rm_margin_std")
     if mean is None or std is None:
         return None
-    parts: list[str | Plot] = []
-    quality = find_key(inputs.manifest, "ensemble_quality") or {}
-    auc = quality.get("auc", find_key(inputs.manifest, "auc"))
-    members = quality.get("members") or find_key(inputs.manifest, "members") or []
+    info = inputs.manifest.get("reward") or {}
+    members = info.get("members") or []
     facts = [f"members: {len(members)}" if members else None,
-             f"ensemble AUC (out-of-fold, random orientation): {fmt(auc)}" if auc is not None else None,
+             f"ensemble AUC: {fmt(info['oof_auc'])}" if info.get("oof_auc") is not None else None,
+             ("out-of-fold scores" if info.get("out_of_fold") else "in-sample scores (optimistic)")
+             if "out_of_fold" in info else None,
              f"pairs with mean margin < 0: {(finite(mean) < 0).mean():.1%}"]
-    parts.append("<p>" + " · ".join(f for f in facts if f) + "</p>")
-    vote = column(table, "rm_vote_share")
+    parts: list[str | Plot] = [
+        "<p>Secrets of RLHF II: each member's margin r(chosen) − r(rejected), z-scored per member; the mean is the "
+        "preference strength, the std the members' disagreement (U-shaped in the mean on HH-RLHF).</p>",
+        "<p>" + " · ".join(f for f in facts if f) + "</p>",
+    ]
+    if info.get("auc_protocol"):
+        parts.append(f"<p class='note'>AUC: {esc(info['auc_protocol'])}</p>")
     parts.append(scatter(mean, std, "Preference strength: mean margin vs margin std", "mean margin (strength)",
-                         "margin std across members", color=vote, color_label="vote share"))
-    if quality.get("auc_by_member_group"):
-        parts.append("<h3>AUC by member group</h3>" + html_table(
-            [{"group": g, "AUC": a} for g, a in quality["auc_by_member_group"].items()]))
+                         "margin std across members", color=column(table, "rm_vote_share"),
+                         color_label="vote share"))
+    groups = info.get("auc_by_feature_set") or info.get("auc_by_member_group") or {}
+    if groups:
+        parts.append("<h3>AUC of each feature set alone</h3>" + html_table(
+            [{"features": g, "AUC": a} for g, a in groups.items()]))
     deciles = strength_deciles(table)
     if deciles:
         parts.append("<h3>Strength deciles (1 = weakest)</h3>" + html_table(deciles))
     return Section("ensemble", "Reward-ensemble preference strength", parts)
 
 
+def planted_flip_auroc(table: pl.DataFrame) -> float | None:
+    """AUROC of flip_prob for pairs whose meta says ``planted_flip`` (the shipped demo data carries it)."""
+    from curate.data.schema import meta_of
+
+    truth = meta_of(table, "planted_flip")
+    flip = column(table, "flip_prob")
+    if flip is None or any(t is None for t in truth) or len(set(truth)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    ok = np.isfinite(flip)
+    return float(roc_auc_score(np.array(truth, dtype=bool)[ok], flip[ok]))
+
+
 def noise_section(inputs: ReportInputs) -> Section | None:
-    flip = column(inputs.table(), "flip_prob")
+    table = inputs.table()
+    flip = column(table, "flip_prob")
     if flip is None:
         return None
-    parts: list[str | Plot] = [histogram({"flip_prob": flip}, "Per-pair flip probability", "flip_prob")]
-    estimates = find_key(inputs.manifest, "estimates")
-    if isinstance(estimates, dict):
-        estimates = [{"estimator": k, **(v if isinstance(v, dict) else {"rate": v})} for k, v in estimates.items()]
-    if estimates:
-        rows = [{"estimator": e.get("estimator", e.get("name")), "flip rate": e.get("rate"),
-                 "assumption": e.get("assumption", "")} for e in estimates]
+    info = inputs.manifest.get("noise") or {}
+    default = info.get("default_estimator")
+    parts: list[str | Plot] = []
+    if info.get("flip_rate") is not None:
+        parts.append(f"<p>Estimated flip rate ({esc(default)}): <b>{fmt(info['flip_rate'])}</b></p>")
+    parts.append(histogram({"flip_prob": flip}, "Per-pair flip probability", "flip_prob"))
+    estimators = info.get("estimators") or {}
+    if estimators:
+        rows = [{"estimator": name + (" (default)" if name == default else ""), "flip rate": e.get("rate"),
+                 "assumption": e.get("assumption", "")} for name, e in estimators.items()]
         parts.append("<h3>Flip-rate estimates</h3>" + html_table(rows))
-    if inputs.bench:
-        rows = inputs.bench.get("rows") or inputs.bench.get("results") or []
-        if rows:
-            parts.append("<h3>Planted-flip bench</h3>" + html_table(rows))
+    auroc = planted_flip_auroc(table)
+    if auroc is not None:
+        parts.append(f"<p>This dataset marks its planted flips (meta.planted_flip): AUROC of flip_prob for them "
+                     f"<b>{fmt(auroc)}</b> (0.5 = chance).</p>")
+    if inputs.bench and inputs.bench.get("results"):
+        results = inputs.bench["results"]
+        keys = ("estimator", "planted_rate", "estimated_rate", "natural_rate", "true_rate", "auroc")
+        parts.append("<h3>Planted-flip bench</h3>" + html_table(
+            [{k: r.get(k) for k in keys if k in r or k != "true_rate"} for r in results]))
+        curves: dict[str, tuple[list, list]] = {}
+        for r in results:
+            xs, ys = curves.setdefault(r["estimator"], ([], []))
+            xs.append(r["planted_rate"])
+            ys.append(r["estimated_rate"])
+        parts.append(lines(curves, "Estimated vs planted flip rate", "planted rate δ", "estimated rate"))
     return Section("noise", "Label noise", parts)
 
 
@@ -594,12 +631,12 @@ def headline(inputs: ReportInputs) -> dict[str, Any]:
     ln = column(table, "ln_ches")
     if ln is not None and finite(ln).size:
         out["median LN-CHES"] = float(np.median(finite(ln)))
-    auc = (find_key(inputs.manifest, "ensemble_quality") or {}).get("auc", find_key(inputs.manifest, "auc"))
+    auc = (inputs.manifest.get("reward") or {}).get("oof_auc")
     if auc is not None:
         out["ensemble AUC"] = auc
-    flip = column(table, "flip_prob")
-    if flip is not None and finite(flip).size:
-        out["mean flip_prob"] = float(finite(flip).mean())
+    rate = (inputs.manifest.get("noise") or {}).get("flip_rate")
+    if rate is not None:
+        out["estimated flip rate"] = rate
     if inputs.features_summary.get("auc_sae") is not None:
         out["SAE features AUC"] = inputs.features_summary["auc_sae"]
     if inputs.curation:

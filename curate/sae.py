@@ -134,6 +134,8 @@ def _train(train, val, *, n_features, k, prefixes, batch_size, lr, max_epochs, m
         k=k,
         matryoshka_widths=matryoshka_widths(n_features, prefixes),
         rescale_acts_by_decoder_norm=True,
+        # WIMHF's initialisation: unit-norm decoder rows, encoder = decoder transpose.
+        decoder_init_norm=1.0,
         device=device,
     )
     sae = MatryoshkaAbsTopKTrainingSAE(cfg)

@@ -156,6 +156,8 @@ def test_where_evaluates_expressions_and_bare_names():
     assert df.filter(parse_where("(a > 2) & (b == 1) & ~pl.col('a').is_between(4, 6)")).height == 1
     with pytest.raises(CurateError, match="polars expression"):
         parse_where("1 + 2")
+    with pytest.raises(CurateError, match="True/False"):
+        curate_pairs(make_table(), [where_rule("pl.col('ln_ches') * 2")])
 
 
 # ------------------------------------------------------------------ selection and actions

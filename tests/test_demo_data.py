@@ -134,32 +134,39 @@ def test_length_alone_does_not_predict_the_label(rows, seed):
 def giveaway_ngrams(pairs: list[tuple[str, str]], min_share: float = 0.05, max_accuracy: float = 0.75):
     """N-grams (n = 1..3) that on their own tell the first reply of a pair from the second.
 
-    An n-gram takes part when it occurs in exactly one of the two replies of at
-    least ``min_share`` of the pairs; on those pairs the rule "the reply with
-    it is the first" (or "the second") must not be right more than
-    ``max_accuracy`` of the time.
+    For an n-gram found in at least ``min_share`` of the pairs (in either
+    reply), the rule "the reply containing it is the first" (or "the second")
+    is scored on those pairs; where both replies contain it the rule cannot
+    decide and scores 0.5. Returns {n-gram: (only in first, only in second,
+    in both)} for every n-gram whose rule is right more than ``max_accuracy``
+    of the time.
     """
-    in_first, in_second = Counter(), Counter()
+    only_first, only_second, in_both = Counter(), Counter(), Counter()
     for first, second in pairs:
         a, b = ngrams(first), ngrams(second)
-        in_first.update(a - b)
-        in_second.update(b - a)
+        only_first.update(a - b)
+        only_second.update(b - a)
+        in_both.update(a & b)
     found = {}
-    for gram in set(in_first) | set(in_second):
-        support = in_first[gram] + in_second[gram]
-        if support >= min_share * len(pairs):
-            accuracy = max(in_first[gram], in_second[gram]) / support
+    for gram in set(only_first) | set(only_second):
+        present = only_first[gram] + only_second[gram] + in_both[gram]
+        if present >= min_share * len(pairs):
+            accuracy = (max(only_first[gram], only_second[gram]) + 0.5 * in_both[gram]) / present
             if accuracy > max_accuracy:
-                found[" ".join(gram)] = (in_first[gram], in_second[gram])
+                found[" ".join(gram)] = (only_first[gram], only_second[gram], in_both[gram])
     return found
 
 
 def test_giveaway_ngram_check_catches_a_planted_phrase():
-    pairs = [(f"I'm sorry, no {i}.", f"Sure thing {i}.") for i in range(20)] + [(f"a {i}", f"b {i}") for i in range(80)]
-    found = giveaway_ngrams(pairs)
-    assert "i'm sorry" in found and found["sure thing"] == (0, 20)
-    assert "a" in found and "b" in found
-    assert giveaway_ngrams([(f"x {i}", f"x {i + 1}") for i in range(100)]) == {}
+    planted = [(f"I'm sorry, no {i}.", f"Sure thing {i}.") for i in range(20)]
+    neutral = [("x y", "x y")] * 80
+    found = giveaway_ngrams(planted + neutral)
+    assert found["i'm sorry"] == (20, 0, 0) and found["sure thing"] == (0, 20, 0)
+    assert "x" not in found and "x y" not in found  # in both replies: decides nothing
+    # 3 of 4 one-sided is exactly the 0.75 limit and passes; 4 of 5 does not
+    assert giveaway_ngrams([("a", "b")] * 3 + [("b", "a")] + neutral[:16]) == {}
+    assert "a" in giveaway_ngrams([("a", "b")] * 4 + [("b", "a")] + neutral[:20])
+    assert giveaway_ngrams(neutral) == {}
 
 
 def test_no_phrase_gives_the_stored_label_away(rows):

@@ -18,7 +18,6 @@ from curate.errors import CurateError
 from curate.export import distribution_table, export_curated
 from curate.rundir import RunDir
 
-HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
 N = 12
 
 
@@ -141,14 +140,13 @@ def test_cli_export(curated, tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
 
 
-@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
-def test_real_hh_pairs_filter_export_and_reload(tmp_path):
+def test_real_hh_pairs_filter_export_and_reload(tmp_path, hh_path):
     """Real HH-RLHF pairs (multi-turn prompts, odd characters) through filter -> trl export -> both loaders."""
     import datasets
 
     from curate.data import load_pairs
 
-    loaded = load_pairs(str(HH), limit=300)
+    loaded = load_pairs(str(hh_path), limit=300)
     run = RunDir(tmp_path / "run")
     run.write_pairs(loaded.pairs, loaded.quarantine)
     rng = np.random.default_rng(0)
@@ -188,3 +186,23 @@ def test_trl_dpo_trainer_trains_a_step_on_the_trl_export(curated, tmp_path):
     result = trainer.train()
     assert result.global_step == 1 and math.isfinite(result.training_loss)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, policy.model.parameters()))
+
+
+def test_push_to_hub_uploads_the_data_and_the_card(curated, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, split: calls.append(("data", repo, split, self.num_rows)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file",
+                        lambda self, **kw: calls.append(("card", kw["repo_id"], kw["path_in_repo"], kw["repo_type"])))
+    summary = export_curated(curated, "hf", tmp_path / "hf", push_to_hub="me/curated")
+    assert calls == [("data", "me/curated", "train", N - 1), ("card", "me/curated", "README.md", "dataset")]
+    assert summary["pushed_to"] == "me/curated"
+
+    def offline(self, repo, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", offline)
+    with pytest.raises(CurateError, match="local export is complete"):
+        export_curated(curated, "hf", tmp_path / "hf", push_to_hub="me/curated", force=True)

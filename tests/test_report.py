@@ -63,10 +63,11 @@ def make_run(root: Path, *, scores: bool = True, features: bool = True, curated:
     manifest = {"load": {"dataset": "synthetic"}}
     if scores:
         run.merge_scores(synthetic_scores(pairs))
-        manifest["reward"] = {"ensemble_quality": {"auc": 0.71, "members": ["a", "b", "c"],
-                                                   "auc_by_member_group": {"hidden": 0.7, "embed": 0.68}}}
-        manifest["noise"] = {"estimates": {"mixture": {"rate": 0.12, "assumption": "symmetric noise"},
-                                           "heuristic": {"rate": 0.25, "assumption": "RM error is noise"}}}
+        manifest["reward"] = {"oof_auc": 0.71, "out_of_fold": True, "members": [{"name": n} for n in "abc"],
+                              "auc_by_feature_set": {"policy": 0.7, "embed": 0.68}}
+        manifest["noise"] = {"default_estimator": "mixture", "flip_rate": 0.12,
+                             "estimators": {"mixture": {"rate": 0.12, "assumption": "symmetric noise"},
+                                            "heuristic": {"rate": 0.25, "assumption": "RM error is noise"}}}
     write_json(manifest, run / "manifest.json")
     if scores and curated:
         result = curate_pairs(run.table(), [ches_drop_top_rule("10"), max_flip_prob_rule("0.9")])
@@ -147,6 +148,7 @@ def test_pair_text_is_escaped(tmp_path):
 def test_headline_numbers(tmp_path):
     numbers = report.headline(report.load_inputs(make_run(tmp_path)))
     assert numbers["pairs"] == 40 and numbers["quarantined"] == 3
+    assert numbers["estimated flip rate"] == 0.12
     assert numbers["ensemble AUC"] == 0.71 and numbers["SAE features AUC"] == 0.61
     assert numbers["median LN-CHES"] == -20.5
     # 4 dropped by the CHES rule; flip_prob > 0.9 selects the 2 highest, which the CHES rule already dropped
@@ -249,3 +251,12 @@ def test_eval_rows_and_displacement_scatter(tmp_path):
     # eval.parquet has no ln_ches here: it comes from the run's scores, joined by pair_id (-40..-1 in pair order)
     assert plot.data[0]["x"] == [float(v) for v in range(-N, 0)]
     assert plot.data[0]["y"][0] == pytest.approx(0.0)
+
+
+def test_planted_flip_auroc_reads_the_demo_marker():
+    pairs = pairs_frame([{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"a{i}", "rejected": f"b{i}",
+                          "meta": {"planted_flip": i in (1, 3)}} for i in range(6)])
+    flip = [0.1, 0.9, 0.2, 0.4, 0.5, 0.0]  # planted pairs score 0.9 and 0.4: 7 of 8 pairings ranked right
+    table = pairs.with_columns(flip_prob=pl.Series(flip))
+    assert report.planted_flip_auroc(table) == pytest.approx(7 / 8)
+    assert report.planted_flip_auroc(synthetic_pairs(4).with_columns(flip_prob=pl.Series([0.1] * 4))) is None

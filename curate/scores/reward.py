@@ -369,6 +369,17 @@ def swap_members(members: Sequence[Member], flip: np.ndarray) -> list[Member]:
                    np.where(f, m.reward_chosen, m.reward_rejected), m.out_of_fold, m.info) for m in members]
 
 
+def ensemble_margins(
+    feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
+    seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+) -> tuple[list[Member], np.ndarray]:
+    """Cross-fit the heads and put every member on one scale: (members, [n_pairs, n_members] margins)."""
+    members = head_members(ensemble_heads(feature_sets), seeds=seeds, folds=folds, l2=l2) + list(fixed_members)
+    if not members:
+        raise CurateError("the reward ensemble has no members: give feature sets or --reward-model")
+    return members, scaled_margins(members)
+
+
 def reward_and_noise(
     feature_sets: Sequence[FeatureSet],
     fixed_members: Sequence[Member] = (),
@@ -391,10 +402,7 @@ def reward_and_noise(
     from curate.scores import noise
 
     estimator = estimator or noise.DEFAULT_ESTIMATOR
-    members = head_members(ensemble_heads(feature_sets), seeds=seeds, folds=folds, l2=l2) + list(fixed_members)
-    if not members:
-        raise CurateError("the reward ensemble has no members: give feature sets or --reward-model")
-    margins = scaled_margins(members)
+    members, margins = ensemble_margins(feature_sets, fixed_members, seeds=seeds, folds=folds, l2=l2)
     stats = ensemble_stats(margins)
     estimates = noise.estimate_all(stats["rm_margin_mean"], margins, seed=noise_seed)
     if estimator not in estimates:

@@ -1,8 +1,9 @@
 """The training loop: DPO-family and SparsePO on curated pairs, readable top to bottom.
 
 One optimizer step consumes ``batch_size`` pairs (the global batch), split
-into ``grad_accum`` micro-batches per process. Each micro-batch is one
-forward over its chosen and rejected sequences together. Sequence-level
+into ``grad_accum`` micro-batches per process. Each micro-batch runs its
+chosen and rejected replies together: one pass over the shared prompts and
+one over all replies on their KV cache (see ``batching``). Sequence-level
 losses use reference log-probs computed once before training; token-level
 losses (tdpo1, tdpo2, sparsepo) run the frozen reference alongside the policy.
 
@@ -30,7 +31,17 @@ import torch
 
 from curate.errors import CurateError
 from curate.train import checkpoints as ckpt
-from curate.train.batching import Batch, EncodedPair, collate, encode_pairs, on_reply, reply_forward, token_logps
+from curate.train.batching import (
+    Batch,
+    EncodedPair,
+    PolicyForward,
+    collate,
+    collate_shared,
+    encode_pairs,
+    on_reply,
+    reply_forward,
+    token_logps,
+)
 from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs
 from curate.train.losses import (
     LOSSES,
@@ -151,9 +162,8 @@ class _Reference:
 
     def forward(self, policy, batch: Batch, hidden_states: bool):
         if self.lora:  # the base model with the adapter switched off
-            unwrapped = getattr(policy, "module", policy)
-            with unwrapped.disable_adapter():
-                return reply_forward(unwrapped, batch, hidden_states=hidden_states)
+            with policy.disable_adapter():
+                return reply_forward(policy, batch, hidden_states=hidden_states)
         return reply_forward(self.model, batch, hidden_states=hidden_states)
 
 
@@ -173,7 +183,7 @@ def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int
     rows = []
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        batch = collate([encoded[i] for i in idx], pad_id).to(accelerator.device)
+        batch = collate_shared([encoded[i] for i in idx], pad_id).to(accelerator.device)
         with autocast():
             logits, _ = reply_forward(model, batch)
         logps = on_reply(token_logps(logits, batch.labels), batch).sum(-1).cpu()
@@ -190,7 +200,8 @@ def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int
     return out
 
 
-def _compute_micro_loss(policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *, cfg: TrainConfig,
+def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *,
+                        cfg: TrainConfig,
                         epsilon: float, weights, confidence, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Objective of one micro-batch (before accumulation scaling) and per-pair detached stats."""
     n = len(idx)
@@ -201,7 +212,7 @@ def _compute_micro_loss(policy, reference: _Reference, masks, batch: Batch, idx:
         with torch.no_grad(), autocast():
             ref_logits, ref_hidden = reference.forward(policy, batch, need_hidden)
     with autocast():
-        logits, _ = reply_forward(policy, batch)
+        logits = step_model(batch)
     tok = on_reply(token_logps(logits, batch.labels), batch)
     logps = tok.sum(-1)
     device = logps.device
@@ -318,6 +329,10 @@ def train(
     total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
     bf16 = _use_bf16(cfg.bf16, accelerator.device)
+    # One prompt pass shared by both replies, unless a loss needs full sequences (hidden states)
+    # or gradient checkpointing rules out the KV cache.
+    shared_prompt = cfg.loss in SEQUENCE_LOSSES and not cfg.gradient_checkpointing
+    make_batch = collate_shared if shared_prompt else collate
 
     def autocast():
         return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -375,10 +390,11 @@ def train(
     if checkpoint is not None:
         ckpt.load_checkpoint(checkpoint, policy=policy, masks=masks, optimizer=optimizer)
         start = json.loads((checkpoint / "state.json").read_text())["step"]
+    # the policy (raw) is what is saved; step_model is what runs and, under DDP, syncs gradients
     if masks is not None:
-        policy, masks = accelerator.prepare(policy, masks)
+        step_model, masks = accelerator.prepare(PolicyForward(policy), masks)
     else:
-        policy = accelerator.prepare(policy)
+        step_model = accelerator.prepare(PolicyForward(policy))
 
     # -- metrics file: keep what the resumed steps already wrote ------------
     metrics_path = out / "metrics.jsonl"
@@ -391,7 +407,7 @@ def train(
         "config": asdict(cfg), "epsilon": epsilon, "model": loaded.info, "data": data_info, "pairs": n,
         "left_out_reply_too_long": len(encoding.too_long), "left_out_pair_ids": encoding.too_long[:100],
         "prompt_truncated": encoding.truncated, "truncation_rule": "keep the reply, cut the prompt from the left",
-        "processes": world, "micro_batch": micro, "steps": total, "steps_per_epoch": steps_per_epoch,
+        "processes": world, "micro_batch": micro, "shared_prompt_forward": shared_prompt, "steps": total, "steps_per_epoch": steps_per_epoch,
         "bf16_autocast": bf16, "reference_precompute_s": round(precompute_s, 3), "resumed_from": str(checkpoint) if checkpoint else None,
     }
 
@@ -410,11 +426,11 @@ def train(
             for k in range(cfg.grad_accum):
                 chunk = step_idx[k * world * micro:(k + 1) * world * micro]
                 idx = chunk[accelerator.process_index * micro:(accelerator.process_index + 1) * micro]
-                batch = collate([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
+                batch = make_batch([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
                 sync = k == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(policy):
+                with contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(step_model):
                     objective, micro_stats = _compute_micro_loss(
-                        policy, reference, masks, batch, idx, cfg=cfg, epsilon=epsilon, weights=weights,
+                        step_model, policy, reference, masks, batch, idx, cfg=cfg, epsilon=epsilon, weights=weights,
                         confidence=confidence, autocast=autocast)
                     accelerator.backward(objective / cfg.grad_accum)
                 objective_sum += objective.detach().float() / cfg.grad_accum
@@ -448,10 +464,9 @@ def train(
             if main:
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(last) + "\n")
-            is_last = step + 1 == total
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or is_last:
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
                 if main:
-                    ckpt.save_checkpoint(out / "checkpoints", step + 1, policy=accelerator.unwrap_model(policy),
+                    ckpt.save_checkpoint(out / "checkpoints", step + 1, policy=policy,
                                          masks=accelerator.unwrap_model(masks) if masks is not None else None,
                                          optimizer=optimizer, keep=cfg.keep_checkpoints,
                                          state={"fingerprint": fingerprint, "loss": loss_value})
@@ -461,7 +476,7 @@ def train(
 
     final_dir = out / "final"
     if main:
-        _save_final(accelerator.unwrap_model(policy), loaded.tokenizer, final_dir,
+        _save_final(policy, loaded.tokenizer, final_dir,
                     accelerator.unwrap_model(masks) if masks is not None else None)
         info["final_loss"] = last.get("loss")
         _write_manifest(out, info)

@@ -1,0 +1,494 @@
+"""`curate run RECIPE.yaml`: the whole pipeline, one YAML recipe, one run directory.
+
+A recipe names a dataset, a model, a run directory and the steps to run, in
+this order (each optional): ``score``, ``features``, ``filter``, ``export``,
+``train``, ``eval``, ``report``. Each step's settings sit under its own key and
+go straight to the library function that does the work::
+
+    run_dir: runs/demo
+    dataset: data/demo/pairs.jsonl
+    model: smollm2-135m-instruct
+    steps: [score, features, filter, export, train, eval, report]
+    filter: {ches_drop_top: 10, max_flip_prob: 0.9}
+    train: {max_train_pairs: 64, common: {lr: 5.0e-6}, runs: {dpo: {loss: dpo}}}
+
+Layout of the run directory: ``RUN/`` holds the pairs, scores and features;
+``RUN/curated/`` the filtered set, ``RUN/export/`` its export,
+``RUN/train/NAME/`` each training run, ``RUN/eval/NAME/`` its evaluation,
+``RUN/report.html`` the report and ``RUN/pipeline.json`` what ran.
+
+Resuming: every step's fingerprint hashes its settings, the dataset and model,
+and the fingerprint of the step before it. A step whose fingerprint matches
+the one recorded in ``pipeline.json`` and whose outputs exist is skipped; a
+changed step reruns, and so does every step after it. A training run killed
+half way resumes from its last checkpoint. The report is always rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from curate.errors import CurateError
+
+STEPS = ("score", "features", "filter", "export", "train", "eval", "report")
+GLOBAL_KEYS = ("name", "description", "run_dir", "dataset", "load", "model", "device", "seed", "steps")
+STATE = "pipeline.json"
+CURATED, EXPORT, TRAIN, EVAL = "curated", "export", "train", "eval"
+
+
+# ------------------------------------------------------------------ recipes
+def yaml_load(text: str) -> Any:
+    """YAML with one fix: '5e-6' is a float (PyYAML's YAML 1.1 rules read it as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9]*[eE][-+]?[0-9]+$|^[-+]?[0-9][0-9_]*\.[0-9_]*$"
+                   r"|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.max_train_pairs=16' -> (['train', 'max_train_pairs'], 16); values are read as YAML."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise CurateError(f"--set {text!r} is not KEY=VALUE; write e.g. --set dataset=path/to/pairs.jsonl")
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [part.strip() for part in key.split(".")], value
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``recipe`` with each ``KEY.SUB=VALUE`` set (dicts are created on the way)."""
+    recipe = copy.deepcopy(recipe)
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] not in GLOBAL_KEYS and path[0] not in STEPS:
+            raise CurateError(f"--set {text!r}: unknown recipe key {path[0]!r}; "
+                              f"use one of {', '.join(GLOBAL_KEYS + STEPS)}")
+        node = recipe
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise CurateError(f"--set {text!r}: {part!r} is {child!r}, not a section with keys")
+            node = child
+        node[path[-1]] = value
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML recipe, apply ``--set`` overrides, and check it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
+        hint = f" (shipped recipes: {', '.join('pipelines/' + s for s in shipped)})" if shipped else ""
+        raise CurateError(f"recipe {path} does not exist; pass the path of a YAML recipe{hint}")
+    try:
+        recipe = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CurateError(f"{path} is not valid YAML ({exc}); fix the recipe file") from None
+    if not isinstance(recipe, dict):
+        raise CurateError(f"{path} must be a YAML mapping of recipe keys (run_dir, dataset, steps, ...)")
+    recipe = apply_overrides(recipe, overrides)
+    check_recipe(recipe, path)
+    return recipe
+
+
+def check_recipe(recipe: dict[str, Any], path: Path | str = "the recipe") -> None:
+    unknown = sorted(set(recipe) - set(GLOBAL_KEYS) - set(STEPS))
+    if unknown:
+        raise CurateError(f"{path}: unknown keys {unknown}; a recipe has {', '.join(GLOBAL_KEYS + STEPS)}")
+    steps = recipe.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise CurateError(f"{path}: 'steps' must list the steps to run, e.g. [score, filter, report]")
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        raise CurateError(f"{path}: unknown steps {bad}; choose from {', '.join(STEPS)}")
+    if [s for s in STEPS if s in steps] != list(steps):
+        raise CurateError(f"{path}: list the steps in pipeline order: {', '.join(s for s in STEPS if s in steps)}")
+    for key in ("run_dir", "dataset"):
+        if not recipe.get(key):
+            raise CurateError(f"{path}: set '{key}' in the recipe or with --set {key}=...")
+    for step in steps:
+        if not isinstance(recipe.get(step) or {}, dict):
+            raise CurateError(f"{path}: the '{step}' section must be a mapping of settings")
+
+
+def fingerprint(previous: str, step: str, recipe: dict[str, Any]) -> str:
+    """Hash of what a step's result depends on: the data, the model, its settings and the step before it."""
+    relevant = {
+        "previous": previous, "step": step, "dataset": recipe["dataset"], "load": recipe.get("load") or {},
+        "model": recipe.get("model"), "seed": recipe.get("seed", 0), "settings": recipe.get(step) or {},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ steps
+@dataclass
+class Context:
+    """What a step sees: the recipe, the run directory, and whether to show progress."""
+
+    recipe: dict[str, Any]
+    run: Path
+    quiet: bool = False
+    fresh: bool = False  # the step's recorded fingerprint differs: outputs are stale
+
+    def settings(self, step: str) -> dict[str, Any]:
+        return dict(self.recipe.get(step) or {})
+
+    @property
+    def model(self) -> str:
+        return self.recipe.get("model") or "smollm2-135m-instruct"
+
+    @property
+    def device(self) -> str:
+        return self.recipe.get("device") or "auto"
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe.get("seed", 0))
+
+
+@dataclass
+class Step:
+    """``run(ctx) -> summary``; ``done(ctx)``: are its outputs on disk?"""
+
+    name: str
+    run: Callable[[Context], dict[str, Any]]
+    done: Callable[[Context], bool]
+    always: bool = False  # rerun every time (cheap, reflects the current state)
+
+
+def _train_runs(ctx: Context) -> dict[str, dict[str, Any]]:
+    runs = ctx.settings("train").get("runs") or {"dpo": {"loss": "dpo"}}
+    if not isinstance(runs, dict):
+        raise CurateError("train.runs must map a run name to its settings, e.g. {dpo: {loss: dpo}}")
+    return runs
+
+
+def load_step(ctx: Context) -> dict[str, Any]:
+    """Read the dataset into RUN/pairs.parquet and RUN/quarantine.parquet."""
+    from curate.data import load_pairs
+    from curate.rundir import RunDir
+
+    options = dict(ctx.recipe.get("load") or {})
+    loaded = load_pairs(str(ctx.recipe["dataset"]), **options)
+    run = RunDir(ctx.run)
+    if ctx.fresh:  # other data: scores of the old pairs must not linger in the join
+        (ctx.run / "scores.parquet").unlink(missing_ok=True)
+    run.write_pairs(loaded.pairs, loaded.quarantine)
+    run.update_manifest("load", {"dataset": str(ctx.recipe["dataset"]), "options": options, **loaded.info,
+                                 "pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height})
+    return {"pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height}
+
+
+def score_step(ctx: Context) -> dict[str, Any]:
+    """CHES and log-probs with the policy model; with ``scores: [..., reward, noise]`` the ensemble and flips too."""
+    from curate.score import score
+
+    cfg = ctx.settings("score")
+    if "reward_options" in cfg:
+        cfg["reward_options"] = dict(cfg["reward_options"] or {})
+    table = score(ctx.run, out=ctx.run, model=ctx.model, device=ctx.device, **cfg)
+    out: dict[str, Any] = {"pairs": table.height}
+    for name in ("ln_ches", "rm_margin_mean", "flip_prob"):
+        if name in table.columns:
+            out[f"median {name}"] = table[name].median()
+    return out
+
+
+def _score_done(ctx: Context) -> bool:
+    from curate.rundir import RunDir
+
+    return "ln_ches" in RunDir(ctx.run).scores().columns
+
+
+def features_step(ctx: Context) -> dict[str, Any]:
+    from curate.features import FeatureSettings, run_features
+
+    settings = FeatureSettings(**{"seed": ctx.seed, **ctx.settings("features")})
+    result = run_features(ctx.run, settings=settings, show_progress=not ctx.quiet)
+    return {k: result.summary.get(k) for k in ("auc_sae", "auc_probe_length", "auc_length", "signal_fraction")}
+
+
+FILTER_RULE_KEYS = ("ches_threshold", "ches_column", "ches_drop_top", "ches_keep_lowest", "min_strength",
+                    "max_margin_std", "max_flip_prob", "noise_action")
+
+
+def filter_step(ctx: Context) -> dict[str, Any]:
+    from curate.curation import filter_run, rules_from_options
+
+    cfg = ctx.settings("filter")
+    unknown = set(cfg) - set(FILTER_RULE_KEYS) - {"features", "where", "weights", "soft_labels", "holdout"}
+    if unknown:
+        raise CurateError(f"filter: unknown settings {sorted(unknown)}; use {', '.join(FILTER_RULE_KEYS)}, "
+                          "features, where, weights, soft_labels, holdout")
+    rules = rules_from_options(
+        **{k: (str(cfg[k]) if k not in ("ches_column", "noise_action") else cfg[k]) for k in FILTER_RULE_KEYS
+           if cfg.get(k) is not None},
+        features=[str(f) for f in cfg.get("features") or ()], where=[str(w) for w in cfg.get("where") or ()],
+    )
+    summary = filter_run(ctx.run, rules, ctx.run / CURATED, weights=cfg.get("weights", "none"),
+                         soft_labels=bool(cfg.get("soft_labels", False)), holdout=float(cfg.get("holdout", 0.0)),
+                         force=True)
+    return summary["counts"]
+
+
+def export_step(ctx: Context) -> dict[str, Any]:
+    from curate.export import export_curated
+
+    cfg = ctx.settings("export")
+    summary = export_curated(ctx.run / CURATED, cfg.get("format", "parquet"), ctx.run / EXPORT,
+                             split=cfg.get("split", "train"), force=True)
+    return {"pairs": summary["pairs"], "format": cfg.get("format", "parquet"), "out": summary["out"]}
+
+
+def _training_data(ctx: Context) -> Path:
+    source = ctx.settings("train").get("data", "curated")
+    if source not in ("curated", "all"):
+        raise CurateError(f"train.data must be 'curated' or 'all', got {source!r}")
+    return ctx.run / CURATED if source == "curated" and "filter" in ctx.recipe["steps"] else ctx.run
+
+
+def train_step(ctx: Context) -> dict[str, Any]:
+    """Each entry of train.runs, on the first max_train_pairs pairs; finished runs are kept, killed ones resume."""
+    import shutil
+
+    from curate.train.loop import train
+
+    cfg = ctx.settings("train")
+    common = dict(cfg.get("common") or {})
+    limit = cfg.get("max_train_pairs")
+    out: dict[str, Any] = {}
+    for name, options in _train_runs(ctx).items():
+        target = ctx.run / TRAIN / name
+        if ctx.fresh and target.exists():
+            shutil.rmtree(target)
+        if (target / "final").is_dir():
+            out[name] = {"skipped": "already trained"}
+            continue
+        resume = (target / "checkpoints").is_dir() and any((target / "checkpoints").iterdir())
+        result = train(_training_data(ctx), out=target, model=ctx.model, resume=resume, progress=not ctx.quiet,
+                       device=ctx.device, **{"seed": ctx.seed, "limit": limit, **common, **(options or {})})
+        out[name] = {"steps": result.steps, "final_loss": result.final_loss,
+                     "reward_accuracy": result.last_metrics.get("reward_accuracy")}
+    return out
+
+
+def _train_done(ctx: Context) -> bool:
+    return all((ctx.run / TRAIN / name / "final").is_dir() for name in _train_runs(ctx))
+
+
+def eval_step(ctx: Context) -> dict[str, Any]:
+    """Each trained policy against the base model on the pairs it trained on (or the holdout)."""
+    from curate.eval import evaluate
+    from curate.rundir import RunDir
+
+    cfg = ctx.settings("eval")
+    which = cfg.pop("data", "train")
+    max_pairs = cfg.pop("max_pairs", None)
+    if which == "train":
+        pairs = RunDir(_training_data(ctx)).table().head(ctx.settings("train").get("max_train_pairs") or 10**12)
+    elif which == "holdout":
+        path = ctx.run / CURATED / "holdout.parquet"
+        if not path.exists():
+            raise CurateError("eval.data is 'holdout' but the filter set no pairs aside: set filter.holdout (e.g. 0.1)")
+        import polars as pl
+
+        pairs = pl.read_parquet(path)
+    else:
+        raise CurateError(f"eval.data must be 'train' or 'holdout', got {which!r}")
+    if max_pairs:
+        pairs = pairs.head(int(max_pairs))
+    out = {}
+    for name in _train_runs(ctx):
+        summary = evaluate(ctx.run / TRAIN / name / "final", ctx.model, pairs, out=ctx.run / EVAL / name,
+                           scores=ctx.run, device=ctx.device, seed=ctx.seed, **cfg)
+        out[name] = {"ranking_accuracy": summary["ranking_accuracy"],
+                     "mean_delta_chosen": summary["displacement"]["mean_delta_chosen"]}
+    return out
+
+
+def _eval_done(ctx: Context) -> bool:
+    return all((ctx.run / EVAL / name / "eval.json").is_file() for name in _train_runs(ctx))
+
+
+def report_step(ctx: Context) -> dict[str, Any]:
+    from curate.report import write_report
+
+    cfg = ctx.settings("report")
+    summary = write_report(ctx.run, cfg.get("out"), title=cfg.get("title") or ctx.recipe.get("name"))
+    return {"out": summary["out"], "sections": summary["sections"], "headline": summary["headline"]}
+
+
+STEP_TABLE: dict[str, Step] = {
+    "load": Step("load", load_step, lambda ctx: (ctx.run / "pairs.parquet").is_file()),
+    "score": Step("score", score_step, _score_done),
+    "features": Step("features", features_step, lambda ctx: (ctx.run / "features.parquet").is_file()),
+    "filter": Step("filter", filter_step, lambda ctx: (ctx.run / CURATED / "curation.parquet").is_file()),
+    "export": Step("export", export_step, lambda ctx: (ctx.run / EXPORT / "README.md").is_file()),
+    "train": Step("train", train_step, _train_done),
+    "eval": Step("eval", eval_step, _eval_done),
+    "report": Step("report", report_step, lambda ctx: False, always=True),
+}
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class PipelineState:
+    """RUN/pipeline.json: per step, the fingerprint it ran with, its summary and how long it took."""
+
+    path: Path
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run: Path) -> "PipelineState":
+        path = run / STATE
+        data = json.loads(path.read_text()) if path.exists() else {}
+        return cls(path, data.get("steps", {}))
+
+    def record(self, step: str, info: dict[str, Any], recipe: dict[str, Any]) -> None:
+        from curate.rundir import write_json
+
+        self.steps[step] = info
+        write_json({"recipe": recipe, "steps": self.steps}, self.path)
+
+
+def run_pipeline(
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    quiet: bool = False,
+    force: bool = False,
+    console: Any = None,
+    steps: dict[str, Step] | None = None,
+) -> dict[str, Any]:
+    """Run a recipe's steps into its run directory; return what each step did and the headline numbers.
+
+    ``force`` reruns every step. ``steps`` replaces the step implementations
+    (tests use it). Progress and a summary go to ``console`` (a rich Console)
+    unless ``quiet``.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    table = steps or STEP_TABLE
+    run = Path(recipe["run_dir"]).expanduser()
+    if run.is_dir() and any(run.iterdir()) and not (run / STATE).exists():
+        raise CurateError(f"{run} already holds files that `curate run` did not write; "
+                          f"choose a new run_dir (--set run_dir=...) or empty it")
+    run.mkdir(parents=True, exist_ok=True)
+    state = PipelineState.read(run)
+    say = (lambda *a: None) if quiet or console is None else console.print
+    say(f"[bold]curate run[/] {recipe_path} → {run}")
+
+    t_start = time.perf_counter()
+    previous, results = "", []
+    order = ["load"] + list(recipe["steps"])
+    upstream_ran = False
+    for i, name in enumerate(order):
+        step = table[name]
+        fp = fingerprint(previous, name, recipe)
+        previous = fp
+        recorded = state.steps.get(name, {})
+        # fresh: earlier outputs of this step are stale (settings or inputs changed); otherwise a
+        # half-finished step may resume (e.g. training from its last checkpoint).
+        fresh = force or upstream_ran or recorded.get("fingerprint") != fp
+        ctx = Context(recipe, run, quiet=quiet, fresh=fresh)
+        if not fresh and recorded.get("finished") and not step.always and step.done(ctx):
+            say(f"[dim][{i}/{len(order) - 1}] {name}: done earlier, skipped[/]")
+            results.append({"step": name, "status": "skipped", "seconds": 0.0, "summary": recorded.get("summary")})
+            continue
+        say(f"[bold cyan][{i}/{len(order) - 1}] {name}[/]")
+        state.record(name, {"fingerprint": fp, "started": _now()}, recipe)
+        t0 = time.perf_counter()
+        summary = step.run(ctx)
+        seconds = round(time.perf_counter() - t0, 1)
+        state.record(name, {"fingerprint": fp, "finished": _now(), "seconds": seconds, "summary": summary}, recipe)
+        results.append({"step": name, "status": "ran", "seconds": seconds, "summary": summary})
+        upstream_ran = upstream_ran or not step.always
+
+    report = next((r["summary"] for r in results if r["step"] == "report"), None)
+    out = {
+        "recipe": str(recipe_path), "run_dir": str(run), "steps": results,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "report": report["out"] if report else None,
+        "headline": report["headline"] if report else {},
+    }
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def render_summary(result: dict[str, Any], console: Any) -> None:
+    """The one-screen summary printed at the end of `curate run`."""
+    from rich.table import Table
+
+    steps = Table(title=f"curate run: {result['run_dir']} ({_duration(result['seconds'])})")
+    steps.add_column("step")
+    steps.add_column("status")
+    steps.add_column("time", justify="right")
+    steps.add_column("result")
+    for row in result["steps"]:
+        steps.add_row(row["step"], row["status"], _duration(row["seconds"]), _brief(row["step"], row["summary"]))
+    console.print(steps)
+    if result["headline"]:
+        numbers = Table(title="headline numbers", show_header=False)
+        numbers.add_column("what")
+        numbers.add_column("value", justify="right")
+        for key, value in result["headline"].items():
+            numbers.add_row(key, _short(value))
+        console.print(numbers)
+    if result["report"]:
+        console.print(f"[bold green]report:[/] {result['report']}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _brief(step: str, summary: Any) -> str:
+    """One line of a step's summary for the table."""
+    if not isinstance(summary, dict):
+        return ""
+    if step == "report":
+        return summary.get("out", "")
+    flat = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {_short(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+            flat.append(f"{key}: {inner}")
+        elif not isinstance(value, list) and value is not None:
+            flat.append(f"{key} {_short(value)}")
+    text = "; ".join(flat)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+

@@ -1,0 +1,388 @@
+"""`curate score`: run a causal LM over preference pairs and store per-pair signals.
+
+Columns written to ``RUN/scores.parquet`` (one row per pair_id):
+
+- ``ches``, ``ln_ches``: CHES and length-normalised CHES (methods.md section 1);
+- ``hidden_inner``: <h+, h-> of the last-layer states that predict each reply's
+  end-of-turn token (the paper's last-hidden-embedding baseline);
+- ``edit_distance_norm``: token Levenshtein distance of the two replies
+  (end-of-turn token excluded) over the longer length;
+- ``logp_chosen``, ``logp_rejected``: log pi(y|x) summed over reply tokens,
+  end-of-turn token included; ``logp_mean_*`` the per-token means;
+- ``n_tokens_prompt`` (after truncation), ``n_tokens_chosen``,
+  ``n_tokens_rejected`` (end-of-turn token included), ``n_prompt_tokens_cut``.
+
+``RUN/pooled.npz`` keeps the mean-pooled reply states (fp32): arrays
+``pair_id`` [N], ``mean_chosen`` [N, d], ``mean_rejected`` [N, d], in the row
+order of ``pair_id``.
+
+Truncation rule: replies are kept whole; the prompt is cut from the left until
+prompt + the longer reply fit ``max_length`` (default: the model's context),
+the same cut for both replies so they share one prompt. A pair whose longer
+reply alone does not fit is moved to quarantine (reason ``reply_over_context``).
+
+Resuming: pairs are processed in fixed shards of ``shard_size`` pairs, each
+written atomically to ``RUN/shards/score-NNNNN.parquet``. A rerun with the same
+settings skips finished shards; ``RUN/shards/plan.json`` records the settings,
+and different settings start the shards afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from curate.errors import CurateError
+from curate.rundir import PAIRS, RunDir, write_json, write_parquet
+from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
+from curate.scores.engine import EncodedPair, score_batches
+
+MODEL_SCORES = ("ches", "logps")
+DELEGATED_SCORES = ("reward", "noise")
+SHARD_DIR = "shards"
+POOLED = "pooled.npz"
+DEFAULT_SHARD_SIZE = 512
+
+
+def parse_scores(scores: str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise ``"ches,logps"`` or a sequence to a tuple; unknown names are a CurateError."""
+    names = [s.strip() for s in (scores.split(",") if isinstance(scores, str) else scores) if s.strip()]
+    unknown = sorted(set(names) - set(MODEL_SCORES) - set(DELEGATED_SCORES))
+    if unknown or not names:
+        raise CurateError(
+            f"unknown score name(s) {unknown or names}; choose from {', '.join(MODEL_SCORES + DELEGATED_SCORES)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------ encoding
+def encode_pair(encoder, prompt, chosen: str, rejected: str) -> tuple[EncodedPair, int]:
+    """Token ids of a pair under the shared-prompt truncation rule, and the prompt tokens cut."""
+    prompt_ids = encoder.prompt_ids(prompt)
+    chosen_ids, rejected_ids = encoder.reply_ids(chosen), encoder.reply_ids(rejected)
+    longer = chosen_ids if len(chosen_ids) >= len(rejected_ids) else rejected_ids
+    kept = encoder.truncate(prompt_ids, longer)  # raises ReplyTooLong
+    return EncodedPair(kept.prompt_ids, chosen_ids, rejected_ids), kept.prompt_truncated
+
+
+def pair_columns(encoded: Sequence[EncodedPair], out: dict[str, torch.Tensor], scores: Sequence[str]) -> dict[str, Any]:
+    """Per-pair score columns from the engine outputs of ``encoded`` (same order)."""
+    n_chosen = torch.tensor([len(p.chosen) for p in encoded], dtype=torch.float64)
+    n_rejected = torch.tensor([len(p.rejected) for p in encoded], dtype=torch.float64)
+    cols: dict[str, Any] = {
+        "n_tokens_prompt": [len(p.prompt) for p in encoded],
+        "n_tokens_chosen": n_chosen.long().tolist(),
+        "n_tokens_rejected": n_rejected.long().tolist(),
+    }
+    if "ches" in scores:
+        cols["ches"] = ches(out["sum_chosen"], out["sum_rejected"]).tolist()
+        cols["ln_ches"] = ln_ches(out["sum_chosen"], out["sum_rejected"], n_chosen, n_rejected).tolist()
+        cols["hidden_inner"] = hidden_inner(out["last_chosen"], out["last_rejected"]).tolist()
+        cols["edit_distance_norm"] = [normalized_edit_distance(p.chosen[:-1], p.rejected[:-1]) for p in encoded]
+        cols["pooled_chosen"] = (out["sum_chosen"].double() / n_chosen[:, None]).float().numpy()
+        cols["pooled_rejected"] = (out["sum_rejected"].double() / n_rejected[:, None]).float().numpy()
+    if "logps" in scores:
+        cols["logp_chosen"] = out["logp_chosen"].double().tolist()
+        cols["logp_rejected"] = out["logp_rejected"].double().tolist()
+        cols["logp_mean_chosen"] = (out["logp_chosen"].double() / n_chosen).tolist()
+        cols["logp_mean_rejected"] = (out["logp_rejected"].double() / n_rejected).tolist()
+    return cols
+
+
+def _shard_frame(pair_ids: list[str], cols: dict[str, Any], truncated: list[int],
+                 skipped: dict[int, str]) -> pl.DataFrame:
+    """One shard's rows: scored pairs first (in pair order), then skipped ones with their reason."""
+    scored = [pid for i, pid in enumerate(pair_ids) if i not in skipped]
+    data: dict[str, Any] = {"pair_id": scored}
+    for name, values in cols.items():
+        if isinstance(values, np.ndarray):
+            data[name] = pl.Series(name, values, dtype=pl.Array(pl.Float32, values.shape[1]))
+        else:
+            data[name] = values
+    data["n_prompt_tokens_cut"] = [t for i, t in enumerate(truncated) if i not in skipped]
+    data["skip_reason"] = pl.Series([None] * len(scored), dtype=pl.Utf8)
+    frame = pl.DataFrame(data)
+    if skipped:
+        rest = pl.DataFrame({"pair_id": [pair_ids[i] for i in skipped], "skip_reason": list(skipped.values())})
+        frame = pl.concat([frame, rest], how="diagonal_relaxed")
+    return frame
+
+
+def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batch_size: int | None,
+                token_budget: int | None, prefix_sharing: bool, on_batch=None) -> pl.DataFrame:
+    """Encode and score one slice of the pair table; pairs that cannot be encoded get a skip reason."""
+    from curate.data.chat import ReplyTooLong
+
+    encoded, truncated, skipped = [], [], {}
+    for i, row in enumerate(pairs.iter_rows(named=True)):
+        try:
+            pair, cut = encode_pair(encoder, row["prompt"], row["chosen"], row["rejected"])
+        except ReplyTooLong as exc:
+            skipped[i] = f"reply_over_context: {exc}"
+            continue
+        encoded.append(pair)
+        truncated.append(cut)
+    if skipped and on_batch is not None:
+        on_batch(len(skipped), 0)
+    outputs: dict[str, torch.Tensor] = {}
+    if encoded:
+        for indices, out in score_batches(
+            lm.model, encoded, want_logps="logps" in scores, prefix_sharing=prefix_sharing,
+            batch_size=batch_size, token_budget=token_budget,
+        ):
+            index = torch.tensor(indices)
+            for name, value in out.items():
+                outputs.setdefault(name, torch.empty((len(encoded), *value.shape[1:]), dtype=value.dtype))
+                outputs[name][index] = value
+            if on_batch is not None:
+                tokens = sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected) for i in indices)
+                on_batch(len(indices), tokens)
+    cols = pair_columns(encoded, outputs, scores) if encoded else {}
+    return _shard_frame(pairs["pair_id"].to_list(), cols, truncated, skipped)
+
+
+# ------------------------------------------------------------------ run directory plumbing
+def _pairs_digest(pairs: pl.DataFrame) -> str:
+    return hashlib.sha256("\n".join(pairs["pair_id"].to_list()).encode()).hexdigest()[:16]
+
+
+def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
+    """The shard directory for ``plan``; shards made under other settings are removed."""
+    shard_dir = run / SHARD_DIR
+    plan_path = shard_dir / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
+        for old in shard_dir.glob("score-*.parquet"):
+            old.unlink()
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan, plan_path)
+    return shard_dir
+
+
+def _shard_path(shard_dir: Path, k: int) -> Path:
+    return shard_dir / f"score-{k:05d}.parquet"
+
+
+def _load_input(dataset_or_run, run: RunDir, *, limit, load_kwargs) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Pairs to score: from a run directory's pairs.parquet, or loaded and validated from a dataset."""
+    source = Path(str(dataset_or_run)).expanduser()
+    if source.is_dir() and (source / PAIRS).exists():
+        src = RunDir(source)
+        pairs, quarantine = src.pairs(), src.quarantine()
+        if limit is not None:
+            pairs = pairs.head(limit)
+        return pairs, quarantine, {"dataset": str(source), "from_run": True}
+    from curate.data.load import load_pairs
+
+    result = load_pairs(str(dataset_or_run), limit=limit, **load_kwargs)
+    return result.pairs, result.quarantine, {"dataset": str(dataset_or_run), **result.info}
+
+
+def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
+    from curate.data.schema import quarantine_frame
+
+    reasons = dict(zip(skipped["pair_id"], skipped["skip_reason"]))
+    rows = []
+    for row in pairs.filter(pl.col("pair_id").is_in(list(reasons))).iter_rows(named=True):
+        reason, _, detail = reasons[row["pair_id"]].partition(": ")
+        raw = json.dumps({k: row[k] for k in ("pair_id", "prompt", "chosen", "rejected")}, ensure_ascii=False)
+        rows.append({"source": row["source"], "reason": reason, "detail": detail, "raw": raw})
+    return quarantine_frame(rows)
+
+
+def _progress(total: int, done: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    quiet = os.environ.get("CURATE_QUIET") == "1"
+    progress = Progress(
+        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} pairs/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        disable=quiet, transient=False,
+    )
+    task = progress.add_task("score", total=total, completed=done, rate="-")
+    return progress, task
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from curate import __version__
+
+    return {"curate": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "polars": pl.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------ the library function
+def score(
+    dataset_or_run: str | os.PathLike[str],
+    *,
+    model: str = "smollm2-135m-instruct",
+    scores: str | Sequence[str] = ("ches", "logps"),
+    out: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int | str = "auto",
+    token_budget: int | None = None,
+    max_length: int | None = None,
+    limit: int | None = None,
+    system_prompt: str = "default",
+    prefix_sharing: bool = True,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    revision: str | None = None,
+    subset: str | None = None,
+    split: str | None = None,
+    fmt: str = "auto",
+    columns=None,
+    keep_empty: bool = False,
+    lm=None,
+    reward_options: dict[str, Any] | None = None,
+) -> pl.DataFrame:
+    """Score pairs with a causal LM into ``out`` (a run directory); returns the run's score table.
+
+    ``dataset_or_run`` is a dataset (hub name or local file, loaded and
+    validated by :func:`curate.data.load_pairs`) or a run directory whose
+    ``pairs.parquet`` is scored. ``scores`` picks ``ches`` (CHES, LN-CHES, the
+    two baselines, pooled states), ``logps`` (reply log-probs) and the
+    delegated ``reward`` / ``noise`` (reward-ensemble columns, from
+    :func:`curate.scores.reward.score_reward_and_noise`). ``batch_size="auto"``
+    fills ``token_budget`` padded tokens per batch (halving on GPU
+    out-of-memory). ``lm`` takes an already loaded :class:`curate.models.LoadedModel`.
+    """
+    wanted = parse_scores(scores)
+    if out is None:
+        source = Path(str(dataset_or_run)).expanduser()
+        if not (source / PAIRS).exists():
+            raise CurateError("pass --out RUN: the run directory to write pairs, scores and the manifest to")
+        out = source
+    if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
+        raise CurateError(f"--batch-size must be a positive integer or 'auto', not {batch_size!r}")
+    if shard_size < 1:
+        raise CurateError("shard_size must be at least 1")
+    run = RunDir(out)
+    started = time.time()
+    load_kwargs = dict(subset=subset, split=split, revision=None, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
+    if pairs.height == 0:
+        raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
+    run.write_pairs(pairs, quarantine)
+    manifest: dict[str, Any] = {"data": data_info, "n_pairs": pairs.height, "scores": list(wanted),
+                                "versions": _versions()}
+    result = run.scores()
+
+    model_scores = [s for s in wanted if s in MODEL_SCORES]
+    if model_scores:
+        manifest.update(_score_with_model(
+            run, pairs, quarantine, model_scores, model=model, lm=lm, device=device, dtype=dtype,
+            revision=revision, batch_size=None if batch_size == "auto" else int(batch_size),
+            token_budget=token_budget, max_length=max_length, system_prompt=system_prompt,
+            prefix_sharing=prefix_sharing, shard_size=shard_size,
+        ))
+        result = run.scores()
+    manifest["seconds_total"] = round(time.time() - started, 3)
+    run.update_manifest("score", manifest)
+
+    delegated = [s for s in wanted if s in DELEGATED_SCORES]
+    if delegated:
+        try:
+            from curate.scores.reward import score_reward_and_noise
+        except ImportError as exc:
+            raise CurateError("reward/noise scoring is not available in this install (curate.scores.reward)") from exc
+        score_reward_and_noise(run, device=device, **(reward_options or {}))
+        result = run.scores()
+    return result
+
+
+def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
+                      model, lm, device, dtype, revision, batch_size, token_budget, max_length, system_prompt,
+                      prefix_sharing, shard_size) -> dict[str, Any]:
+    from curate.data.chat import ChatEncoder
+    from curate.models import load_causal_lm
+
+    t0 = time.time()
+    if lm is None:
+        lm = load_causal_lm(model, device=device, dtype=dtype, revision=revision)
+    load_seconds = time.time() - t0
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if max_length is not None and context is not None and max_length > context:
+        raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
+    effective_max = max_length or context
+    encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=effective_max)
+
+    plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": lm.info, "scores": sorted(scores),
+            "max_length": effective_max, "system_prompt": system_prompt, "shard_size": shard_size}
+    shard_dir = _prepare_shards(run, plan)
+    n_shards = -(-pairs.height // shard_size)
+    todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
+    done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
+
+    progress, task = _progress(pairs.height, done_pairs)
+    counters = {"pairs": 0, "tokens": 0}
+    t_score = time.time()
+
+    def on_batch(n_pairs: int, n_tokens: int) -> None:
+        counters["pairs"] += n_pairs
+        counters["tokens"] += n_tokens
+        rate = counters["pairs"] / max(time.time() - t_score, 1e-9)
+        progress.update(task, advance=n_pairs, rate=f"{rate:.1f}")
+
+    with progress:
+        for k in todo:
+            shard = pairs.slice(k * shard_size, shard_size)
+            frame = score_shard(lm, encoder, shard, scores, batch_size=batch_size, token_budget=token_budget,
+                                prefix_sharing=prefix_sharing, on_batch=on_batch)
+            write_parquet(frame, _shard_path(shard_dir, k))
+    score_seconds = time.time() - t_score
+
+    shards = pl.concat([pl.read_parquet(_shard_path(shard_dir, k)) for k in range(n_shards)], how="diagonal_relaxed")
+    skipped = shards.filter(pl.col("skip_reason").is_not_null())
+    scored = shards.filter(pl.col("skip_reason").is_null())
+    _write_pooled(run, scored)
+    table = scored.drop(["skip_reason", "pooled_chosen", "pooled_rejected"], strict=False)
+    if skipped.height:
+        run.write_pairs(
+            pairs.filter(~pl.col("pair_id").is_in(skipped["pair_id"].to_list())),
+            pl.concat([quarantine, _quarantine_rows(pairs, skipped)], how="diagonal_relaxed"),
+        )
+    run.merge_scores(table)
+    return {
+        "model": lm.info,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
+                  "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
+                  "shards_resumed": n_shards - len(todo)},
+        "truncation": {"rule": "keep replies whole; cut the prompt from the left so prompt + longer reply fit",
+                       "max_length": effective_max,
+                       "pairs_with_prompt_cut": int((table["n_prompt_tokens_cut"] > 0).sum()),
+                       "pairs_quarantined_reply_over_context": skipped.height},
+        "system_prompt": system_prompt,
+        "n_scored": table.height,
+        "timings": {"load_model_s": round(load_seconds, 3), "score_s": round(score_seconds, 3),
+                    "pairs_per_s_this_session": round(counters["pairs"] / max(score_seconds, 1e-9), 3),
+                    "tokens_per_s_this_session": round(counters["tokens"] / max(score_seconds, 1e-9), 1)},
+    }
+
+
+def _write_pooled(run: RunDir, scored: pl.DataFrame) -> None:
+    if "pooled_chosen" not in scored.columns:
+        return
+    import io
+
+    from curate.rundir import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        pair_id=np.asarray(scored["pair_id"].to_list(), dtype=str),
+        mean_chosen=scored["pooled_chosen"].to_numpy().astype(np.float32),
+        mean_rejected=scored["pooled_rejected"].to_numpy().astype(np.float32),
+    )
+    atomic_write_bytes(run / POOLED, buffer.getvalue())
