@@ -192,7 +192,25 @@ def main() -> None:
     parser.add_argument("--out", default="runs/exp/results")
     parser.add_argument("--only", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--smoke", action="store_true", help="Tiny random model, a few pairs: plumbing check only.")
+    parser.add_argument("--score-limit", type=int, default=None, help="Score only the first N pairs (CPU-sized runs).")
+    parser.add_argument("--window", type=int, default=None, help="Experiment 1 window size (default: the recipe's).")
+    parser.add_argument("--pool", type=int, default=None, help="Experiment 2 pool size (default: the recipe's).")
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default: the recipe's).")
+    parser.add_argument("--batch-size", type=int, default=None, help="Pairs per optimizer step (default: the recipe's).")
+    parser.add_argument("--max-length", type=int, default=None, help="Tokens per sequence (default: the recipe's).")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None)
     args = parser.parse_args()
+    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("max_length", args.max_length)):
+        if value is not None:
+            RECIPE["train"][key] = value
+    if args.max_length is not None:
+        RECIPE["max_length"] = args.max_length
+    if args.window is not None:
+        RECIPE["exp1"]["window"] = args.window
+    if args.pool is not None:
+        RECIPE["exp2"]["pool"] = args.pool
+    if args.seeds:
+        RECIPE["seeds"] = args.seeds
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -213,14 +231,17 @@ def main() -> None:
     else:
         ref = load_causal_lm(RECIPE["model"], device=device, dtype="fp32")
         model_name = RECIPE["model"]
-    report: dict[str, Any] = {"recipe": RECIPE, "smoke": args.smoke, "device": device,
+    report: dict[str, Any] = {"recipe": RECIPE, "smoke": args.smoke, "score_limit": args.score_limit, "device": device,
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "model": ref.info}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(report, indent=2, default=float))
 
     t0 = time.perf_counter()
-    table, report["scores"] = score_pairs(ref, pairs, minilm, RECIPE["max_length"])
+    scored = pairs.head(args.score_limit) if args.score_limit else pairs
+    scorer = ref if args.smoke else load_causal_lm(RECIPE["model"], device=device, dtype="auto")  # bf16 where fast
+    table, report["scores"] = score_pairs(scorer, scored, minilm, RECIPE["max_length"])
+    del scorer
     table.write_parquet(out / "scores.parquet")
     report["scores"]["seconds"] = round(time.perf_counter() - t0, 1)
     print("scores:", report["scores"], flush=True)

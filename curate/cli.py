@@ -113,6 +113,98 @@ def data_overlap(
 
 # ---------------------------------------------------------------- score
 # (issue 3/4: `curate score` goes here)
+@app.command("score")
+@handle_errors
+def score_cmd(
+    dataset: str = typer.Option(..., help="Hub name (hh-rlhf, ultrafeedback, org/name), a local file, or a run directory."),
+    out: Optional[Path] = typer.Option(None, help="Run directory to write to (default: the --dataset run directory)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Causal LM: bundled alias, hub id or local path."),
+    scores: str = typer.Option("ches,logps", help="Comma-separated: ches, logps, reward, noise."),
+    limit: Optional[int] = typer.Option(None, help="Score at most this many pairs (a quick look)."),
+    batch_size: str = typer.Option("auto", help="Pairs per batch, or 'auto' (fill a token budget; back off on GPU OOM)."),
+    token_budget: Optional[int] = typer.Option(None, help="Padded tokens per batch with --batch-size auto."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    prefix_sharing: bool = typer.Option(True, help="Run each prompt once and reuse its KV cache for both replies."),
+    shard_size: int = typer.Option(512, help="Pairs per resumable shard."),
+    subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
+    split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
+    fmt: str = typer.Option("auto", "--format", help="auto|hh|prompt-chosen-rejected|messages|columns"),
+    revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
+    reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
+    from curate.score import render_score_summary, score, score_summary
+
+    reward_options = {"reward_models": reward_model} if reward_model else None
+    score(
+        dataset, out=out, model=model, scores=scores, limit=limit, batch_size=batch_size, token_budget=token_budget,
+        dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
+        prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
+        revision=revision, reward_options=reward_options,
+    )
+    summary = score_summary(out or dataset)
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render_score_summary(summary, Console())
+
+
+# issue 4: `curate bench noise` (planted-flip validation of the noise estimators)
+@bench_app.command("noise")
+@handle_errors
+def bench_noise_cmd(
+    dataset: Optional[str] = typer.Option(None, help="Hub name or local file of pairs (or use --run)."),
+    run: Optional[Path] = typer.Option(None, help="Run directory: its pairs and, if present, its pooled policy states."),
+    flip_rates: str = typer.Option("0,0.1,0.2,0.3", help="Planted flip rates, comma-separated, each in [0, 0.5)."),
+    seed: int = typer.Option(0, help="Seed of the planted flips and the orientations."),
+    embedder: str = typer.Option("all-minilm-l6-v2", help="Reply-embedding model for the heads ('none' to skip)."),
+    text_stats: bool = typer.Option(True, help="Use text statistics (length, markers) as a head feature set."),
+    reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model id or path (repeatable)."),
+    folds: int = typer.Option(5, help="Folds of the cross-fitted heads."),
+    split_seeds: str = typer.Option("0,1,2", help="Seeds of the repeated k-fold splits (one member set each)."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many pairs of --dataset."),
+    device: str = typer.Option("auto", help="Device for the embedder / reward models."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Embedding cache directory."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON to this file."),
+) -> None:
+    """Plant random flips at each rate, retrain the reward heads, and score every noise estimator."""
+    from rich.table import Table
+
+    from curate.bench_noise import benchmark_dataset
+    from curate.rundir import write_json
+
+    try:
+        rates = [float(r) for r in flip_rates.split(",") if r.strip()]
+        seeds = [int(s) for s in split_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise CurateError("--flip-rates and --split-seeds take comma-separated numbers, e.g. 0,0.1,0.2,0.3") from None
+    result = benchmark_dataset(
+        dataset, run=str(run) if run else None, flip_rates=rates, seed=seed,
+        embedder=None if embedder.lower() == "none" else embedder, text_stats=text_stats,
+        reward_models=reward_model, seeds=seeds, folds=folds, limit=limit, device=device, cache_dir=cache_dir,
+    )
+    if json_out is not None:
+        write_json(result, json_out)
+    if _state["quiet"]:
+        return
+    table = Table(title=f"planted flips on {result['dataset']} ({result['n_pairs']} pairs)")
+    for col in ("estimator", "planted", "estimated", "natural", "true", "AUROC"):
+        table.add_column(col, justify="left" if col == "estimator" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["results"]:
+        name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+        table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
+                      fmt(r.get("true_rate")), fmt(r["auroc"]))
+    Console().print(table)
+    c = result["consistency"].get(result["default_estimator"])
+    if c:
+        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
+                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+
 
 # ---------------------------------------------------------------- features
 # (issue 5: `curate features` goes here)
@@ -134,7 +226,7 @@ def features_cmd(
     batch_size: int = typer.Option(256, help="SAE batch size."),
     val_fraction: float = typer.Option(0.2, help="Fraction of prompts held out for validation AUCs."),
     seed: int = typer.Option(0, help="Seed for the split, the orientations and the SAE."),
-    device: str = typer.Option("cpu", help="Device for the embedder and the SAE (cpu, cuda, auto)."),
+    device: str = typer.Option("auto", help="Device for the embedder and the SAE (auto, cpu, cuda)."),
     top: int = typer.Option(10, help="How many features to print (most significant first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary and feature table as JSON."),
 ) -> None:
@@ -349,7 +441,7 @@ def train_cmd(
     if bf16_setting is None:
         raise CurateError(f"--bf16 must be auto, on or off, got {bf16!r}")
     result = train(
-        data, out=out, model=model, resume=resume, device=device, progress=not _state["quiet"],
+        data, out=out, model=model, resume=resume, device=device, progress=not (_state["quiet"] or as_json),
         loss=loss, beta=beta, epsilon=epsilon if epsilon == "auto" else float(epsilon), sft_alpha=sft_alpha,
         weights=weights, soft_labels=soft_labels, tdpo_alpha=tdpo_alpha, mask=mask, mask_mode=mask_mode,
         mask_l1=mask_l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,

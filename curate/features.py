@@ -59,7 +59,7 @@ class FeatureSettings:
     top_fraction: float = 0.05
     n_examples: int = 5
     n_ngrams: int = 6
-    device: str = "cpu"
+    device: str = "auto"
 
 
 @dataclass
@@ -400,10 +400,18 @@ def compute_features(
     ``embeddings`` may pass precomputed (e_chosen, e_rejected) arrays [n, d];
     otherwise replies are embedded with ``settings.embedder``
     (:func:`curate.embeddings.embed_texts`, cached in ``cache_dir``).
+
+    Prompts are split into train / validation (``settings.val_fraction``).
+    The SAE trains on the de-duplicated, +/- augmented training differences
+    and early-stops on the validation differences (it never sees a label).
+    Per-feature statistics use all pairs; the whole-set AUCs are fit on the
+    training pairs and scored on the validation pairs.
     """
     from curate import sae as sae_lib
+    from curate.models import resolve_device
 
     settings = settings or FeatureSettings()
+    device = str(resolve_device(settings.device))
     timings: dict[str, float] = {}
     n = pairs.height
     if n == 0:
@@ -415,12 +423,14 @@ def compute_features(
     if embeddings is None:
         from curate.embeddings import embed_texts
 
-        vectors = embed_texts(chosen + rejected, model=settings.embedder, device=settings.device,
+        vectors = embed_texts(chosen + rejected, model=settings.embedder, device=device,
                               cache_dir=cache_dir, show_progress=show_progress)
         e_chosen, e_rejected = vectors[:n], vectors[n:]
     else:
         e_chosen, e_rejected = (np.asarray(e, dtype=np.float32) for e in embeddings)
     timings["embed_s"] = time.perf_counter() - start
+    if e_chosen.shape != e_rejected.shape or len(e_chosen) != n:
+        raise CurateError(f"embeddings must be two [{n}, d] arrays, got {e_chosen.shape} and {e_rejected.shape}")
     differences = e_chosen - e_rejected  # chosen - rejected
 
     is_val = split_by_group([_prompt_key(p) for p in pairs["prompt"].to_list()], settings.val_fraction, settings.seed)
@@ -436,7 +446,7 @@ def compute_features(
         None if val_unique is None else signed_augment(val_unique),
         n_features=settings.n_features, k=settings.k, prefixes=settings.prefixes, batch_size=settings.batch_size,
         lr=settings.lr, max_epochs=settings.max_epochs, min_epochs=settings.min_epochs, patience=settings.patience,
-        seed=settings.seed, device=settings.device,
+        seed=settings.seed, device=device,
     )
     timings["sae_s"] = time.perf_counter() - start
 

@@ -209,8 +209,8 @@ def score_step(ctx: Context) -> dict[str, Any]:
     from curate.score import score
 
     cfg = ctx.settings("score")
-    if "reward_options" in cfg:
-        cfg["reward_options"] = dict(cfg["reward_options"] or {})
+    # the reward ensemble and the features step embed the same replies: one cache for both
+    cfg["reward_options"] = {"cache_dir": ctx.run / "cache", **(cfg.get("reward_options") or {})}
     table = score(ctx.run, out=ctx.run, model=ctx.model, device=ctx.device, **cfg)
     out: dict[str, Any] = {"pairs": table.height}
     for name in ("ln_ches", "rm_margin_mean", "flip_prob"):
@@ -272,6 +272,23 @@ def _training_data(ctx: Context) -> Path:
     return ctx.run / CURATED if source == "curated" and "filter" in ctx.recipe["steps"] else ctx.run
 
 
+CPU_TRAIN_PAIRS = 64  # max_train_pairs "auto" on a CPU: SmolLM2-135M trains at well under 1 pair/s there
+
+
+def max_train_pairs(ctx: Context) -> int | None:
+    """train.max_train_pairs as a limit: a number, 'all' / null (no limit), or 'auto' (64 on a CPU, all on a GPU)."""
+    value = ctx.settings("train").get("max_train_pairs")
+    if value in (None, "all"):
+        return None
+    if value == "auto":
+        from curate.models import resolve_device
+
+        return None if resolve_device(ctx.device).type != "cpu" else CPU_TRAIN_PAIRS
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise CurateError(f"train.max_train_pairs must be a positive number, 'all' or 'auto', got {value!r}")
+
+
 def train_step(ctx: Context) -> dict[str, Any]:
     """Each entry of train.runs, on the first max_train_pairs pairs; finished runs are kept, killed ones resume."""
     import shutil
@@ -280,7 +297,7 @@ def train_step(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.settings("train")
     common = dict(cfg.get("common") or {})
-    limit = cfg.get("max_train_pairs")
+    limit = max_train_pairs(ctx)
     out: dict[str, Any] = {}
     for name, options in _train_runs(ctx).items():
         target = ctx.run / TRAIN / name
@@ -310,7 +327,9 @@ def eval_step(ctx: Context) -> dict[str, Any]:
     which = cfg.pop("data", "train")
     max_pairs = cfg.pop("max_pairs", None)
     if which == "train":
-        pairs = RunDir(_training_data(ctx)).table().head(ctx.settings("train").get("max_train_pairs") or 10**12)
+        limit = max_train_pairs(ctx)
+        pairs = RunDir(_training_data(ctx)).table()
+        pairs = pairs.head(limit) if limit else pairs
     elif which == "holdout":
         path = ctx.run / CURATED / "holdout.parquet"
         if not path.exists():

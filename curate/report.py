@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
+from curate.data.schema import meta_of
 from curate.errors import CurateError
 
 TOP_PAIRS = 5  # pairs shown at each end of a ranking
@@ -305,6 +306,11 @@ def dataset_section(inputs: ReportInputs) -> Section:
         reasons = quarantine.group_by("reason").len().sort("len", descending=True)
         parts.append("<h3>Quarantine reasons</h3>" + html_table(
             [{"reason": r, "rows": n} for r, n in reasons.iter_rows()]))
+    categories = [c for c in meta_of(pairs, "category") if c is not None] if pairs.height else []
+    if categories:
+        counts_by = pl.Series("category", categories).value_counts(sort=True)
+        parts.append("<h3>Categories (meta.category)</h3>" + html_table(
+            [{"category": c, "pairs": n} for c, n in counts_by.iter_rows()]))
     lengths = {side: np.array([len(t.split()) for t in pairs[side].to_list()], dtype=float)
                for side in ("chosen", "rejected")}
     if pairs.height:
@@ -416,8 +422,6 @@ def ensemble_section(inputs: ReportInputs) -> Section | None:
 
 def planted_flip_auroc(table: pl.DataFrame) -> float | None:
     """AUROC of flip_prob for pairs whose meta says ``planted_flip`` (the shipped demo data carries it)."""
-    from curate.data.schema import meta_of
-
     truth = meta_of(table, "planted_flip")
     flip = column(table, "flip_prob")
     if flip is None or any(t is None for t in truth) or len(set(truth)) < 2:

@@ -108,7 +108,7 @@ def _shard_frame(pair_ids: list[str], cols: dict[str, Any], truncated: list[int]
             data[name] = pl.Series(name, values, dtype=pl.Array(pl.Float32, values.shape[1]))
         else:
             data[name] = values
-    data["n_prompt_tokens_cut"] = [t for i, t in enumerate(truncated) if i not in skipped]
+    data["n_prompt_tokens_cut"] = truncated  # already one entry per scored pair
     data["skip_reason"] = pl.Series([None] * len(scored), dtype=pl.Utf8)
     frame = pl.DataFrame(data)
     if skipped:
@@ -386,3 +386,38 @@ def _write_pooled(run: RunDir, scored: pl.DataFrame) -> None:
         mean_rejected=scored["pooled_rejected"].to_numpy().astype(np.float32),
     )
     atomic_write_bytes(run / POOLED, buffer.getvalue())
+
+
+# ------------------------------------------------------------------ summaries (CLI)
+SUMMARY_COLUMNS = ("ln_ches", "ches", "logp_mean_chosen", "logp_mean_rejected")
+
+
+def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the last `curate score` did to ``run_path``: counts, settings, timings, quantiles."""
+    run = RunDir(run_path)
+    manifest = run.manifest().get("score", {})
+    scores = run.scores()
+    summary = {key: manifest.get(key) for key in ("scores", "n_pairs", "n_scored", "device", "dtype", "timings")}
+    summary.update({"run": str(run.path), "model": (manifest.get("model") or {}).get("name"),
+                    "quarantined": run.quarantine().height, "truncation": manifest.get("truncation")})
+    summary["quantiles"] = {
+        name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
+        for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
+    }
+    return summary
+
+
+def render_score_summary(summary: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    timings = summary.get("timings") or {}
+    console.print(
+        f"[bold]{summary['run']}[/]: {summary.get('n_scored')} pairs scored with {summary.get('model')} "
+        f"({summary.get('dtype')} on {summary.get('device')}), {summary['quarantined']} in quarantine; "
+        f"{timings.get('pairs_per_s_this_session', '-')} pairs/s"
+    )
+    if summary["quantiles"]:
+        table = Table("column", "5%", "median", "95%")
+        for name, q in summary["quantiles"].items():
+            table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
+        console.print(table)

@@ -203,3 +203,36 @@ def test_no_reply_is_copied_from_hh_rlhf(rows):
     replies = {text for row in rows for text in (row["chosen"], row["rejected"])}
     copied = [text for text in replies if " ".join(words(text)) in hh_text]
     assert copied == []
+
+
+# --------------------------------------------------------------------------- learnable from embeddings
+
+
+@pytest.mark.slow
+def test_planted_flips_are_recoverable_from_reply_embeddings(rows):
+    """An out-of-fold probe on MiniLM reply-embedding differences ranks the planted flips high.
+
+    Random orientation, logistic regression, 5 folds grouped by prompt; a pair's
+    flip score is the probe's probability that the stored label is wrong.
+    Measured: AUROC 0.92-0.93 for orientation seeds 0-2. Near-duplicates
+    (one word apart) stay near chance for such a probe, by design.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from curate.embeddings import embed_texts
+
+    texts = sorted({text for row in rows for text in (row["chosen"], row["rejected"])})
+    vectors = dict(zip(texts, embed_texts(texts, device="cpu", show_progress=False)))
+    chosen_minus_rejected = np.stack([vectors[row["chosen"]] - vectors[row["rejected"]] for row in rows])
+    planted = np.array([row["meta"]["planted_flip"] for row in rows])
+    groups = [json.dumps(row["prompt"]) for row in rows]
+    aurocs = []
+    for seed in range(3):
+        a_is_chosen = np.random.default_rng(seed).random(len(rows)) < 0.5
+        x = np.where(a_is_chosen[:, None], chosen_minus_rejected, -chosen_minus_rejected)
+        p_a = cross_val_predict(
+            LogisticRegression(max_iter=2000), x, a_is_chosen, cv=GroupKFold(5), groups=groups, method="predict_proba"
+        )[:, 1]
+        p_stored_label = np.where(a_is_chosen, p_a, 1 - p_a)
+        aurocs.append(roc_auc_score(planted, 1 - p_stored_label))
+    assert np.mean(aurocs) >= 0.88, aurocs

@@ -297,3 +297,29 @@ def test_demo_planted_contrast_dominates_a_feature(tmp_path):
             kinds = [category[p] for p in top["pair_id"]]
             best = max(best, max(kinds.count(k) for k in set(kinds)) / len(kinds))
     assert best >= 0.9
+
+
+def test_cli_features_on_a_run_dir(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+    from curate.rundir import RunDir
+
+    pairs, embeddings = _planted_pairs()
+    run = RunDir(tmp_path / "run")
+    run.write_pairs(pairs, pl.DataFrame())
+    real = F.compute_features
+    monkeypatch.setattr(F, "compute_features", lambda p, **kw: real(p, settings=kw["settings"], embeddings=embeddings))
+    runner = CliRunner()
+    args = ["features", str(run.path), "--n-features", "8", "--k", "2", "--prefixes", "4,8", "--lr", "5e-3",
+            "--epochs", "30", "--batch-size", "64", "--device", "cpu"]
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["summary"]["settings"]["n_features"] == 8 and len(payload["features"]) == 8
+    shown = runner.invoke(app, args + ["--top", "3"])
+    assert shown.exit_code == 0 and "signal fraction" in shown.output
+    missing = runner.invoke(app, ["features"])
+    assert missing.exit_code == 2 and "name a run directory" in missing.output
+    bad = runner.invoke(app, ["features", str(run.path), "--prefixes", "8;32"])
+    assert bad.exit_code == 2 and "--prefixes" in bad.output

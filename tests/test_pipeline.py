@@ -189,3 +189,18 @@ def pipeline_sections(run: Path) -> list[str]:
     from curate.report import build_sections, load_inputs
 
     return [s.id for s in build_sections(load_inputs(run))]
+
+
+@pytest.mark.parametrize("value, device, expected", [
+    (48, "cpu", 48), ("all", "cpu", None), (None, "cpu", None), ("auto", "cpu", pipeline.CPU_TRAIN_PAIRS),
+])
+def test_max_train_pairs(value, device, expected):
+    ctx = pipeline.Context({"train": {"max_train_pairs": value}, "device": device}, Path("."))
+    assert pipeline.max_train_pairs(ctx) == expected
+
+
+@pytest.mark.parametrize("value", [0, -3, "many", 2.5, True])
+def test_max_train_pairs_refuses_nonsense(value):
+    ctx = pipeline.Context({"train": {"max_train_pairs": value}}, Path("."))
+    with pytest.raises(CurateError, match="max_train_pairs"):
+        pipeline.max_train_pairs(ctx)

@@ -95,6 +95,7 @@ def test_mask_network_receives_gradient_directly(lm):
     """One sparsepo micro-step: gradient reaches the masks, none reaches the reference."""
     from curate.data.chat import ChatEncoder
     from curate.train.batching import collate, encode_pairs
+    from curate.train.batching import PolicyForward
     from curate.train.loop import TrainConfig, _compute_micro_loss, _Reference
     from curate.train.masks import SparsePOMasks
 
@@ -110,7 +111,7 @@ def test_mask_network_receives_gradient_directly(lm):
     batch = collate(enc.pairs, lm.tokenizer.pad_token_id)
     import contextlib
 
-    loss, _ = _compute_micro_loss(policy, _Reference(model=reference), masks, batch, np.arange(4),
+    loss, _ = _compute_micro_loss(PolicyForward(policy), policy, _Reference(model=reference), masks, batch, np.arange(4),
                                   cfg=TrainConfig(loss="sparsepo", mask_l1=1e-3), epsilon=0.0, weights=None,
                                   confidence=None, autocast=contextlib.nullcontext)
     loss.backward()
@@ -227,3 +228,35 @@ def test_resume_refuses_changed_settings(tmp_path, lm):
     train(make_pairs(), out=tmp_path, model=lm, max_steps=2, **{**FAST, "save_every": 1})
     with pytest.raises(CurateError, match="beta"):
         train(make_pairs(), out=tmp_path, model=lm, max_steps=2, resume=True, beta=0.5, **{**FAST, "save_every": 1})
+
+
+def test_reference_logps_reused_from_scores_when_they_match(tmp_path, lm, tiny_lm):
+    from curate.rundir import RunDir
+
+    pairs = make_pairs(8)
+    first = train(pairs, out=tmp_path / "a", model=lm, max_steps=1, **FAST)
+    ref = torch.load(tmp_path / "a" / "reference_logps.pt").double().numpy()
+    # pair 0 was flipped by curation: scores stay in the original orientation
+    meta = ["{}"] * 8
+    meta[0] = json.dumps({"flipped": True})
+    run = RunDir(tmp_path / "run")
+    run.write_pairs(pairs.with_columns(meta=pl.Series(meta)), pl.DataFrame())
+    chosen, rejected = ref[:, 0].copy(), ref[:, 1].copy()
+    chosen[0], rejected[0] = ref[0, 1], ref[0, 0]
+    run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen, "logp_rejected": rejected}))
+    run.update_manifest("score", {"model": {"name": first.info["model"]["name"]}, "system_prompt": "default",
+                                  "max_length": 1024})
+
+    def fresh():
+        model = copy.copy(tiny_lm)
+        model.model = copy.deepcopy(tiny_lm.model)
+        return model
+
+    reused = train(run.path, out=tmp_path / "b", model=fresh(), max_steps=1, **FAST)
+    assert reused.info["reference"].startswith("reused from the scoring run")
+    assert torch.allclose(torch.load(tmp_path / "b" / "reference_logps.pt"), torch.from_numpy(ref).float())
+    assert reused.info["step0_max_abs_logratio"] < 1e-3
+
+    run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen + 5, "logp_rejected": rejected}))
+    recomputed = train(run.path, out=tmp_path / "c", model=fresh(), max_steps=1, **FAST)
+    assert "differ" in recomputed.info["reference"]

@@ -255,7 +255,7 @@ def ensemble_heads(feature_sets: Sequence[FeatureSet]) -> list[FeatureSet]:
     would otherwise get an equal vote), and the leave-one-out heads make the
     members differ in what they look at, not only in their data split.
     """
-    if len(feature_sets) == 1:
+    if len(feature_sets) <= 1:
         return list(feature_sets)
     heads = [concat_feature_sets(feature_sets, "all")]
     if len(feature_sets) > 2:

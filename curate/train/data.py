@@ -94,3 +94,33 @@ def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     if "flip_prob" not in pairs.columns:
         raise CurateError("--epsilon auto needs a flip_prob column: run the noise step (`curate score`) on these pairs first")
     return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
+
+
+def scored_reference_logps(pairs: pl.DataFrame, score_manifest: dict[str, Any], *, model_info: dict[str, Any],
+                           system_prompt: str, max_length: int,
+                           truncated_any: bool) -> tuple[np.ndarray | None, str]:
+    """Reference log-probs ``[N, 2]`` (chosen, rejected) from a scoring run, or None and why not.
+
+    Reused only when the scoring run used the same model (name and file hash),
+    system prompt and tokenisation (the same max length, or a larger one when
+    training truncates no prompt, so neither did the scorer); a pair flipped by curation swaps its two
+    values (scores stay in the original orientation). The caller still checks
+    them against a forward of the policy at step 0.
+    """
+    if not {"logp_chosen", "logp_rejected"} <= set(pairs.columns):
+        return None, "no logp_chosen/logp_rejected scores"
+    scored_model = score_manifest.get("model") or {}
+    for key in ("name", "file_sha256"):
+        if scored_model.get(key) != model_info.get(key):
+            return None, f"scored with another model ({key} {scored_model.get(key)!r})"
+    if score_manifest.get("system_prompt", "default") != system_prompt:
+        return None, "scored with another system prompt"
+    scored_max = score_manifest.get("max_length")
+    if scored_max != max_length and (truncated_any or scored_max is None or scored_max < max_length):
+        return None, f"scored with max_length {scored_max}, training uses {max_length}"
+    values = pairs.select(pl.col("logp_chosen").cast(pl.Float64), pl.col("logp_rejected").cast(pl.Float64)).to_numpy().copy()
+    if not np.isfinite(values).all():
+        return None, "some pairs have no logp score"
+    flipped = flipped_mask(pairs)
+    values[flipped] = values[flipped][:, ::-1]
+    return values, "reused from the scoring run"

@@ -42,7 +42,7 @@ from curate.train.batching import (
     reply_forward,
     token_logps,
 )
-from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs
+from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
 from curate.train.losses import (
     LOSSES,
     SEQUENCE_LOSSES,
@@ -200,9 +200,42 @@ def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int
     return out
 
 
+REUSE_TOLERANCE_NATS = (0.05, 0.01)  # |log-ratio| allowed at step 0: constant + per reply token
+
+
+@torch.no_grad()
+def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch, pad_id, autocast,
+                      accelerator) -> tuple[torch.Tensor | None, str]:
+    """Reference log-probs from the scoring run, if it matches and a step-0 probe agrees; else (None, why)."""
+    if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
+        return None, "computed before training"
+    from curate.rundir import RunDir
+
+    values, why = scored_reference_logps(pairs, RunDir(data).manifest().get("score") or {}, model_info=model_info,
+                                         system_prompt=cfg.system_prompt, max_length=cfg.max_length,
+                                         truncated_any=encoding.truncated > 0)
+    if values is None:
+        return None, f"computed before training ({why})"
+    # with policy = reference every log-ratio must be ~0: probe the first batch of pairs
+    idx = list(range(min(len(encoding.pairs), 8)))
+    batch = make_batch([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
+    was_training = policy.training
+    policy.eval()
+    with autocast():
+        logits, _ = reply_forward(policy, batch)
+    policy.train(was_training)
+    logps = on_reply(token_logps(logits, batch.labels), batch).sum(-1).cpu().double()
+    scored = torch.from_numpy(values[idx]).T.reshape(-1)
+    tolerance = REUSE_TOLERANCE_NATS[0] + REUSE_TOLERANCE_NATS[1] * batch.valid.sum(-1).cpu().double()
+    gap = float((logps - scored).abs().max())
+    if ((logps - scored).abs() > tolerance).any():
+        return None, f"computed before training (scored log-probs differ from the model's by up to {gap:.3g} nats)"
+    return torch.from_numpy(values).float(), f"reused from the scoring run (step-0 check: max gap {gap:.3g} nats)"
+
+
 def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *,
-                        cfg: TrainConfig,
-                        epsilon: float, weights, confidence, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        cfg: TrainConfig, epsilon: float, weights, confidence,
+                        autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Objective of one micro-batch (before accumulation scaling) and per-pair detached stats."""
     n = len(idx)
     token_level = cfg.loss not in SEQUENCE_LOSSES
@@ -349,13 +382,17 @@ def train(
     t0 = time.perf_counter()
     reference = _Reference(lora=cfg.lora_r > 0)
     ref_path = out / "reference_logps.pt"
+    reference_source = "reference model run alongside the policy"
     if cfg.loss in SEQUENCE_LOSSES:
         if checkpoint is not None and ref_path.exists():
-            reference.logps = torch.load(ref_path, weights_only=True)
+            reference.logps, reference_source = torch.load(ref_path, weights_only=True), "saved by the resumed run"
         else:
-            reference.logps = precompute_reference_logps(policy, encoding.pairs, pad_id=pad_id,
-                                                         batch_size=max(micro, 8), autocast=autocast,
-                                                         accelerator=accelerator)
+            reference.logps, reference_source = _reused_reference(data, pairs[kept.tolist()], policy, encoding, loaded.info,
+                                                                  cfg, make_batch, pad_id, autocast, accelerator)
+            if reference.logps is None:
+                reference.logps = precompute_reference_logps(policy, encoding.pairs, pad_id=pad_id,
+                                                             batch_size=max(micro, 8), autocast=autocast,
+                                                             accelerator=accelerator)
             if main:
                 out.mkdir(parents=True, exist_ok=True)
                 torch.save(reference.logps, ref_path)
@@ -408,7 +445,7 @@ def train(
         "left_out_reply_too_long": len(encoding.too_long), "left_out_pair_ids": encoding.too_long[:100],
         "prompt_truncated": encoding.truncated, "truncation_rule": "keep the reply, cut the prompt from the left",
         "processes": world, "micro_batch": micro, "shared_prompt_forward": shared_prompt, "steps": total, "steps_per_epoch": steps_per_epoch,
-        "bf16_autocast": bf16, "reference_precompute_s": round(precompute_s, 3), "resumed_from": str(checkpoint) if checkpoint else None,
+        "bf16_autocast": bf16, "reference": reference_source, "reference_precompute_s": round(precompute_s, 3), "resumed_from": str(checkpoint) if checkpoint else None,
     }
 
     # -- steps ----------------------------------------------------------------
@@ -539,4 +576,7 @@ def _progress(*, enabled: bool, total: int, start: int):
         return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    from rich.console import Console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True))

@@ -63,3 +63,14 @@ ADVICE_NEAR_DUPLICATES = [
      "Thaw it in the fridge on a plate on the bottom shelf, which takes about a day for a whole bird. Don't leave it out on the kitchen counter, where bacteria can grow quickly.",
      ("Thaw it in the fridge", "Thaw it on the counter")),
 ]
+
+ADVICE_NEAR_DUPLICATES += [
+    ("jump-start-order",
+     "When jump-starting a car, which cable do I connect last?",
+     "Connect the black cable last, to bare metal on the car with the flat battery, away from the battery itself. That keeps any spark well clear of the battery.",
+     ("away from the battery itself", "right on the battery itself")),
+    ("chemical-eye",
+     "I splashed some cleaning spray in my eye. What should I do?",
+     "Rinse the eye with clean, lukewarm water for at least fifteen minutes, holding the eyelid open, then get medical advice and take the product's label with you.",
+     ("at least fifteen minutes", "at most fifteen seconds")),
+]

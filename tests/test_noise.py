@@ -1,0 +1,111 @@
+"""Noise-flip estimators: hand-computed values and known-answer simulations."""
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from curate.scores import noise
+
+
+def simulate_margins(n=4000, eps=0.15, scale=4.0, seed=0):
+    """Margins s (chosen minus rejected) whose clean posterior is sigmoid(s_true), labels flipped at rate eps.
+
+    Returns (margin seen from the labelled-chosen side, clean p of the labelled-chosen side, flipped mask).
+    """
+    rng = np.random.default_rng(seed)
+    t = rng.normal(0.0, scale, n)  # margin of reply A over reply B
+    a_better = rng.random(n) < expit(t)
+    flipped = rng.random(n) < eps
+    a_chosen = a_better ^ flipped
+    margin = np.where(a_chosen, t, -t)
+    return margin, expit(margin), flipped
+
+
+def test_identity_and_its_inverse():
+    p = np.array([0.0, 0.3, 1.0])
+    q = noise.noisy_posterior(p, 0.2)
+    np.testing.assert_allclose(q, [0.2, 0.2 + 0.6 * 0.3, 0.8])
+    np.testing.assert_allclose(noise.clean_posterior(q, 0.2), p)
+    assert noise.clean_posterior(np.array([0.1]), 0.2)[0] == 0.0  # clipped below eps
+
+
+def test_flip_posterior_by_hand():
+    # p = 0.8, eps = 0.1: eps(1-p) / (eps(1-p) + (1-eps)p) = 0.02 / 0.74
+    assert noise.flip_posterior(np.array([0.8]), 0.1)[0] == pytest.approx(0.02 / 0.74)
+    assert noise.flip_posterior(np.array([0.5]), 0.3)[0] == pytest.approx(0.3)
+
+
+def test_em_fixed_point_by_hand():
+    # p = 1, 1 -> w = 1; p = 0 -> w = 0; p = 1/2 -> w = eta. eta = (2 + eta) / 4 -> eta = 2/3.
+    eps, flip = noise.em_flip(np.array([1.0, 1.0, 0.0, 0.5]))
+    assert eps == pytest.approx(1 / 3, abs=1e-6)
+    np.testing.assert_allclose(flip, [0.0, 0.0, 1.0, 1 / 3], atol=1e-6)
+
+
+def test_em_recovers_rate_from_clean_posteriors_and_not_from_noisy_ones():
+    margin, p_clean, flipped = simulate_margins(eps=0.2)
+    eps, _ = noise.em_flip(p_clean)
+    assert eps == pytest.approx(flipped.mean(), abs=0.03)
+    # the same EM fed the noisy posterior q = eps + (1 - 2 eps) p sees far less noise
+    eps_naive, _ = noise.em_flip(noise.noisy_posterior(p_clean, 0.2))
+    assert eps_naive < 0.1
+
+
+def test_mixture_fit_recovers_eps_and_slope():
+    margin, _, flipped = simulate_margins(eps=0.15, scale=4.0)
+    eps, slope = noise.fit_noisy_logistic(margin)
+    assert eps == pytest.approx(flipped.mean(), abs=0.03)
+    assert slope == pytest.approx(1.0, rel=0.2)
+
+
+@pytest.mark.parametrize("estimator", [noise.mixture_mle, noise.anchor_rate, noise.em_estimator])
+def test_identity_estimators_on_a_strong_ensemble(estimator):
+    margin, _, flipped = simulate_margins(eps=0.1, scale=6.0, seed=1)
+    est = estimator(margin)
+    assert est.rate == pytest.approx(flipped.mean(), abs=0.04)
+    assert est.flip_prob.shape == margin.shape
+    assert ((0 <= est.flip_prob) & (est.flip_prob <= 1)).all()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(flipped, est.flip_prob) > 0.85
+    assert est.assumption
+
+
+@pytest.mark.parametrize("estimator", [noise.mixture_mle, noise.anchor_rate, noise.em_estimator])
+def test_planting_raises_the_rate_by_delta_times_one_minus_two_eps(estimator):
+    """Flipping a random delta of pairs (negating their margins) adds delta (1 - 2 eps0)."""
+    margin, _, _ = simulate_margins(n=6000, eps=0.1, scale=6.0, seed=2)
+    eps0 = estimator(margin).rate
+    rng = np.random.default_rng(5)
+    planted = rng.permutation(len(margin)) < int(0.3 * len(margin))
+    eps1 = estimator(np.where(planted, -margin, margin)).rate
+    assert eps1 - eps0 == pytest.approx(0.3 * (1 - 2 * eps0), abs=0.04)
+
+
+def test_margin_heuristic_by_hand():
+    members = np.array([[1.0, 2.0], [-1.0, -3.0], [1.0, -3.0], [2.0, -1.0]])  # means 1.5, -2, -1, 0.5
+    est = noise.margin_heuristic(members)
+    assert est.rate == 0.5
+    np.testing.assert_allclose(est.flip_prob, [0.0, 1.0, 0.5, 0.5], atol=1e-5)
+    assert est.flip_prob[2] > est.flip_prob[3]  # ties broken by the mean margin
+
+
+def test_confident_learning_uses_random_orientation():
+    margin, p_clean, flipped = simulate_margins(eps=0.1, scale=8.0, seed=3)
+    q = noise.noisy_posterior(p_clean, 0.1)
+    est = noise.confident_learning(q, seed=0)
+    assert est.rate == pytest.approx(flipped.mean(), abs=0.05)
+    a = noise.random_orientation(len(q), 0)
+    assert 0.45 < a.mean() < 0.55
+    # the orientation is seeded: the same seed gives the same estimate
+    assert noise.confident_learning(q, seed=0).rate == est.rate
+
+
+def test_estimate_all_lists_every_estimator_default_first():
+    margin, _, _ = simulate_margins(n=500)
+    out = noise.estimate_all(margin)
+    assert list(out)[0] == noise.DEFAULT_ESTIMATOR
+    assert {"em", "anchor", "mixture", "cleanlab", "margin", "em_naive"} <= set(out)
+    for est in out.values():
+        assert 0.0 <= est.rate <= 0.5
+        assert len(est.p_clean) == len(margin)
