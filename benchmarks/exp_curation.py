@@ -144,13 +144,26 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the experiments
 def exp1_ches_windows(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> dict[str, Any]:
-    window = ctx["window"]
+    """Train on the lowest / highest LN-CHES window; displacement measured on the window's own pairs.
+
+    Default: one window per side, one run per seed (the seed sets the data
+    order). ``disjoint``: seed k trains on its own window (every len(seeds)-th
+    pair of the lowest / highest ``window * len(seeds)``), so replicates differ
+    in their pairs too; needed when a window fits one batch and the data
+    order no longer varies.
+    """
+    window, seeds = ctx["window"], ctx["seeds"]
     ranked = table.sort("ln_ches")
-    windows = {"lowest_ln_ches": ranked.head(window), "highest_ln_ches": ranked.tail(window)}
-    result: dict[str, Any] = {"window": window, "arms": {}}
-    for name, scored in windows.items():
-        data = pairs.join(scored.select("pair_id", "ln_ches"), on="pair_id")
-        runs = [train_and_eval(data, data, seed=s, **ctx["run"]) for s in ctx["seeds"]]
+    span = window * len(seeds) if ctx.get("disjoint") else window
+    sides = {"lowest_ln_ches": ranked.head(span), "highest_ln_ches": ranked.tail(span)}
+    result: dict[str, Any] = {"window": window, "disjoint": bool(ctx.get("disjoint")), "arms": {}}
+    for name, scored in sides.items():
+        runs = []
+        for k, seed in enumerate(seeds):
+            group = scored[k::len(seeds)] if ctx.get("disjoint") else scored
+            data = pairs.join(group.select("pair_id", "ln_ches"), on="pair_id")
+            runs.append(train_and_eval(data, data, seed=seed, **ctx["run"]))
+            print(name, runs[-1], flush=True)
         result["arms"][name] = {"ln_ches_range": [float(scored["ln_ches"].min()), float(scored["ln_ches"].max())],
                                 "runs": runs, "summary": aggregate(runs)}
     return result
@@ -198,9 +211,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default: the recipe's).")
     parser.add_argument("--batch-size", type=int, default=None, help="Pairs per optimizer step (default: the recipe's).")
     parser.add_argument("--max-length", type=int, default=None, help="Tokens per sequence (default: the recipe's).")
+    parser.add_argument("--lr", type=float, default=None, help="Learning rate (default: the recipe's).")
     parser.add_argument("--seeds", nargs="*", type=int, default=None)
+    parser.add_argument("--disjoint-windows", action="store_true",
+                        help="Experiment 1: each seed trains on its own window of pairs (see exp1_ches_windows).")
+    parser.add_argument("--reuse-scores", type=Path, default=None, help="scores.parquet of an earlier run: skip scoring.")
     args = parser.parse_args()
-    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("max_length", args.max_length)):
+    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("max_length", args.max_length),
+                       ("lr", args.lr)):
         if value is not None:
             RECIPE["train"][key] = value
     if args.max_length is not None:
@@ -231,22 +249,27 @@ def main() -> None:
     else:
         ref = load_causal_lm(RECIPE["model"], device=device, dtype="fp32")
         model_name = RECIPE["model"]
-    report: dict[str, Any] = {"recipe": RECIPE, "smoke": args.smoke, "score_limit": args.score_limit, "device": device,
+    report: dict[str, Any] = {"recipe": RECIPE, "smoke": args.smoke, "score_limit": args.score_limit,
+                              "disjoint_windows": args.disjoint_windows, "device": device,
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "model": ref.info}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(report, indent=2, default=float))
 
     t0 = time.perf_counter()
-    scored = pairs.head(args.score_limit) if args.score_limit else pairs
-    scorer = ref if args.smoke else load_causal_lm(RECIPE["model"], device=device, dtype="auto")  # bf16 where fast
-    table, report["scores"] = score_pairs(scorer, scored, minilm, RECIPE["max_length"])
-    del scorer
+    if args.reuse_scores:  # scores.parquet of an earlier run with the same --score-limit and --max-length
+        table = pl.read_parquet(args.reuse_scores)
+        report["scores"] = {"reused": str(args.reuse_scores), "pairs_scored": table.height}
+    else:
+        scored = pairs.head(args.score_limit) if args.score_limit else pairs
+        scorer = ref if args.smoke else load_causal_lm(RECIPE["model"], device=device, dtype="auto")  # bf16 where fast
+        table, report["scores"] = score_pairs(scorer, scored, minilm, RECIPE["max_length"])
+        del scorer
     table.write_parquet(out / "scores.parquet")
     report["scores"]["seconds"] = round(time.perf_counter() - t0, 1)
     print("scores:", report["scores"], flush=True)
     save()
-    ctx = {"seeds": seeds, "window": window, "pool": pool,
+    ctx = {"seeds": seeds, "window": window, "pool": pool, "disjoint": args.disjoint_windows,
            "run": {"ref": ref, "work": work, "overrides": {}, "model_name": model_name}}
     kept = holdout = None
     for number, name in ((1, "exp1_ches_windows"), (2, "exp2_curation"), (3, "exp3_dpo_vs_sparsepo")):

@@ -153,7 +153,7 @@ class Context:
     recipe: dict[str, Any]
     run: Path
     quiet: bool = False
-    fresh: bool = False  # the step's recorded fingerprint differs: outputs are stale
+    fresh: bool = False  # settings, inputs or --force changed since its outputs were written: they are stale
 
     def settings(self, step: str) -> dict[str, Any]:
         return dict(self.recipe.get(step) or {})
@@ -211,6 +211,8 @@ def score_step(ctx: Context) -> dict[str, Any]:
     cfg = ctx.settings("score")
     # the reward ensemble and the features step embed the same replies: one cache for both
     cfg["reward_options"] = {"cache_dir": ctx.run / "cache", **(cfg.get("reward_options") or {})}
+    if ctx.fresh:  # columns of other settings (or of the features step) must not outlive them
+        (ctx.run / "scores.parquet").unlink(missing_ok=True)
     table = score(ctx.run, out=ctx.run, model=ctx.model, device=ctx.device, **cfg)
     out: dict[str, Any] = {"pairs": table.height}
     for name in ("ln_ches", "rm_margin_mean", "flip_prob"):

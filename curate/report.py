@@ -181,10 +181,19 @@ def prompt_text(prompt: list[dict[str, str]] | None) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in (prompt or []))
 
 
+def last_user_turn(prompt: list[dict[str, str]] | None, limit: int = 120) -> str:
+    text = next((m["content"] for m in reversed(prompt or []) if m["role"] == "user"), "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hover_texts(table: pl.DataFrame) -> list[str] | None:
+    """The last user turn of each pair, shown when hovering over its point."""
+    return [html.escape(last_user_turn(p, 80)) for p in table["prompt"].to_list()] if "prompt" in table.columns else None
+
+
 def pair_details(row: dict[str, Any], label: str) -> str:
     """A pair as an expandable <details> block: prompt, chosen and rejected in full."""
-    last_user = next((m["content"] for m in reversed(row.get("prompt") or []) if m["role"] == "user"), "")
-    preview = last_user if len(last_user) <= 120 else last_user[:117] + "..."
+    preview = last_user_turn(row.get("prompt"))
     return (
         f"<details class='pair'><summary><b>{esc(label)}</b> {esc(preview)}</summary>"
         f"<div class='turns'><pre class='prompt'>{esc(prompt_text(row.get('prompt')))}</pre>"
@@ -227,7 +236,6 @@ def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
         "margin": {"l": 60, "r": 20, "t": 40, "b": 50},
         "height": 320,
         "legend": {"orientation": "h", "y": -0.25},
-        "template": "plotly_white",
         **extra,
     }
 
@@ -376,18 +384,6 @@ def strength_deciles(table: pl.DataFrame) -> list[dict[str, Any]]:
     return ranked.group_by("decile").agg(aggs).sort("decile").to_dicts()
 
 
-def find_key(obj: Any, key: str) -> Any:
-    """The first value stored under ``key`` anywhere in a nested manifest (depth first), or None."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for value in obj.values():
-            found = find_key(value, key)
-            if found is not None:
-                return found
-    return None
-
-
 def ensemble_section(inputs: ReportInputs) -> Section | None:
     table = inputs.table()
     mean, std = column(table, "rm_margin_mean"), column(table, "rm_margin_std")
@@ -409,7 +405,7 @@ def ensemble_section(inputs: ReportInputs) -> Section | None:
         parts.append(f"<p class='note'>AUC: {esc(info['auc_protocol'])}</p>")
     parts.append(scatter(mean, std, "Preference strength: mean margin vs margin std", "mean margin (strength)",
                          "margin std across members", color=column(table, "rm_vote_share"),
-                         color_label="vote share"))
+                         color_label="vote share", text=hover_texts(table)))
     groups = info.get("auc_by_feature_set") or info.get("auc_by_member_group") or {}
     if groups:
         parts.append("<h3>AUC of each feature set alone</h3>" + html_table(
@@ -450,8 +446,11 @@ def noise_section(inputs: ReportInputs) -> Section | None:
         parts.append("<h3>Flip-rate estimates</h3>" + html_table(rows))
     auroc = planted_flip_auroc(table)
     if auroc is not None:
-        parts.append(f"<p>This dataset marks its planted flips (meta.planted_flip): AUROC of flip_prob for them "
-                     f"<b>{fmt(auroc)}</b> (0.5 = chance).</p>")
+        planted = np.array([bool(t) for t in meta_of(table, "planted_flip")])
+        parts.append(f"<p>This dataset marks its planted flips (meta.planted_flip, {int(planted.sum())} pairs): "
+                     f"AUROC of flip_prob for them <b>{fmt(auroc)}</b> (0.5 = chance).</p>")
+        parts.append(histogram({"planted flips": flip[planted], "other pairs": flip[~planted]},
+                               "flip_prob of the planted flips vs the other pairs", "flip_prob", nbins=20))
     if inputs.bench and inputs.bench.get("results"):
         results = inputs.bench["results"]
         keys = ("estimator", "planted_rate", "estimated_rate", "natural_rate", "true_rate", "auroc")
@@ -612,8 +611,9 @@ def displacement_plot(inputs: ReportInputs, ev: EvalRun) -> Plot | None:
     x, y = column(table, "ln_ches"), column(table, "delta_chosen")
     if not (np.isfinite(x) & np.isfinite(y)).any():
         return None
+    pairs = table.join(inputs.pairs.select("pair_id", "prompt"), on="pair_id", how="left")
     return scatter(x, y, f"{ev.name}: LN-CHES vs change in chosen log-prob (the paper predicts a falling trend)",
-                   "LN-CHES", "Δ log π(chosen | x)")
+                   "LN-CHES", "Δ log π(chosen | x)", text=hover_texts(pairs))
 
 
 SECTIONS: list[Callable[[ReportInputs], Section | None]] = [
@@ -723,7 +723,8 @@ def write_report(run: str | Path, out: str | Path | None = None, *, title: str |
     inputs = load_inputs(run)
     sections = build_sections(inputs)
     numbers = headline(inputs)
-    source = find_key(inputs.manifest, "dataset") or find_key(inputs.manifest, "source") or ""
+    manifest = inputs.manifest
+    source = (manifest.get("load") or {}).get("dataset") or ((manifest.get("score") or {}).get("data") or {}).get("dataset")
     subtitle = (f"{inputs.run} · {source} · " if source else f"{inputs.run} · ") + \
         f"written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     page = render_html(sections, title=title or f"curate report: {inputs.run.name}", subtitle=subtitle,

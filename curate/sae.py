@@ -219,9 +219,25 @@ def encode(sae: SAE[Any], x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
 
 
 def save_sae(sae: SAE[Any], path: str | Path) -> Path:
-    """Write sae-lens's ``cfg.json`` + ``sae_weights.safetensors`` into the directory ``path``."""
+    """Write sae-lens's ``cfg.json`` + ``sae_weights.safetensors`` into the directory ``path``.
+
+    Written into a sibling temporary directory first and swapped in, so a
+    killed run never leaves a half-written SAE behind.
+    """
+    import shutil
+    import tempfile
+
     path = Path(path)
-    sae.save_model(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        sae.save_model(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 

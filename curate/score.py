@@ -19,7 +19,8 @@ order of ``pair_id``.
 Truncation rule: replies are kept whole; the prompt is cut from the left until
 prompt + the longer reply fit ``max_length`` (default: the model's context),
 the same cut for both replies so they share one prompt. A pair whose longer
-reply alone does not fit is moved to quarantine (reason ``reply_over_context``).
+reply alone does not fit is moved to quarantine (reason ``reply_over_context``),
+and so is a pair the tokenizer or chat template cannot encode (``cannot_encode``).
 
 Resuming: pairs are processed in fixed shards of ``shard_size`` pairs, each
 written atomically to ``RUN/shards/score-NNNNN.parquet``. A rerun with the same
@@ -50,6 +51,7 @@ MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
 SHARD_DIR = "shards"
 POOLED = "pooled.npz"
+POOLED_COLUMNS = ["pooled_chosen", "pooled_rejected"]
 DEFAULT_SHARD_SIZE = 512
 
 
@@ -128,6 +130,9 @@ def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batc
             pair, cut = encode_pair(encoder, row["prompt"], row["chosen"], row["rejected"])
         except ReplyTooLong as exc:
             skipped[i] = f"reply_over_context: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing this conversation
+            skipped[i] = f"cannot_encode: {type(exc).__name__}: {exc}"
             continue
         encoded.append(pair)
         truncated.append(cut)
@@ -268,7 +273,7 @@ def score(
         raise CurateError("shard_size must be at least 1")
     run = RunDir(out)
     started = time.time()
-    load_kwargs = dict(subset=subset, split=split, revision=None, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
     pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
@@ -341,11 +346,14 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
             write_parquet(frame, _shard_path(shard_dir, k))
     score_seconds = time.time() - t_score
 
-    shards = pl.concat([pl.read_parquet(_shard_path(shard_dir, k)) for k in range(n_shards)], how="diagonal_relaxed")
+    shard_paths = [_shard_path(shard_dir, k) for k in range(n_shards)]
+    if "ches" in scores:
+        _write_pooled(run / POOLED, shard_paths)
+    shards = pl.concat([pl.read_parquet(p).drop(POOLED_COLUMNS, strict=False) for p in shard_paths],
+                       how="diagonal_relaxed")
     skipped = shards.filter(pl.col("skip_reason").is_not_null())
     scored = shards.filter(pl.col("skip_reason").is_null())
-    _write_pooled(run, scored)
-    table = scored.drop(["skip_reason", "pooled_chosen", "pooled_rejected"], strict=False)
+    table = scored.drop("skip_reason")
     if skipped.height:
         run.write_pairs(
             pairs.filter(~pl.col("pair_id").is_in(skipped["pair_id"].to_list())),
@@ -362,7 +370,8 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         "truncation": {"rule": "keep replies whole; cut the prompt from the left so prompt + longer reply fit",
                        "max_length": effective_max,
                        "pairs_with_prompt_cut": int((table["n_prompt_tokens_cut"] > 0).sum()),
-                       "pairs_quarantined_reply_over_context": skipped.height},
+                       "pairs_quarantined_reply_over_context": int(skipped["skip_reason"].str.starts_with("reply_over_context").sum()),
+                       "pairs_quarantined_cannot_encode": int(skipped["skip_reason"].str.starts_with("cannot_encode").sum())},
         "system_prompt": system_prompt,
         "n_scored": table.height,
         "timings": {"load_model_s": round(load_seconds, 3), "score_s": round(score_seconds, 3),
@@ -371,21 +380,32 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
     }
 
 
-def _write_pooled(run: RunDir, scored: pl.DataFrame) -> None:
-    if "pooled_chosen" not in scored.columns:
-        return
-    import io
+def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
+    """Write the pooled states of every shard into one ``.npz``, one shard in memory at a time.
 
-    from curate.rundir import atomic_write_bytes
+    Each array is streamed into its zip entry after an ``.npy`` header
+    carrying the final shape, so ``np.load`` reads it like ``np.savez`` output.
+    """
+    import zipfile
 
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        pair_id=np.asarray(scored["pair_id"].to_list(), dtype=str),
-        mean_chosen=scored["pooled_chosen"].to_numpy().astype(np.float32),
-        mean_rejected=scored["pooled_rejected"].to_numpy().astype(np.float32),
-    )
-    atomic_write_bytes(run / POOLED, buffer.getvalue())
+    with_states = [p for p in shard_paths if "pooled_chosen" in pl.read_parquet_schema(p)]  # not all-skipped
+    frames = [pl.scan_parquet(p).filter(pl.col("skip_reason").is_null()) for p in with_states]
+    n_rows = sum(f.select(pl.len()).collect().item() for f in frames)
+    dim = pl.read_parquet_schema(with_states[0])["pooled_chosen"].size if with_states else 0
+    ids = np.asarray(pl.concat([f.select("pair_id").collect() for f in frames])["pair_id"].to_list(), dtype=str)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("pair_id.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, ids)
+        for column, name in (("pooled_chosen", "mean_chosen"), ("pooled_rejected", "mean_rejected")):
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                          "fortran_order": False, "shape": (n_rows, dim)}
+                np.lib.format.write_array_header_2_0(fh, header)
+                for frame in frames:
+                    block = frame.select(column).collect()[column].to_numpy()
+                    fh.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ summaries (CLI)

@@ -114,21 +114,37 @@ def length_features(a: str, b: str) -> list[float]:
     return [len(a) - len(b), len(words(a)) - len(words(b))]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_length_alone_does_not_predict_the_label(rows, seed):
-    """Logistic regression on length differences, randomly oriented pairs, 5-fold CV: AUC <= 0.6."""
+def length_only_auc(pairs: list[tuple[str, str]], seed: int) -> float:
+    """Cross-validated AUC of a logistic regression that sees only length differences.
+
+    Each (chosen, rejected) pair is shown in a random order; the model
+    predicts whether the first reply is the chosen one from the character
+    and word-count differences (5-fold CV).
+    """
     rng = random.Random(seed)
     features, labels = [], []
-    for row in rows:
+    for chosen, rejected in pairs:
         a_is_chosen = rng.random() < 0.5
-        a, b = (row["chosen"], row["rejected"]) if a_is_chosen else (row["rejected"], row["chosen"])
+        a, b = (chosen, rejected) if a_is_chosen else (rejected, chosen)
         features.append(length_features(a, b))
         labels.append(int(a_is_chosen))
     x = np.asarray(features, dtype=float)
     x /= x.std(axis=0)
     y = np.asarray(labels)
     scores = cross_val_predict(LogisticRegression(), x, y, cv=5, method="predict_proba")[:, 1]
-    assert roc_auc_score(y, scores) <= 0.6
+    return float(roc_auc_score(y, scores))
+
+
+def test_length_check_catches_a_length_giveaway():
+    rng = random.Random(0)
+    pairs = [("word " * rng.randint(20, 40), "word " * rng.randint(5, 19)) for _ in range(200)]
+    assert length_only_auc(pairs, seed=0) > 0.95
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_length_alone_does_not_predict_the_label(rows, seed):
+    """Measured on the committed file: AUC 0.55-0.57 over seeds 0-4 (limit 0.6)."""
+    assert length_only_auc([(row["chosen"], row["rejected"]) for row in rows], seed) <= 0.6
 
 
 def giveaway_ngrams(pairs: list[tuple[str, str]], min_share: float = 0.05, max_accuracy: float = 0.75):
@@ -186,13 +202,16 @@ def test_generator_reproduces_the_committed_file(tmp_path):
     assert out.read_bytes() == DEMO.read_bytes()
 
 
+def unordered_pairs(rows: list[dict]) -> set[tuple[str, str, str]]:
+    return {(json.dumps(row["prompt"]), *sorted([row["chosen"], row["rejected"]])) for row in rows}
+
+
 def test_a_different_seed_changes_flips_but_not_the_pairs(tmp_path):
     out = tmp_path / "pairs.jsonl"
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--seed", "7"], check=True, capture_output=True)
     other = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     committed = [json.loads(line) for line in DEMO.read_text(encoding="utf-8").splitlines()]
-    as_set = lambda rs: {(json.dumps(r["prompt"]), *sorted([r["chosen"], r["rejected"]])) for r in rs}  # noqa: E731
-    assert as_set(other) == as_set(committed)
+    assert unordered_pairs(other) == unordered_pairs(committed)
     assert [r["meta"]["planted_flip"] for r in other] != [r["meta"]["planted_flip"] for r in committed]
 
 
@@ -214,8 +233,9 @@ def test_planted_flips_are_recoverable_from_reply_embeddings(rows):
 
     Random orientation, logistic regression, 5 folds grouped by prompt; a pair's
     flip score is the probe's probability that the stored label is wrong.
-    Measured: AUROC 0.92-0.93 for orientation seeds 0-2. Near-duplicates
-    (one word apart) stay near chance for such a probe, by design.
+    Measured: AUROC 0.898 / 0.931 / 0.941 for orientation seeds 0-2 (mean
+    0.923). Near-duplicates (one word apart) stay near chance for such a
+    probe, by design.
     """
     from sklearn.model_selection import GroupKFold
 

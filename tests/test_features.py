@@ -210,12 +210,18 @@ def _planted_pairs(n=240, d=24, seed=0):
     return pairs_frame(rows), (np.array(e_c, dtype=np.float32), np.array(e_r, dtype=np.float32))
 
 
-SMALL = dict(n_features=8, k=2, prefixes=(4, 8), lr=5e-3, max_epochs=30, batch_size=64)
+SMALL = dict(n_features=8, k=2, prefixes=(4, 8), lr=5e-3, max_epochs=30, batch_size=64, device="cpu")
 
 
-def test_compute_features_finds_the_planted_contrast():
+@pytest.fixture(scope="module")
+def planted():
+    """The planted pairs and their feature result, computed once for the tests below."""
     pairs, embeddings = _planted_pairs()
-    result = F.compute_features(pairs, settings=F.FeatureSettings(**SMALL), embeddings=embeddings)
+    return pairs, F.compute_features(pairs, settings=F.FeatureSettings(**SMALL), embeddings=embeddings)
+
+
+def test_compute_features_finds_the_planted_contrast(planted):
+    pairs, result = planted
     assert result.table.height == 8
     assert result.activations.columns == ["pair_id"] + [f"sae_f{j}" for j in range(8)]
     contrast = dict(zip(pairs["pair_id"], [json.loads(m)["contrast"] for m in pairs["meta"]]))
@@ -247,17 +253,25 @@ def test_too_few_pairs_and_constant_embeddings_are_clear_errors():
         F.compute_features(pairs, settings=F.FeatureSettings(n_features=4, k=5), embeddings=(e_c, e_r))
 
 
-def test_run_features_writes_the_run_dir_and_top_pairs(tmp_path, monkeypatch):
+def test_run_features_writes_the_run_dir_and_top_pairs(tmp_path, monkeypatch, planted):
     from curate.rundir import RunDir
 
-    pairs, embeddings = _planted_pairs()
+    pairs, computed = planted
     run = RunDir(tmp_path / "run")
     run.write_pairs(pairs, pl.DataFrame())
     run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "other_signal": np.arange(pairs.height)}))
+    run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "sae_f30": np.zeros(pairs.height)}))  # stale, larger SAE
 
-    real = F.compute_features
-    monkeypatch.setattr(F, "compute_features", lambda p, **kw: real(p, settings=kw["settings"], embeddings=embeddings))
+    seen = {}
+
+    def fake_compute(p, **kwargs):
+        seen.update(kwargs, pairs=p)
+        return computed
+
+    monkeypatch.setattr(F, "compute_features", fake_compute)
     F.run_features(run.path, settings=F.FeatureSettings(**SMALL))
+    assert seen["pairs"]["pair_id"].to_list() == pairs["pair_id"].to_list()
+    assert Path(seen["cache_dir"]) == run.path / "cache"
     table = pl.read_parquet(run / "features.parquet")
     for column in ("feature", "prevalence", "win_rate_delta", "p_value", "description"):
         assert column in table.columns
@@ -265,6 +279,7 @@ def test_run_features_writes_the_run_dir_and_top_pairs(tmp_path, monkeypatch):
     assert summary["settings"]["n_features"] == 8
     scores = run.scores()
     assert "other_signal" in scores.columns and "sae_f7" in scores.columns and scores.height == pairs.height
+    assert "sae_f30" not in scores.columns
     assert run.manifest()["features"]["columns"][0] == "sae_f0"
     assert (run / "sae" / "cfg.json").exists()
 
@@ -299,24 +314,26 @@ def test_demo_planted_contrast_dominates_a_feature(tmp_path):
     assert best >= 0.9
 
 
-def test_cli_features_on_a_run_dir(tmp_path, monkeypatch):
+def test_cli_features_on_a_run_dir(tmp_path, monkeypatch, planted):
     from typer.testing import CliRunner
 
     from curate.cli import app
     from curate.rundir import RunDir
 
-    pairs, embeddings = _planted_pairs()
+    pairs, computed = planted
     run = RunDir(tmp_path / "run")
     run.write_pairs(pairs, pl.DataFrame())
-    real = F.compute_features
-    monkeypatch.setattr(F, "compute_features", lambda p, **kw: real(p, settings=kw["settings"], embeddings=embeddings))
+    settings_seen = []
+    monkeypatch.setattr(F, "compute_features", lambda p, **kw: settings_seen.append(kw["settings"]) or computed)
     runner = CliRunner()
     args = ["features", str(run.path), "--n-features", "8", "--k", "2", "--prefixes", "4,8", "--lr", "5e-3",
             "--epochs", "30", "--batch-size", "64", "--device", "cpu"]
     result = runner.invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["summary"]["settings"]["n_features"] == 8 and len(payload["features"]) == 8
+    assert len(payload["features"]) == 8 and "signal_fraction" in payload["summary"]
+    assert settings_seen[0] == F.FeatureSettings(n_features=8, k=2, prefixes=(4, 8), lr=5e-3, max_epochs=30,
+                                                 batch_size=64, device="cpu")
     shown = runner.invoke(app, args + ["--top", "3"])
     assert shown.exit_code == 0 and "signal fraction" in shown.output
     missing = runner.invoke(app, ["features"])

@@ -6,7 +6,7 @@ import pytest
 
 from curate.data import load_pairs
 from curate.data.formats import parse_hh_transcript
-from curate.data.inspect import near_duplicates, overlap
+from curate.data.inspect import near_duplicates, overlap, similar_replies
 from curate.errors import CurateError
 
 PROMPT = [{"role": "user", "content": "Name a prime number."}]
@@ -170,5 +170,6 @@ def test_near_duplicates_and_overlap(tmp_path):
     near = near_duplicates(pairs)
     assert near.height == 1
     assert {near["pair_id"][0], near["other_pair_id"][0]} == set(pairs["pair_id"][:2])
+    assert similar_replies(pairs, ratio=0.8) == 2  # Paris/Lyon replies differ by one word; Madrid/Barcelona do not
     stats = overlap(pairs, pairs.head(1))
     assert stats == {"left_pairs": 3, "right_pairs": 1, "shared_pairs": 1, "shared_prompts": 1}

@@ -204,3 +204,75 @@ def test_max_train_pairs_refuses_nonsense(value):
     ctx = pipeline.Context({"train": {"max_train_pairs": value}}, Path("."))
     with pytest.raises(CurateError, match="max_train_pairs"):
         pipeline.max_train_pairs(ctx)
+
+
+# ------------------------------------------------------------------ the CLI
+def test_cli_run_json_and_errors(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    fake = FakeSteps()
+    monkeypatch.setattr(pipeline, "STEP_TABLE", fake.table())
+    recipe = write_recipe(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(recipe), "--set", "filter.ches_drop_top=5", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [s["step"] for s in out["steps"]] == ["load"] + ALL_STEPS and out["headline"] == {"pairs": 3}
+
+    result = runner.invoke(app, ["run", str(recipe), "--set", "trian.lr=1"])
+    assert result.exit_code == 2 and "unknown recipe key 'trian'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_report_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from curate.data.schema import pairs_frame, quarantine_frame
+    from curate.rundir import RunDir
+
+    RunDir(run).write_pairs(pairs_frame([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a b",
+                                          "rejected": "c"}]), quarantine_frame([]))
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["sections"] == ["dataset"] and summary["out"] == str(tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+# ------------------------------------------------------------------ every real step, with a tiny model
+@pytest.mark.slow
+def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_lm):
+    """All seven steps through the real library functions: a tiny random llama, MiniLM for the features."""
+    model_dir = tmp_path / "tiny"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    recipe = write_recipe(
+        tmp_path, dataset=str(REPO / "data" / "demo" / "pairs.jsonl"), model=str(model_dir), device="cpu",
+        load={"limit": 40},
+        score={"scores": ["ches", "logps", "reward", "noise"], "dtype": "fp32",
+               "reward_options": {"embedder": None, "folds": 2, "seeds": [0]}},
+        features={"n_features": 8, "k": 2, "prefixes": [4, 8], "max_epochs": 3, "min_epochs": 1, "val_fraction": 0.25},
+        filter={"ches_drop_top": 10},
+        export={"format": "parquet"},
+        train={"max_train_pairs": 4, "common": {"batch_size": 2, "lr": 1e-3, "bf16": False, "save_every": 0},
+               "runs": {"dpo": {"loss": "dpo"}, "sparsepo": {"loss": "sparsepo"}}},
+        eval={"data": "train"},
+    )
+    result = pipeline.run_pipeline(recipe, quiet=True)
+    run = tmp_path / "run"
+    assert [s["status"] for s in result["steps"]] == ["ran"] * 8
+    assert {"ln_ches", "flip_prob", "sae_f0"} <= set(pl.read_parquet(run / "scores.parquet").columns)
+    for name in ("dpo", "sparsepo"):
+        assert len((run / "train" / name / "metrics.jsonl").read_text().splitlines()) == 2  # 4 pairs / 2 per step
+        assert json.loads((run / "eval" / name / "eval.json").read_text())["pairs"] == 4
+    assert set(pipeline_sections(run)) == {"dataset", "ches", "ensemble", "noise", "features", "curation", "training"}
+    assert result["headline"]["train/dpo final loss"] > 0
+
+    again = pipeline.run_pipeline(recipe, quiet=True)
+    assert [s["status"] for s in again["steps"]] == ["skipped"] * 7 + ["ran"]

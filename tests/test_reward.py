@@ -170,6 +170,9 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     pooled = {"pair_id": np.array(pairs["pair_id"].to_list()), "sum_chosen": 3 * fs.chosen,
               "sum_rejected": 2 * fs.rejected, "len_chosen": np.full(n, 3), "len_rejected": np.full(n, 2)}
     np.savez(run / "pooled.npz", **pooled)
+    logps = rng.normal(size=(n, 2))
+    run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": logps[:, 0], "logp_rejected": logps[:, 1],
+                                   "logp_mean_chosen": logps[:, 0] / 3, "logp_mean_rejected": logps[:, 1] / 2}))
     table = reward.score_reward_and_noise(run, embedder=None, reward_models=[tiny_reward_model], device="cpu",
                                           seeds=(0, 1, 2), folds=3)
     scores = run.scores()
@@ -177,12 +180,13 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
         assert col in scores.columns
     assert scores.height == n and table.height == n
     member_cols = [c for c in scores.columns if c.startswith("rm_m_")]
-    assert len(member_cols) == 3 * 3 + 1  # (all, policy, text_stats) x 3 seeds + the pretrained RM
+    assert len(member_cols) == 4 * 3 + 1  # (all, no_policy, no_policy_logp, no_text_stats) x 3 seeds + the RM
+    assert "logp_chosen" in scores.columns  # other steps' columns are kept
     assert scores["rm_out_of_fold"].all()
     assert ((scores["flip_prob"] >= 0) & (scores["flip_prob"] <= 1)).all()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["reward"]["policy_states"] is True
-    assert set(manifest["reward"]["feature_sets"]) == {"policy", "text_stats"}
+    assert set(manifest["reward"]["feature_sets"]) == {"policy", "policy_logp", "text_stats"}
     assert 0 <= manifest["reward"]["oof_auc"] <= 1
     assert manifest["noise"]["default_estimator"] == "em"
     assert {"em", "cleanlab", "margin", "anchor", "mixture"} <= set(manifest["noise"]["estimators"])
@@ -191,10 +195,11 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     np.testing.assert_allclose(got.chosen, fs.chosen[::-1])
 
 
-def test_missing_policy_states_for_some_pairs_is_an_error(tmp_path):
+def test_missing_policy_states_for_some_pairs_warns_and_skips_them(tmp_path):
     from curate.rundir import RunDir
 
     run = RunDir(tmp_path)
+    assert reward.policy_feature_set(run, ["a"]) is None  # no CHES pass yet
     np.savez(run.path / "pooled.npz", pair_id=np.array(["a"]), mean_chosen=np.ones((1, 2)), mean_rejected=np.zeros((1, 2)))
-    with pytest.raises(CurateError, match="no pooled policy states"):
-        reward.policy_feature_set(run, ["a", "b"])
+    with pytest.warns(UserWarning, match="no pooled policy states"):
+        assert reward.policy_feature_set(run, ["a", "b"]) is None

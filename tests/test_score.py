@@ -133,7 +133,7 @@ def test_only_logps_skips_ches_columns(tmp_path, tiny):
 def test_overlong_reply_is_quarantined_and_prompts_are_cut_from_the_left(tmp_path, tiny):
     data = write_hh_sample(tmp_path / "hh.jsonl.gz", 6, long_reply_at=2)
     run = RunDir(tmp_path / "run")
-    result = score(data, out=run.path, lm=tiny, max_length=160, scores="ches,logps")
+    result = score(data, out=run.path, lm=tiny, max_length=160, scores="ches,logps", shard_size=1)  # one shard all-quarantined
     quarantine = run.quarantine()
     assert "reply_over_context" in quarantine["reason"].to_list()
     assert result.height == 5 and run.pairs().height == 5
@@ -144,9 +144,31 @@ def test_overlong_reply_is_quarantined_and_prompts_are_cut_from_the_left(tmp_pat
     assert manifest["pairs_with_prompt_cut"] == int((result["n_prompt_tokens_cut"] > 0).sum()) > 0
     assert_table_matches_reference(tiny, run, max_length=160)
     # scoring the run again is idempotent: nothing new is quarantined twice
-    again = score(run.path, lm=tiny, max_length=160)
+    again = score(run.path, lm=tiny, max_length=160, shard_size=1)
     assert again.sort("pair_id").equals(result.sort("pair_id"))
     assert run.quarantine().height == quarantine.height
+
+
+def test_a_pair_that_cannot_be_encoded_is_quarantined_not_fatal(tmp_path, tiny, monkeypatch):
+    import curate.score as score_module
+
+    real = score_module.encode_pair
+
+    def refuse_second(encoder, prompt, chosen, rejected):
+        if chosen == first_rows[1]["chosen"]:
+            raise ValueError("template refused this conversation")
+        return real(encoder, prompt, chosen, rejected)
+
+    data = write_hh_sample(tmp_path / "hh.jsonl.gz", 3)
+    from curate.data.load import load_pairs
+
+    first_rows = load_pairs(str(data)).pairs.to_dicts()
+    monkeypatch.setattr(score_module, "encode_pair", refuse_second)
+    result = score(data, out=tmp_path / "run", lm=tiny)
+    quarantine = RunDir(tmp_path / "run").quarantine()
+    assert result.height == 2 and "cannot_encode" in quarantine["reason"].to_list()
+    assert "template refused" in quarantine.filter(pl.col("reason") == "cannot_encode")["detail"][0]
+    assert RunDir(tmp_path / "run").manifest()["score"]["truncation"]["pairs_quarantined_cannot_encode"] == 1
 
 
 CHILD = """
@@ -185,8 +207,8 @@ def test_resume_after_sigkill_recomputes_nothing_and_gives_the_same_table(tmp_pa
 
     resumed = run_child(data, tmp_path / "run", kill_at=0)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    fresh = run_child(data, tmp_path / "fresh", kill_at=0)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    # the uninterrupted run, in this process with the same model, threads and settings
+    score(data, out=tmp_path / "fresh", lm=tiny_causal_lm(seed=0), shard_size=2, token_budget=800)
 
     resumed_run, fresh_run = RunDir(tmp_path / "run"), RunDir(tmp_path / "fresh")
     assert resumed_run.manifest()["score"]["batch"]["shards_resumed"] == 3

@@ -39,6 +39,12 @@ def near_duplicates(pairs: pl.DataFrame, ratio: float = NEAR_DUPLICATE_RATIO) ->
     return pl.DataFrame(found, schema={"pair_id": pl.Utf8, "other_pair_id": pl.Utf8, "similarity": pl.Float64})
 
 
+def similar_replies(pairs: pl.DataFrame, ratio: float = NEAR_DUPLICATE_RATIO) -> int:
+    """How many pairs have chosen and rejected replies that differ by only a few characters."""
+    return sum(difflib.SequenceMatcher(None, c, r).ratio() >= ratio
+               for c, r in zip(pairs["chosen"].to_list(), pairs["rejected"].to_list()))
+
+
 def overlap(left: pl.DataFrame, right: pl.DataFrame) -> dict[str, int]:
     """How many pairs / prompts of ``left`` also occur in ``right`` (e.g. train vs test)."""
     same_pairs = left.join(right.select("pair_id"), on="pair_id", how="semi").height
@@ -93,6 +99,7 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         "quarantine_reasons": {reason: n for reason, n in reasons},
         "quarantined_rows": quarantine.select("source", "reason", "detail").to_dicts(),
         "near_duplicates": near.height,
+        "similar_reply_pairs": similar_replies(result.pairs),
         "near_duplicate_examples": near.head(10).to_dicts(),
         "lengths": length_stats(result.pairs),
     }
@@ -116,7 +123,9 @@ def inspect_dataset(dataset: str, *, model: str | None = None, system_prompt: st
 def render_inspection(summary: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{summary['dataset']}[/] (format {summary['format']}): "
                   f"{summary['rows']} rows -> [green]{summary['pairs']} pairs[/], "
-                  f"[yellow]{summary['quarantined']} quarantined[/], {summary['near_duplicates']} near-duplicate pairs")
+                  f"[yellow]{summary['quarantined']} quarantined[/]")
+    console.print(f"{summary['near_duplicates']} near-duplicate pairs (same prompt, nearly the same two replies); "
+                  f"{summary['similar_reply_pairs']} pairs whose chosen and rejected replies are nearly identical")
     if summary["quarantined_rows"]:
         table = Table(title="Quarantined rows")
         table.add_column("source", overflow="fold", no_wrap=False, min_width=20)

@@ -4,7 +4,7 @@ For every pair it returns, per reply, the fp32 sum of the last-layer hidden
 states at the positions that predict the reply (CHES), the last of those
 states (the hidden-inner-product baseline) and, when asked, the summed
 log-prob of the reply. Only the final hidden state is kept, and ``lm_head``
-runs only on reply positions and only when log-probs are asked for.
+runs only on reply positions, only when log-probs are asked for, and in fp32.
 
 How a batch runs (``prefix_sharing=True``, the default):
 
@@ -94,7 +94,7 @@ def plan_batches(
     return batches
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded ids, attention mask and position ids (counting from each sequence's start)."""
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -120,6 +120,13 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.base_model, model.get_output_embeddings()
 
 
+def _fp32_head(lm_head: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The unembedding computed in fp32: bf16 logits would round away ~0.1 nats per token."""
+    weight = lm_head.weight.float()
+    bias = lm_head.bias.float() if getattr(lm_head, "bias", None) is not None else None
+    return lambda states: torch.nn.functional.linear(states.float(), weight, bias)
+
+
 def _reply_scores(
     states: torch.Tensor,
     replies: Sequence[Sequence[int]],
@@ -141,7 +148,7 @@ def _reply_scores(
     if lm_head is not None:
         targets = _right_pad(replies, states.shape[1]).to(device)
         valid = torch.arange(states.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
-        token_lp = token_logprobs(states[valid], targets[valid], lm_head)
+        token_lp = token_logprobs(states[valid], targets[valid], _fp32_head(lm_head))
         per_row = torch.zeros(len(replies), dtype=torch.float32, device=device)
         out["logp"] = per_row.index_add_(0, valid.nonzero()[:, 0], token_lp)
     return out
@@ -150,7 +157,7 @@ def _reply_scores(
 def _forward_shared(model, pairs: Sequence[EncodedPair], want_logps: bool) -> dict[str, torch.Tensor]:
     decoder, lm_head = _decoder_and_head(model)
     device = next(model.parameters()).device
-    ids, mask, positions = _left_pad([p.prompt for p in pairs], device)
+    ids, mask, positions = left_pad([p.prompt for p in pairs], device)
     prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     last_prompt_state = prompt_out.last_hidden_state[:, -1]  # left padding: last column
 
@@ -186,7 +193,7 @@ def _forward_separate(model, pairs: Sequence[EncodedPair], want_logps: bool) -> 
     device = next(model.parameters()).device
     replies = [r for p in pairs for r in (p.chosen, p.rejected)]
     seqs = [list(p.prompt) + list(r[:-1]) for p in pairs for r in (p.chosen, p.rejected)]
-    ids, mask, positions = _left_pad(seqs, device)
+    ids, mask, positions = left_pad(seqs, device)
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
     # with left padding the n states predicting an n-token reply are the last n columns
     lengths = torch.tensor([len(r) for r in replies], device=device)
@@ -237,8 +244,9 @@ def score_batches(
     """Yield ``(pair indices, outputs)`` batch by batch, longest pairs first.
 
     With ``batch_size=None`` batches fill ``token_budget`` padded tokens
-    (default: a fixed budget on CPU, a large one on GPU that halves on
-    out-of-memory until the batch fits).
+    (default: a fixed budget on CPU, a large one on GPU). Out-of-memory
+    halves the failed batch (and the budget or batch size for the rest) and
+    retries, down to one pair per batch.
     """
     budget = token_budget or default_token_budget(model)
     pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing)

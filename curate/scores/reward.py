@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import re
+import warnings
 
 import numpy as np
 from scipy.optimize import minimize
@@ -130,16 +131,16 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAUL
     """
     reward_c = np.empty(len(fold))
     reward_r = np.empty(len(fold))
+    diff = features.chosen - features.rejected
     for k in np.unique(fold):
         train, test = fold != k, fold == k
-        replies = np.concatenate([features.chosen[train], features.rejected[train]])
-        mean = replies.mean(axis=0)
-        std = (replies.std(axis=0) + 1e-8) * np.sqrt(features.dim)
-        xc = (features.chosen - mean) / std
-        xr = (features.rejected - mean) / std
-        w = fit_bt_head(xc[train] - xr[train], l2=l2)
-        reward_c[test] = xc[test] @ w
-        reward_r[test] = xr[test] @ w
+        c, r = features.chosen[train], features.rejected[train]
+        mean = (c.sum(axis=0) + r.sum(axis=0)) / (2 * len(c))
+        var = ((c * c).sum(axis=0) + (r * r).sum(axis=0)) / (2 * len(c)) - mean**2
+        std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(features.dim)
+        w = fit_bt_head(diff[train] / std, l2=l2) / std  # weights on the raw features
+        reward_c[test] = (features.chosen[test] - mean) @ w
+        reward_r[test] = (features.rejected[test] - mean) @ w
     return reward_c, reward_r
 
 
@@ -466,28 +467,71 @@ def policy_feature_set(run, pair_ids: Sequence[str], pooled: Mapping[str, np.nda
     index = {str(p): i for i, p in enumerate(pooled["pair_id"])}
     missing = [p for p in pair_ids if p not in index]
     if missing:
-        raise CurateError(f"{len(missing)} pairs have no pooled policy states; rerun `curate score --scores ches` first")
+        warnings.warn(
+            f"{len(missing)} of {len(pair_ids)} pairs have no pooled policy states (quarantined or not scored); "
+            "the reward heads run without the policy feature set. Rerun `curate score --scores ches` to include it.",
+            stacklevel=2,
+        )
+        return None
     rows = np.array([index[p] for p in pair_ids])
     return FeatureSet("policy", np.asarray(mc)[rows], np.asarray(mr)[rows])
+
+
+LOGP_COLUMNS = ("logp_chosen", "logp_rejected", "logp_mean_chosen", "logp_mean_rejected")
+
+
+def policy_logp_feature_set(run, pair_ids: Sequence[str]) -> FeatureSet | None:
+    """The policy's reply log-probs (sum and per-token mean) from the CHES/logps pass, if the run has them."""
+    if run is None:
+        return None
+    scores = run.scores()
+    if not set(LOGP_COLUMNS) <= set(scores.columns):
+        return None
+    import polars as pl
+
+    table = pl.DataFrame({"pair_id": list(pair_ids)}).join(scores.select("pair_id", *LOGP_COLUMNS), on="pair_id", how="left")
+    values = table.select(LOGP_COLUMNS).to_numpy().astype(np.float64)
+    if not np.isfinite(values).all():
+        warnings.warn("some pairs have no policy log-probs; the heads run without them", stacklevel=2)
+        return None
+    return FeatureSet("policy_logp", values[:, [0, 2]], values[:, [1, 3]])
+
+
+def last_user_message(messages: Sequence[Mapping[str, str]]) -> str:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else ""
 
 
 def build_feature_sets(
     pairs, *, run=None, embedder: str | None = "all-minilm-l6-v2", pooled=None, text_stats: bool = True,
     device: str = "auto", cache_dir=None,
 ) -> list[FeatureSet]:
-    """Frozen feature sets of every pair: policy states (if computed), reply embeddings, text statistics."""
+    """Frozen feature sets of every pair, none of which depends on the labels.
+
+    - ``policy``: the policy's mean-pooled reply states (CHES pass, if present),
+    - ``policy_logp``: the policy's reply log-probs (logps pass, if present),
+    - ``reply_emb``: sentence embeddings of the replies (``embedder``),
+    - ``relevance``: cosine of each reply's embedding with the last user turn's,
+    - ``text_stats``: :func:`text_statistics`.
+    """
     sets = []
     if run is not None or pooled is not None:
         policy = policy_feature_set(run, pairs["pair_id"].to_list(), pooled)
         if policy is not None:
             sets.append(policy)
+        logp = policy_logp_feature_set(run, pairs["pair_id"].to_list())
+        if logp is not None:
+            sets.append(logp)
     if embedder:
         from curate.embeddings import embed_texts
 
-        texts = pairs["chosen"].to_list() + pairs["rejected"].to_list()
+        n = pairs.height
+        prompts = [last_user_message(m) for m in pairs["prompt"].to_list()]
+        texts = pairs["chosen"].to_list() + pairs["rejected"].to_list() + prompts
         emb = embed_texts(texts, model=embedder, device=device, cache_dir=cache_dir, show_progress=False)
-        name = re.sub(r"[^a-z0-9]+", "_", embedder.lower().split("/")[-1]).strip("_")
-        sets.append(FeatureSet(name, emb[: pairs.height], emb[pairs.height :]))
+        chosen, rejected, prompt = emb[:n], emb[n : 2 * n], emb[2 * n :]
+        sets.append(FeatureSet("reply_emb", chosen, rejected))
+        sets.append(FeatureSet("relevance", (chosen * prompt).sum(axis=1), (rejected * prompt).sum(axis=1)))
     if text_stats:
         sets.append(FeatureSet("text_stats", text_statistics(pairs["chosen"].to_list()),
                                text_statistics(pairs["rejected"].to_list())))
@@ -539,6 +583,7 @@ def score_reward_and_noise(
     info["reward"]["seconds"] = {"features": round(features_s, 2), "total": round(time.perf_counter() - started, 2)}
     info["reward"]["embedder"] = embedder
     info["reward"]["policy_states"] = any(fs.name == "policy" for fs in feature_sets)
+    info["reward"]["policy_logps"] = any(fs.name == "policy_logp" for fs in feature_sets)
     run.update_manifest("reward", info["reward"])
     run.update_manifest("noise", info["noise"])
     return table

@@ -40,7 +40,8 @@ def read_training_pairs(data: Any, *, limit: int | None = None) -> tuple[pl.Data
         raise CurateError(f"no pairs to train on in {info['source']}: check the path or the filter that produced it")
     missing = {"pair_id", "prompt", "chosen", "rejected"} - set(pairs.columns)
     if missing:
-        raise CurateError(f"{info['source']} lacks the pair columns {sorted(missing)}: load it with `curate data inspect --out`")
+        raise CurateError(f"{info['source']} lacks the pair columns {sorted(missing)}: "
+                          "load it with `curate data inspect --out`")
     return pairs, info
 
 
@@ -56,7 +57,8 @@ def column_values(pairs: pl.DataFrame, column: str | None, what: str) -> np.ndar
     values = pairs[column].cast(pl.Float64).to_numpy()
     bad = ~np.isfinite(values)
     if bad.any():
-        raise CurateError(f"--{what} column {column!r} has {int(bad.sum())} missing or non-finite values; fill or drop them first")
+        raise CurateError(f"--{what} column {column!r} has {int(bad.sum())} missing or non-finite values; "
+                          "fill or drop them first")
     if what == "soft-labels" and ((values < 0) | (values > 1)).any():
         raise CurateError(f"--soft-labels column {column!r} must hold probabilities in [0, 1]")
     if what == "weights" and (values < 0).any():
@@ -92,7 +94,8 @@ def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
 
 def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     if "flip_prob" not in pairs.columns:
-        raise CurateError("--epsilon auto needs a flip_prob column: run the noise step (`curate score`) on these pairs first")
+        raise CurateError("--epsilon auto needs a flip_prob column: "
+                          "run the noise step (`curate score`) on these pairs first")
     return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
@@ -118,7 +121,8 @@ def scored_reference_logps(pairs: pl.DataFrame, score_manifest: dict[str, Any], 
     scored_max = score_manifest.get("max_length")
     if scored_max != max_length and (truncated_any or scored_max is None or scored_max < max_length):
         return None, f"scored with max_length {scored_max}, training uses {max_length}"
-    values = pairs.select(pl.col("logp_chosen").cast(pl.Float64), pl.col("logp_rejected").cast(pl.Float64)).to_numpy().copy()
+    columns = [pl.col("logp_chosen").cast(pl.Float64), pl.col("logp_rejected").cast(pl.Float64)]
+    values = pairs.select(columns).to_numpy().copy()
     if not np.isfinite(values).all():
         return None, "some pairs have no logp score"
     flipped = flipped_mask(pairs)

@@ -342,7 +342,10 @@ def train(
 
     # -- model and tokens ---------------------------------------------------
     torch.manual_seed(cfg.seed)
-    loaded = model if isinstance(model, LoadedModel) else load_causal_lm(str(model), device=accelerator.device, dtype="fp32")
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_causal_lm(str(model), device=accelerator.device, dtype="fp32")
     policy = loaded.model.to(accelerator.device)
     if next(policy.parameters()).dtype != torch.float32:
         policy.float()  # master weights in fp32; bf16 enters through autocast
@@ -387,8 +390,9 @@ def train(
         if checkpoint is not None and ref_path.exists():
             reference.logps, reference_source = torch.load(ref_path, weights_only=True), "saved by the resumed run"
         else:
-            reference.logps, reference_source = _reused_reference(data, pairs[kept.tolist()], policy, encoding, loaded.info,
-                                                                  cfg, make_batch, pad_id, autocast, accelerator)
+            reference.logps, reference_source = _reused_reference(
+                data, pairs[kept.tolist()], policy, encoding, loaded.info, cfg, make_batch, pad_id, autocast,
+                accelerator)
             if reference.logps is None:
                 reference.logps = precompute_reference_logps(policy, encoding.pairs, pad_id=pad_id,
                                                              batch_size=max(micro, 8), autocast=autocast,
@@ -443,14 +447,17 @@ def train(
     info: dict[str, Any] = {
         "config": asdict(cfg), "epsilon": epsilon, "model": loaded.info, "data": data_info, "pairs": n,
         "left_out_reply_too_long": len(encoding.too_long), "left_out_pair_ids": encoding.too_long[:100],
-        "prompt_truncated": encoding.truncated, "truncation_rule": "keep the reply, cut the prompt from the left",
-        "processes": world, "micro_batch": micro, "shared_prompt_forward": shared_prompt, "steps": total, "steps_per_epoch": steps_per_epoch,
-        "bf16_autocast": bf16, "reference": reference_source, "reference_precompute_s": round(precompute_s, 3), "resumed_from": str(checkpoint) if checkpoint else None,
+        "prompt_truncated": encoding.truncated,
+        "truncation_rule": "keep both replies whole; cut the shared prompt from the left until the longer reply fits",
+        "processes": world, "micro_batch": micro, "shared_prompt_forward": shared_prompt,
+        "steps": total, "steps_per_epoch": steps_per_epoch, "bf16_autocast": bf16,
+        "reference": reference_source, "reference_precompute_s": round(precompute_s, 3),
+        "resumed_from": str(checkpoint) if checkpoint else None,
     }
 
     # -- steps ----------------------------------------------------------------
     last: dict[str, Any] = {}
-    bar = _progress(enabled=progress and main and not os.environ.get("CURATE_QUIET"), total=total, start=start)
+    bar = _progress(enabled=progress and main and not os.environ.get("CURATE_QUIET"))
     with bar as live:
         task = live.add_task(f"train {cfg.loss}", total=total, completed=start) if live else None
         for step in range(start, total):
@@ -477,7 +484,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             loss_value = float(accelerator.reduce(torch.as_tensor(objective_sum, device=accelerator.device), "mean"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 good = ckpt.latest_checkpoint(out / "checkpoints")
@@ -492,8 +499,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            last = _step_metrics(step + 1, epoch, loss_value, stats, accelerator, cfg, float(grad_norm),
-                                 lr=lr,
+            last = _step_metrics(step + 1, epoch, loss_value, stats, accelerator, cfg, float(grad_norm), lr=lr,
                                  seconds=time.perf_counter() - t_step)
             if step == 0:
                 info["step0_max_abs_logratio"] = last.pop("_max_abs_logratio")
@@ -509,7 +515,8 @@ def train(
                                          state={"fingerprint": fingerprint, "loss": loss_value})
                 accelerator.wait_for_everyone()
             if live:
-                live.update(task, advance=1, description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
+                live.update(task, advance=1,
+                            description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
 
     final_dir = out / "final"
     if main:
@@ -571,7 +578,7 @@ def _write_manifest(out: Path, info: dict[str, Any]) -> None:
     RunDir(out).update_manifest("train", info)
 
 
-def _progress(*, enabled: bool, total: int, start: int):
+def _progress(*, enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -1,0 +1,201 @@
+"""Speed of CHES scoring against the paper's per-pair loop and a bare-forward ceiling.
+
+    python benchmarks/bench_ches.py --pairs 200 [--paper-pairs 32] [--threads 1] [--device cpu]
+
+Every variant runs in this process, on the same real HH-RLHF pairs with the
+bundled SmolLM2-135M-Instruct and the same tokenisation, under inference_mode:
+
+(a) paper-style loop: fp32, batch size 1, full forward with all hidden states,
+    two forwards per pair (``compute_preference_similarity_per_example.py``);
+(b) curate engine, fp32;
+(c) curate engine, default settings (dtype auto, token budget, prefix sharing);
+(d) ceiling: a bare decoder forward (no hidden-state extraction, no lm_head)
+    of the full prompt+reply sequences, in (c)'s batches and dtype.
+
+(a) may run on the first ``--paper-pairs`` pairs only (it is slow); every
+figure is a rate. tokens/s counts the tokens of both full sequences of a pair
+(2 x prompt + both replies) for every variant, so it is comparable across
+variants even though prefix sharing runs fewer. It also runs the whole
+`curate.score` pipeline (loading, tokenising, shards, parquet) at two dataset
+sizes and reports its peak memory above the pre-run baseline, and the
+Spearman correlation of LN-CHES between (b) fp32 and (c). The last line is
+``speedup_vs_paper_loop=X ceiling_ratio=Y`` with X = (c)/(a), Y = (c)/(d).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from curate.data.chat import ChatEncoder
+from curate.data.load import load_pairs
+from curate.models import load_causal_lm
+from curate.score import encode_pair, score
+from curate.scores.ches import ln_ches
+from curate.scores.engine import left_pad, default_token_budget, plan_batches, score_encoded
+
+HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def paper_loop(model, pairs):
+    """(a): per pair, two fp32 batch-size-1 forwards with every hidden state; S from the last layer."""
+    ln = []
+    with torch.inference_mode():
+        for pair in pairs:
+            sums, lengths = [], []
+            for reply in (pair.chosen, pair.rejected):
+                ids = torch.tensor([list(pair.prompt) + list(reply)], device=model.device)
+                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+                sums.append(hidden[len(pair.prompt) - 1 : -1].sum(0))
+                lengths.append(len(reply))
+            ln.append(ln_ches(sums[0][None], sums[1][None], torch.tensor([lengths[0]]), torch.tensor([lengths[1]])).item())
+    return ln
+
+
+def bare_forward(model, pairs, batches):
+    """(d): the decoder alone over both full sequences of each pair, in the given batches."""
+    decoder = model.base_model
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for batch in batches:
+            seqs = [list(pairs[i].prompt) + list(r) for i in batch for r in (pairs[i].chosen, pairs[i].rejected)]
+            ids, mask, positions = left_pad(seqs, device)
+            decoder(input_ids=ids, attention_mask=mask, position_ids=positions)
+
+
+def engine_ln_ches(model, pairs, **kwargs):
+    out = score_encoded(model, pairs, want_logps=False, **kwargs)
+    n_pos = torch.tensor([len(p.chosen) for p in pairs])
+    n_neg = torch.tensor([len(p.rejected) for p in pairs])
+    return ln_ches(out["sum_chosen"], out["sum_rejected"], n_pos, n_neg).numpy()
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled) or peak allocated memory (CUDA) during a block, above its start."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = self._rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self._rss())
+        self.mib = (self.peak - self.start) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=200, help="real HH pairs for (b), (c), (d)")
+    parser.add_argument("--paper-pairs", type=int, default=None, help="pairs for the slow loop (a); default: --pairs")
+    parser.add_argument("--memory-sizes", default=None, help="two pipeline sizes for peak memory, e.g. 50,200")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    os.environ["CURATE_QUIET"] = "1"  # no progress bars inside the measurements
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_pairs(str(HH), limit=args.pairs + 20)
+    rows = loaded.pairs.head(args.pairs)
+    fp32 = load_causal_lm(dtype="fp32", device=args.device)
+    default = load_causal_lm(device=args.device)
+    device = default.device
+    encoder = ChatEncoder(default.tokenizer, max_length=default.model.config.max_position_embeddings)
+    pairs = [encode_pair(encoder, r["prompt"], r["chosen"], r["rejected"])[0] for r in rows.iter_rows(named=True)]
+    paper_pairs = pairs[: args.paper_pairs or len(pairs)]
+    tokens = np.array([2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
+    print(f"device={device} threads={torch.get_num_threads()} default_dtype={default.dtype} pairs={len(pairs)} "
+          f"paper_loop_pairs={len(paper_pairs)} tokens/pair={tokens.mean():.0f} "
+          f"prompt_share={sum(2 * len(p.prompt) for p in pairs) / tokens.sum():.2f}")
+
+    budget = default_token_budget(default.model)
+    batches = plan_batches(pairs, token_budget=budget)
+    # warm-up (allocator, kernels) so no variant pays for first-call costs
+    score_encoded(default.model, pairs[:2], want_logps=False)
+    score_encoded(fp32.model, pairs[:2], want_logps=False)
+    paper_loop(fp32.model, pairs[:1])
+
+    rate = {}
+    print(f"{'variant':<34}{'pairs':>7}{'seconds':>10}{'pairs/s':>10}{'tokens/s':>11}", flush=True)
+
+    def report(name, n, seconds):
+        rate[name[:3]] = n / seconds
+        print(f"{name:<34}{n:>7}{seconds:>10.2f}{n / seconds:>10.2f}{tokens[:n].sum() / seconds:>11.0f}", flush=True)
+
+    ln_a, t_a = timed(lambda: paper_loop(fp32.model, paper_pairs))
+    report("(a) paper loop fp32 bs1", len(paper_pairs), t_a)
+    ln_c, t_c = timed(lambda: engine_ln_ches(default.model, pairs))
+    report(f"(c) curate default ({str(default.dtype).replace('torch.', '')})", len(pairs), t_c)
+    _, t_d = timed(lambda: bare_forward(default.model, pairs, batches))
+    report("(d) bare forward ceiling", len(pairs), t_d)
+    print(f"partial: speedup_vs_paper_loop={rate['(c)'] / rate['(a)']:.2f} "
+          f"ceiling_ratio={rate['(c)'] / rate['(d)']:.2f}", flush=True)
+    ln_b, t_b = timed(lambda: engine_ln_ches(fp32.model, pairs))
+    report("(b) curate fp32", len(pairs), t_b)
+
+    from scipy.stats import spearmanr
+
+    agree_a = np.max(np.abs(np.array(ln_a) - ln_b[: len(ln_a)]) / (np.abs(ln_a).max() + 1e-12))
+    print(f"max |LN-CHES (a) - (b)| / max|LN-CHES| = {agree_a:.2e}")
+    rho = spearmanr(ln_b, ln_c).statistic
+    print(f"spearman LN-CHES (b) fp32 vs (c) default over {len(pairs)} pairs = {rho:.4f}", flush=True)
+
+    sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [max(2, len(pairs) // 4), len(pairs)]
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            with PeakMemory(device) as mem:
+                _, seconds = timed(lambda: score(str(HH), out=tmp, lm=default, limit=n, scores=("ches", "logps")))
+        print(f"pipeline `curate score` ches+logps, {n} pairs: {n / seconds:.2f} pairs/s, "
+              f"peak memory above start {mem.mib:.0f} MiB", flush=True)
+
+    print(f"ratios: (c)/(a)={rate['(c)'] / rate['(a)']:.2f} (c)/(d)={rate['(c)'] / rate['(d)']:.2f} "
+          f"(b)/(a)={rate['(b)'] / rate['(a)']:.2f}")
+    print(f"speedup_vs_paper_loop={rate['(c)'] / rate['(a)']:.2f} ceiling_ratio={rate['(c)'] / rate['(d)']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
