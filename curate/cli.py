@@ -440,9 +440,13 @@ def train_cmd(
     bf16_setting = {"auto": "auto", "on": True, "off": False}.get(bf16)
     if bf16_setting is None:
         raise CurateError(f"--bf16 must be auto, on or off, got {bf16!r}")
+    try:
+        epsilon_value = epsilon if epsilon == "auto" else float(epsilon)
+    except ValueError:
+        raise CurateError(f"--epsilon must be a number in [0, 0.5) or 'auto', got {epsilon!r}") from None
     result = train(
         data, out=out, model=model, resume=resume, device=device, progress=not (_state["quiet"] or as_json),
-        loss=loss, beta=beta, epsilon=epsilon if epsilon == "auto" else float(epsilon), sft_alpha=sft_alpha,
+        loss=loss, beta=beta, epsilon=epsilon_value, sft_alpha=sft_alpha,
         weights=weights, soft_labels=soft_labels, tdpo_alpha=tdpo_alpha, mask=mask, mask_mode=mask_mode,
         mask_l1=mask_l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_length=max_length, system_prompt=system_prompt,

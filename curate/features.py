@@ -240,7 +240,7 @@ def cross_fitted_auc(X: np.ndarray, y: np.ndarray, folds: np.ndarray, Cs: Sequen
 
 
 #: C grid of the raw-embedding probe (a 384-d probe over-fits at C=1 on a few thousand pairs)
-PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
+PROBE_CS = (1e-3, 1e-2, 1e-1)
 
 
 def signal_fractions(auc_sae: float, auc_probe: float, auc_probe_length: float, auc_length: float) -> dict[str, float | None]:

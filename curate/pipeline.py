@@ -181,6 +181,59 @@ class Step:
     always: bool = False  # rerun every time (cheap, reflects the current state)
 
 
+def check_settings(step: str, settings: dict[str, Any], allowed: Any) -> None:
+    """Refuse a misspelt setting with one sentence, instead of a TypeError deep in a library call."""
+    import dataclasses
+    import inspect
+
+    if isinstance(allowed, (set, frozenset, tuple)):
+        names = set(allowed)
+    elif dataclasses.is_dataclass(allowed):
+        names = {f.name for f in dataclasses.fields(allowed)}
+    else:
+        names = set(inspect.signature(allowed).parameters)
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise CurateError(f"{step}: unknown settings {unknown}; it takes {', '.join(sorted(names))}")
+
+
+def check_all_settings(recipe: dict[str, Any]) -> None:
+    """Check every listed step's settings before the first one runs (a typo in eval must not wait for scoring)."""
+    from curate.eval import evaluate
+    from curate.features import FeatureSettings
+    from curate.score import score
+    from curate.train.loop import TrainConfig
+
+    steps = recipe["steps"]
+    section = lambda name: dict(recipe.get(name) or {})  # noqa: E731
+    def parameters(fn, *reserved: str) -> set[str]:  # what the pipeline sets itself is not a step setting
+        import inspect
+
+        return set(inspect.signature(fn).parameters) - set(reserved)
+
+    if "score" in steps:
+        check_settings("score", section("score"), parameters(score, "dataset_or_run", "out", "model", "device", "lm"))
+    if "features" in steps:
+        check_settings("features", section("features"), FeatureSettings)
+    if "filter" in steps:
+        check_settings("filter", section("filter"), FILTER_KEYS)
+    if "export" in steps:
+        check_settings("export", section("export"), {"format", "split"})
+    if "train" in steps:
+        train = section("train")
+        check_settings("train", train, {"data", "common", "runs", "max_train_pairs"})
+        runs = train.get("runs") or {}
+        if not isinstance(runs, dict):
+            raise CurateError("train.runs must map a run name to its settings, e.g. {dpo: {loss: dpo}}")
+        for name, options in [("common", train.get("common"))] + [(f"runs.{k}", v) for k, v in runs.items()]:
+            check_settings(f"train.{name}", dict(options or {}), TrainConfig)
+    if "eval" in steps:
+        check_settings("eval", section("eval"),
+                       parameters(evaluate, "model", "ref", "data", "out", "scores", "device") | {"data", "max_pairs"})
+    if "report" in steps:
+        check_settings("report", section("report"), {"out", "title"})
+
+
 def _train_runs(ctx: Context) -> dict[str, dict[str, Any]]:
     runs = ctx.settings("train").get("runs") or {"dpo": {"loss": "dpo"}}
     if not isinstance(runs, dict):
@@ -237,16 +290,13 @@ def features_step(ctx: Context) -> dict[str, Any]:
 
 FILTER_RULE_KEYS = ("ches_threshold", "ches_column", "ches_drop_top", "ches_keep_lowest", "min_strength",
                     "max_margin_std", "max_flip_prob", "noise_action")
+FILTER_KEYS = FILTER_RULE_KEYS + ("features", "where", "weights", "soft_labels", "holdout")
 
 
 def filter_step(ctx: Context) -> dict[str, Any]:
     from curate.curation import filter_run, rules_from_options
 
     cfg = ctx.settings("filter")
-    unknown = set(cfg) - set(FILTER_RULE_KEYS) - {"features", "where", "weights", "soft_labels", "holdout"}
-    if unknown:
-        raise CurateError(f"filter: unknown settings {sorted(unknown)}; use {', '.join(FILTER_RULE_KEYS)}, "
-                          "features, where, weights, soft_labels, holdout")
     rules = rules_from_options(
         **{k: (str(cfg[k]) if k not in ("ches_column", "noise_action") else cfg[k]) for k in FILTER_RULE_KEYS
            if cfg.get(k) is not None},
@@ -346,7 +396,7 @@ def eval_step(ctx: Context) -> dict[str, Any]:
     out = {}
     for name in _train_runs(ctx):
         summary = evaluate(ctx.run / TRAIN / name / "final", ctx.model, pairs, out=ctx.run / EVAL / name,
-                           scores=ctx.run, device=ctx.device, seed=ctx.seed, **cfg)
+                           scores=ctx.run, device=ctx.device, **{"seed": ctx.seed, **cfg})
         out[name] = {"ranking_accuracy": summary["ranking_accuracy"],
                      "mean_delta_chosen": summary["displacement"]["mean_delta_chosen"]}
     return out
@@ -413,6 +463,8 @@ def run_pipeline(
     unless ``quiet``.
     """
     recipe = load_recipe(recipe_path, overrides)
+    if steps is None:
+        check_all_settings(recipe)
     table = steps or STEP_TABLE
     run = Path(recipe["run_dir"]).expanduser()
     if run.is_dir() and any(run.iterdir()) and not (run / STATE).exists():

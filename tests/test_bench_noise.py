@@ -22,7 +22,7 @@ def test_planted_flips_are_exact_seeded_and_nested():
         planted_flips(10, 0.5, seed=0)
 
 
-def synthetic_with_natural_flips(n=800, d=12, eps0=0.1, seed=0):
+def synthetic_with_natural_flips(n=1500, d=12, eps0=0.1, seed=0):
     rng = np.random.default_rng(seed)
     theta = rng.normal(size=d)
     theta /= np.linalg.norm(theta)
@@ -90,7 +90,7 @@ def test_cli_bench_noise_writes_the_json_shape(tmp_path):
                                       "--embedder", "none", "--split-seeds", "0,1,2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["default_estimator"] == "em"
+    assert data["default_estimator"] == "auto"
     assert {r["planted_rate"] for r in data["results"]} == {0.0, 0.2}
     assert data["natural_truth"]["rate"] == pytest.approx(np.mean([r["meta"]["planted_flip"] for r in rows]))
     assert all("true_rate" in r for r in data["results"])

@@ -208,3 +208,11 @@ def test_other_runtime_errors_are_not_swallowed(tiny_model, monkeypatch):
     monkeypatch.setattr(engine, "forward_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         score_encoded(tiny_model, random_pairs(2))
+
+
+def test_reply_groups_bound_the_padding():
+    from curate.scores.engine import reply_groups
+
+    # sorted: 10, 9, 7 (>= 0.7 * 10), then 3 starts a group, 2 < 0.7 * 3 starts another; 0 is skipped
+    assert reply_groups([10, 9, 3, 0, 7, 2]) == [[0, 1, 4], [2], [5]]
+    assert reply_groups([0, 0]) == []

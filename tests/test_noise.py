@@ -105,7 +105,22 @@ def test_estimate_all_lists_every_estimator_default_first():
     margin, _, _ = simulate_margins(n=500)
     out = noise.estimate_all(margin)
     assert list(out)[0] == noise.DEFAULT_ESTIMATOR
-    assert {"em", "anchor", "mixture", "cleanlab", "margin", "em_naive"} <= set(out)
+    assert {"auto", "em", "anchor", "mixture", "cleanlab", "margin", "em_naive"} <= set(out)
     for est in out.values():
         assert 0.0 <= est.rate <= 0.5
         assert len(est.p_clean) == len(margin)
+
+
+def test_auto_uses_the_mixture_only_where_the_data_identify_eps():
+    strong, _, flipped = simulate_margins(eps=0.15, scale=6.0, seed=4)
+    est = noise.auto_estimator(strong)
+    assert est.details["used"] == "mixture"
+    assert est.details["mixture_lr_statistic"] > noise.LR_CRITICAL
+    assert est.rate == pytest.approx(flipped.mean(), abs=0.03)
+    # a weak ensemble: labels follow sigmoid(0.3 s), no plateau, eps = 0 fits as well
+    rng = np.random.default_rng(0)
+    t = rng.normal(0, 1, 2000)
+    weak = np.where(rng.random(2000) < expit(0.3 * t), t, -t)
+    est = noise.auto_estimator(weak)
+    assert est.details["used"] == "em"
+    assert est.details["mixture_lr_statistic"] < noise.LR_CRITICAL

@@ -103,8 +103,7 @@ def test_shipped_recipes_are_valid(name):
     assert recipe["steps"] == ALL_STEPS
     assert set(recipe["train"]["runs"]) == {"dpo", "sparsepo"}
     # the filter settings are real curate filter options
-    assert set(recipe["filter"]) <= set(pipeline.FILTER_RULE_KEYS) | {"features", "where", "weights",
-                                                                          "soft_labels", "holdout"}
+    pipeline.check_all_settings(recipe)  # every setting is one the library functions take
 
 
 # ------------------------------------------------------------------ resuming
@@ -254,10 +253,10 @@ def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_lm):
     tiny_lm.tokenizer.save_pretrained(model_dir)
     recipe = write_recipe(
         tmp_path, dataset=str(REPO / "data" / "demo" / "pairs.jsonl"), model=str(model_dir), device="cpu",
-        load={"limit": 40},
+        load={"limit": 24},
         score={"scores": ["ches", "logps", "reward", "noise"], "dtype": "fp32",
                "reward_options": {"embedder": None, "folds": 2, "seeds": [0]}},
-        features={"n_features": 8, "k": 2, "prefixes": [4, 8], "max_epochs": 3, "min_epochs": 1, "val_fraction": 0.25},
+        features={"n_features": 8, "k": 2, "prefixes": [4, 8], "max_epochs": 2, "min_epochs": 1, "val_fraction": 0.25},
         filter={"ches_drop_top": 10},
         export={"format": "parquet"},
         train={"max_train_pairs": 4, "common": {"batch_size": 2, "lr": 1e-3, "bf16": False, "save_every": 0},
@@ -276,3 +275,15 @@ def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_lm):
 
     again = pipeline.run_pipeline(recipe, quiet=True)
     assert [s["status"] for s in again["steps"]] == ["skipped"] * 7 + ["ran"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.runs.dpo.learning_rate=1e-5", r"train.runs.dpo: unknown settings \['learning_rate'\]; it takes .*lr"),
+    ("eval.bta=0.1", r"eval: unknown settings \['bta'\]"),
+    ("filter.ches_top=5", r"filter: unknown settings \['ches_top'\]"),
+    ("features.m=8", r"features: unknown settings \['m'\]"),
+])
+def test_a_misspelt_step_setting_fails_before_any_step_runs(tmp_path, override, message):
+    with pytest.raises(CurateError, match=message):
+        pipeline.run_pipeline(REPO / "pipelines" / "demo.yaml", [f"run_dir={tmp_path / 'run'}", override])
+    assert not (tmp_path / "run" / "pairs.parquet").exists()

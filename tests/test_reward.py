@@ -188,8 +188,8 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     assert manifest["reward"]["policy_states"] is True
     assert set(manifest["reward"]["feature_sets"]) == {"policy", "policy_logp", "text_stats"}
     assert 0 <= manifest["reward"]["oof_auc"] <= 1
-    assert manifest["noise"]["default_estimator"] == "em"
-    assert {"em", "cleanlab", "margin", "anchor", "mixture"} <= set(manifest["noise"]["estimators"])
+    assert manifest["noise"]["default_estimator"] == "auto"
+    assert {"auto", "em", "cleanlab", "margin", "anchor", "mixture"} <= set(manifest["noise"]["estimators"])
     # the policy states were read from the run, aligned by pair_id (mean = sum / length)
     got = reward.policy_feature_set(run, pairs["pair_id"].to_list()[::-1])
     np.testing.assert_allclose(got.chosen, fs.chosen[::-1])

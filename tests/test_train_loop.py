@@ -260,3 +260,14 @@ def test_reference_logps_reused_from_scores_when_they_match(tmp_path, lm, tiny_l
     run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen + 5, "logp_rejected": rejected}))
     recomputed = train(run.path, out=tmp_path / "c", model=fresh(), max_steps=1, **FAST)
     assert "differ" in recomputed.info["reference"]
+
+
+def test_lr_schedule_and_data_order():
+    from curate.train.loop import epoch_order, lr_factor
+
+    assert [lr_factor(s, warmup=3, total=13) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert lr_factor(3, warmup=3, total=13) == pytest.approx(1.0)
+    assert lr_factor(8, warmup=3, total=13) == pytest.approx(0.5)  # halfway through the cosine
+    assert lr_factor(12, warmup=3, total=13) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert np.array_equal(epoch_order(10, 0, 1), epoch_order(10, 0, 1))
+    assert not np.array_equal(epoch_order(10, 0, 0), epoch_order(10, 0, 1))

@@ -9,9 +9,10 @@ runs only on reply positions, only when log-probs are asked for, and in fp32.
 How a batch runs (``prefix_sharing=True``, the default):
 
 1. the prompts, left-padded, go through the decoder once, keeping the KV cache;
-2. the cache is repeated for the two replies of each pair, and the replies
-   (without their final end-of-turn token, whose own state is never used)
-   run on top of it, right-padded after the reply.
+2. the replies (without their final end-of-turn token, whose own state is
+   never used) run on top of that cache in groups of similar length, each
+   group over a copy of the cache rows of its pairs, right-padded after the
+   reply.
 
 Left padding puts every prompt's last token in the last column, and right
 padding after a reply cannot influence earlier positions of a causal model,
@@ -50,12 +51,33 @@ OUTPUT_KEYS = ("sum_chosen", "sum_rejected", "last_chosen", "last_rejected", "lo
 
 
 def batch_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) -> int:
-    """Padded tokens one batch of these pairs runs through the model."""
+    """Tokens one batch of these pairs runs through the model, padding included.
+
+    With prefix sharing: the left-padded prompts once, then every reply on its
+    own (replies run in groups of similar length, so their padding is small
+    and not counted). Without: both full sequences, padded to the longest.
+    """
     prompt_len = max(len(p.prompt) for p in pairs)
-    reply_len = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
     if prefix_sharing:
-        return len(pairs) * (prompt_len + 2 * reply_len)
+        return len(pairs) * prompt_len + sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    reply_len = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
     return 2 * len(pairs) * (prompt_len + reply_len)
+
+
+def reply_groups(lengths: Sequence[int], ratio: float = 0.7) -> list[list[int]]:
+    """Split rows into groups of similar length, longest first, skipping zero lengths.
+
+    A row joins the current group while its length is at least ``ratio`` times
+    the group's longest, so right padding stays under ``1 - ratio`` per group.
+    """
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i], reverse=True)
+    groups: list[list[int]] = []
+    for row in order:
+        if groups and lengths[row] >= ratio * lengths[groups[-1][0]]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def plan_batches(
@@ -68,13 +90,13 @@ def plan_batches(
 ) -> list[list[int]]:
     """Group pair indices (all, or ``indices``) into batches of similar length.
 
-    Pairs are sorted by (prompt length, longer reply), longest first, and cut
+    Pairs are sorted by (prompt length, reply lengths), longest first, and cut
     into batches of ``batch_size`` pairs, or, when it is None, of as many pairs
     as fit ``token_budget`` padded tokens (at least one pair per batch).
     """
     order = sorted(
         range(len(pairs)) if indices is None else indices,
-        key=lambda i: (len(pairs[i].prompt), max(len(pairs[i].chosen), len(pairs[i].rejected))),
+        key=lambda i: (len(pairs[i].prompt), len(pairs[i].chosen) + len(pairs[i].rejected)),
         reverse=True,
     )
     batches: list[list[int]] = []
@@ -154,6 +176,13 @@ def _reply_scores(
     return out
 
 
+def _cache_rows(cache, rows: torch.Tensor, config):
+    """A new KV cache holding only ``rows`` of ``cache``, which stays intact for the other groups."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
+
+
 def _forward_shared(model, pairs: Sequence[EncodedPair], want_logps: bool) -> dict[str, torch.Tensor]:
     decoder, lm_head = _decoder_and_head(model)
     device = next(model.parameters()).device
@@ -163,27 +192,27 @@ def _forward_shared(model, pairs: Sequence[EncodedPair], want_logps: bool) -> di
 
     # rows 2i / 2i+1 are the chosen / rejected reply of pair i
     replies = [r for p in pairs for r in (p.chosen, p.rejected)]
-    prompt_lens = torch.tensor([len(p.prompt) for p in pairs]).repeat_interleave(2)
     fed = [r[:-1] for r in replies]  # the end-of-turn token's own state is never used
-    width = max(len(f) for f in fed)
-    first_state = last_prompt_state.repeat_interleave(2, dim=0).unsqueeze(1)
-    if width == 0:
-        states = first_state
-    else:
-        cache = prompt_out.past_key_values
-        cache.batch_repeat_interleave(2)
-        fed_lens = torch.tensor([len(f) for f in fed])
-        reply_mask = (torch.arange(width).unsqueeze(0) < fed_lens.unsqueeze(1)).long()
-        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), reply_mask.to(device)], dim=1)
-        reply_positions = (prompt_lens.unsqueeze(1) + torch.arange(width).unsqueeze(0)).to(device)
+    fed_lens = [len(f) for f in fed]
+    states = torch.zeros(len(replies), 1 + max(fed_lens), last_prompt_state.shape[-1],
+                         dtype=last_prompt_state.dtype, device=device)
+    states[:, 0] = last_prompt_state.repeat_interleave(2, dim=0)
+    groups = reply_groups(fed_lens)
+    for group in groups:
+        pair_rows = torch.tensor([row // 2 for row in group], device=device)
+        cache = _cache_rows(prompt_out.past_key_values, pair_rows, model.config)
+        width = fed_lens[group[0]]
+        lens = torch.tensor([fed_lens[row] for row in group], device=device)
+        reply_mask = (torch.arange(width, device=device).unsqueeze(0) < lens.unsqueeze(1)).long()
+        prompt_lens = mask.sum(1)[pair_rows]
         reply_out = decoder(
-            input_ids=_right_pad(fed, width).to(device),
-            attention_mask=full_mask,
-            position_ids=reply_positions,
+            input_ids=_right_pad([fed[row] for row in group], width).to(device),
+            attention_mask=torch.cat([mask[pair_rows], reply_mask], dim=1),
+            position_ids=prompt_lens.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
         )
-        states = torch.cat([first_state, reply_out.last_hidden_state], dim=1)
+        states[torch.tensor(group, device=device), 1 : 1 + width] = reply_out.last_hidden_state
     scores = _reply_scores(states, replies, lm_head if want_logps else None)
     return _split_chosen_rejected(scores)
 

@@ -22,11 +22,14 @@ estimator states its own in ``assumption``.
 Every estimator returns a :class:`NoiseEstimate`: the dataset flip rate and a
 per-pair ``flip_prob`` (a probability for the model-based estimators, a
 ranking score for the heuristic ones). The documented default is
-``DEFAULT_ESTIMATOR = "em"``: LCPO / RE-PO EM fed clean posteriors recovered
-through the identity with the anchor estimate of eps. On planted-flip
-simulations it tracked the truth best; the mixture fit is as accurate with a
-strong ensemble but unstable when the ensemble is weak (AUC ~0.7), where the
-plateau that identifies eps is barely reached.
+``DEFAULT_ESTIMATOR = "auto"`` (:func:`auto_estimator`): the noisy-logistic
+mixture fit of the identity where a likelihood-ratio test shows the data
+identify eps, otherwise LCPO / RE-PO EM fed clean posteriors recovered through
+the identity with the anchor estimate of eps. Neither alone held up on planted
+flips: the mixture is accurate with a strong ensemble but its likelihood is
+flat (eps not identified) with a weak one, where it returned anything from 0
+to the truth; the anchor-corrected EM is stable there but drifts by up to
+0.06 on small data sets whose anchor set is a few dozen pairs.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
-DEFAULT_ESTIMATOR = "em"
+DEFAULT_ESTIMATOR = "auto"
 EPS_MAX = 0.499  # a flip rate of 1/2 means the labels carry no information
 
 
@@ -166,8 +169,8 @@ def anchor_rate(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstima
     )
 
 
-def platt_probability(margin: np.ndarray) -> np.ndarray:
-    """q = sigmoid(a s): one-parameter Platt scaling of a margin against its labels.
+def platt_slope(margin: np.ndarray) -> float:
+    """The a of one-parameter Platt scaling q = sigmoid(a s), fit to the labels.
 
     The labels are all "chosen" and the model has no intercept (swapping the
     replies negates the margin), so the fit is max_a sum log sigmoid(a s_i).
@@ -177,7 +180,13 @@ def platt_probability(margin: np.ndarray) -> np.ndarray:
         lambda v: -log_expit(v[0] * s).sum(), x0=[1.0 / (s.std() + 1e-12)],
         method="L-BFGS-B", bounds=[(0.0, None)],
     )
-    return expit(res.x[0] * s)
+    return float(res.x[0])
+
+
+def platt_probability(margin: np.ndarray) -> np.ndarray:
+    """q = sigmoid(a s) with a from :func:`platt_slope`: the noisy-label posterior, calibrated."""
+    s = np.asarray(margin, dtype=float)
+    return expit(platt_slope(s) * s)
 
 
 def fit_noisy_logistic(margin: np.ndarray) -> tuple[float, float]:
@@ -207,6 +216,19 @@ def fit_noisy_logistic(margin: np.ndarray) -> tuple[float, float]:
     return float(eps), float(np.exp(log_a) * scale)
 
 
+def no_noise_lr_statistic(margin: np.ndarray, eps: float, slope: float) -> float:
+    """Likelihood-ratio statistic 2 [NLL(eps = 0) - NLL(eps, slope)] of the noisy-logistic fit.
+
+    Large when the labels level off at a plateau below 1 (noise is identified);
+    near 0 when "no noise, flatter link" explains the labels as well, the ridge
+    along which eps is not identified.
+    """
+    s = np.asarray(margin, dtype=float)
+    nll_fit = -np.log(eps + (1.0 - 2.0 * eps) * expit(slope * s) + 1e-300).sum()
+    nll_zero = -log_expit(platt_slope(s) * s).sum()
+    return float(2.0 * (nll_zero - nll_fit))
+
+
 def mixture_mle(margin: np.ndarray) -> NoiseEstimate:
     """Fit the identity q = eps + (1 - 2 eps) p with p = sigmoid(a s) by maximum likelihood.
 
@@ -214,6 +236,7 @@ def mixture_mle(margin: np.ndarray) -> NoiseEstimate:
     """
     eps, a = fit_noisy_logistic(margin)
     p = expit(a * np.asarray(margin, dtype=float))
+    lr = no_noise_lr_statistic(margin, eps, a)
     return NoiseEstimate(
         name="mixture",
         rate=eps,
@@ -223,7 +246,7 @@ def mixture_mle(margin: np.ndarray) -> NoiseEstimate:
             "symmetric noise independent of the pair, and a clean posterior that is logistic "
             "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"
         ),
-        details={"slope": a},
+        details={"slope": a, "lr_statistic": lr},
     )
 
 
@@ -248,7 +271,7 @@ def em_flip(p_clean: np.ndarray, *, eta0: float = 0.9, tol: float = 1e-8, max_it
 
 
 def em_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstimate:
-    """Default. EM (LCPO / RE-PO) fed clean posteriors recovered with the identity.
+    """EM (LCPO / RE-PO) fed clean posteriors recovered with the identity.
 
     p = (q - eps_anchor) / (1 - 2 eps_anchor), q the Platt probability of the
     margin, eps_anchor from :func:`anchor_rate`.
@@ -282,6 +305,32 @@ def em_naive(margin: np.ndarray) -> NoiseEstimate:
     )
 
 
+LR_CRITICAL = 3.84  # chi-square(1) at 95%
+
+
+def auto_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstimate:
+    """Default. The mixture fit where the data identify eps, else EM on anchor-corrected posteriors.
+
+    The mixture's eps is identified only when a likelihood-ratio test rejects
+    eps = 0 (the labels visibly level off at 1 - eps for the surest pairs);
+    with a weak ensemble (AUC ~0.7) the likelihood is flat along a ridge of
+    (eps, slope) and the fit is arbitrary, while the anchor-corrected EM stays
+    stable. Measured on planted flips: mixture within 0.03 of the truth on
+    the demo data (ensemble AUC ~0.89), EM self-consistent on HH harmless.
+    """
+    mixture = mixture_mle(margin)
+    identified = mixture.details["lr_statistic"] > LR_CRITICAL
+    chosen = mixture if identified else em_estimator(margin, top_fraction=top_fraction)
+    return NoiseEstimate(
+        name="auto",
+        rate=chosen.rate,
+        flip_prob=chosen.flip_prob,
+        p_clean=chosen.p_clean,
+        assumption=f"{chosen.name}: {chosen.assumption}",
+        details={"used": chosen.name, "mixture_lr_statistic": mixture.details["lr_statistic"], **chosen.details},
+    )
+
+
 def estimate_all(
     margin: np.ndarray, member_margins: np.ndarray | None = None, *, seed: int = 0,
 ) -> dict[str, NoiseEstimate]:
@@ -290,6 +339,7 @@ def estimate_all(
     members = margin[:, None] if member_margins is None else member_margins
     q = platt_probability(margin)
     out = [
+        auto_estimator(margin),
         em_estimator(margin),
         anchor_rate(margin),
         mixture_mle(margin),

@@ -121,7 +121,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------ helpers
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup from 0, then cosine decay to 0."""
+    """Linear warmup over ``warmup`` steps (step s at (s+1)/(warmup+1) of the peak), then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -143,7 +143,7 @@ def _use_bf16(setting: bool | str, device: torch.device) -> bool:
         from curate.models import resolve_dtype
 
         return resolve_dtype("auto", device) == torch.bfloat16
-    return bool(setting) and setting != "false"
+    return bool(setting)
 
 
 def _fingerprint(cfg: TrainConfig, model_name: str, pair_ids: list[str], epsilon: float, total: int) -> dict:
