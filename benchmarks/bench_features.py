@@ -71,7 +71,7 @@ def bench_full(device: str) -> dict:
         cold, t_cold = timed(lambda: run_features(run, dataset=str(HH), settings=FeatureSettings(device=device)))
         warm, t_warm = timed(lambda: run_features(run, settings=FeatureSettings(device=device)))
     keys = ("auc_sae", "auc_sae_only", "auc_probe", "auc_probe_length", "auc_length", "signal_fraction",
-            "signal_fraction_beyond_length", "n_pairs", "n_val_pairs")
+            "signal_fraction_beyond_length", "n_pairs", "auc_method")
     return {
         "cold_cache_seconds": round(t_cold, 1),
         "warm_cache_seconds": round(t_warm, 1),

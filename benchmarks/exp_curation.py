@@ -1,4 +1,4 @@
-"""Experiments, step 2 of 2 (a GPU: about 5 minutes on one H100): does curation change the trained model?
+"""Experiments, step 2 of 2 (sized for a GPU; CLI flags shrink it): does curation change the trained model?
 
 Reads ``hh_pairs.parquet`` and ``minilm.npz`` from ``exp_prepare.py`` (``--data``)
 and runs three experiments with the fixed settings in ``RECIPE`` below, every
@@ -104,7 +104,8 @@ def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_len
 
 # ------------------------------------------------------------------ one training run + its evaluation
 def train_and_eval(train_pairs: pl.DataFrame, eval_pairs: pl.DataFrame, *, ref, seed: int, work: Path,
-                   overrides: dict[str, Any], model_name: str) -> dict[str, Any]:
+                   overrides: dict[str, Any], model_name: str, tag: str) -> dict[str, Any]:
+    """Train one policy from the reference model, evaluate it; per-pair results go to ``work/../evals/TAG``."""
     from curate.eval import evaluate
     from curate.models import load_causal_lm
     from curate.train.loop import train
@@ -116,8 +117,10 @@ def train_and_eval(train_pairs: pl.DataFrame, eval_pairs: pl.DataFrame, *, ref, 
                    model=policy, progress=False, seed=seed, **{**RECIPE["train"], **overrides})
     train_s = time.perf_counter() - t0
     policy.model.eval()
-    summary = evaluate(policy, ref, eval_pairs, beta=RECIPE["eval_beta"], betas=(0.1,),
+    eval_dir = work.parent / "evals" / tag
+    summary = evaluate(policy, ref, eval_pairs, out=eval_dir, beta=RECIPE["eval_beta"], betas=(0.1,),
                        max_length=RECIPE["max_length"], dtype="fp32")
+    per_pair = pl.read_parquet(eval_dir / "eval.parquet")
     shutil.rmtree(out, ignore_errors=True)
     del policy
     if torch.cuda.is_available():
@@ -131,6 +134,9 @@ def train_and_eval(train_pairs: pl.DataFrame, eval_pairs: pl.DataFrame, *, ref, 
         "ranking_accuracy_ln_policy": summary["ranking_accuracy_length_normalised"]["policy"],
         "ranking_accuracy_ln_reference": summary["ranking_accuracy_length_normalised"]["reference"],
         **{k: summary["displacement"][k] for k in ("mean_delta_chosen", "mean_delta_rejected", "frac_chosen_fell")},
+        # per-token change: the summed change grows with reply length, which differs between windows
+        "mean_delta_chosen_per_token": float((per_pair["delta_chosen"] / per_pair["n_chosen"]).mean()),
+        "mean_chosen_tokens": float(per_pair["n_chosen"].mean()),
         "spearman_ln_ches_delta_chosen": summary.get("spearman_ln_ches_vs_delta_chosen", {}).get("rho"),
     }
 
@@ -157,15 +163,16 @@ def exp1_ches_windows(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> di
     span = window * len(seeds) if ctx.get("disjoint") else window
     sides = {"lowest_ln_ches": ranked.head(span), "highest_ln_ches": ranked.tail(span)}
     result: dict[str, Any] = {"window": window, "disjoint": bool(ctx.get("disjoint")), "arms": {}}
-    for name, scored in sides.items():
-        runs = []
-        for k, seed in enumerate(seeds):
+    runs: dict[str, list] = {name: [] for name in sides}
+    for k, seed in enumerate(seeds):  # sides alternate, so a cut-short run still compares them
+        for name, scored in sides.items():
             group = scored[k::len(seeds)] if ctx.get("disjoint") else scored
             data = pairs.join(group.select("pair_id", "ln_ches"), on="pair_id")
-            runs.append(train_and_eval(data, data, seed=seed, **ctx["run"]))
-            print(name, runs[-1], flush=True)
+            runs[name].append(train_and_eval(data, data, seed=seed, tag=f"exp1-{name}-{seed}", **ctx["run"]))
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    for name, scored in sides.items():
         result["arms"][name] = {"ln_ches_range": [float(scored["ln_ches"].min()), float(scored["ln_ches"].max())],
-                                "runs": runs, "summary": aggregate(runs)}
+                                "runs": runs[name], "summary": aggregate(runs[name])}
     return result
 
 
@@ -188,13 +195,13 @@ def exp2_curation(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> tuple[
         "random_same_size": lambda seed: everything.sample(n=kept.height, seed=1000 + seed),
     }
     for name, pick in arms.items():
-        runs = [train_and_eval(pick(s), holdout, seed=s, **ctx["run"]) for s in ctx["seeds"]]
+        runs = [train_and_eval(pick(s), holdout, seed=s, tag=f"exp2-{name}-{s}", **ctx["run"]) for s in ctx["seeds"]]
         result["arms"][name] = {"runs": runs, "summary": aggregate(runs)}
     return result, kept, holdout
 
 
 def exp3_losses(kept: pl.DataFrame, holdout: pl.DataFrame, dpo_runs: dict[str, Any], ctx: dict) -> dict[str, Any]:
-    runs = [train_and_eval(kept, holdout, seed=s, overrides=RECIPE["sparsepo"],
+    runs = [train_and_eval(kept, holdout, seed=s, overrides=RECIPE["sparsepo"], tag=f"exp3-sparsepo-{s}",
                            **{k: v for k, v in ctx["run"].items() if k != "overrides"}) for s in ctx["seeds"]]
     return {"arms": {"dpo": dpo_runs, "sparsepo": {"runs": runs, "summary": aggregate(runs)}}}
 
@@ -303,10 +310,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         return f"{fmt.format(scale * s['mean'])} [{fmt.format(scale * s['low'])}, {fmt.format(scale * s['high'])}]"
 
     lines = []
-    cols = [("mean_delta_chosen", 1, "{:+.2f}"), ("mean_delta_rejected", 1, "{:+.2f}"),
+    cols = [("mean_delta_chosen", 1, "{:+.2f}"), ("mean_delta_chosen_per_token", 1, "{:+.4f}"),
+            ("mean_delta_rejected", 1, "{:+.2f}"),
             ("frac_chosen_fell", 100, "{:.0f}"), ("implicit_reward_accuracy", 100, "{:.0f}"),
             ("ranking_accuracy_policy", 100, "{:.0f}"), ("ranking_accuracy_reference", 100, "{:.0f}")]
-    header = "| arm | pairs | Δ log π(y⁺) | Δ log π(y⁻) | chosen fell % | implicit-reward acc % | ranking acc % | ref ranking acc % |"
+    header = "| arm | pairs | Δ log π(y⁺) | Δ log π(y⁺) per token | Δ log π(y⁻) | chosen fell % | implicit-reward acc % | ranking acc % | ref ranking acc % |"
     for name in ("exp1_ches_windows", "exp2_curation", "exp3_dpo_vs_sparsepo"):
         block = report.get(name)
         if not block:
@@ -315,7 +323,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "error" in block:
             lines.append("```\n" + block["error"][-1500:] + "\n```")
             continue
-        lines += [header, "|" + "---|" * 8]
+        lines += [header, "|" + "---|" * 9]
         for arm, value in block["arms"].items():
             pairs = value["runs"][0]["train_pairs"] if value["runs"] else 0
             lines.append(f"| {arm} | {pairs} | " + " | ".join(cell(value["summary"], k, s, f) for k, s, f in cols) + " |")

@@ -222,9 +222,10 @@ def features_cmd(
     k: int = typer.Option(4, "--k", help="Active features per pair K (per-example, signed)."),
     prefixes: str = typer.Option("8,32", help="Matryoshka prefix widths, comma-separated ('' for a plain AbsTopK SAE)."),
     epochs: int = typer.Option(50, help="Maximum SAE epochs (early stopping on validation reconstruction)."),
-    lr: float = typer.Option(1e-3, help="SAE learning rate (WIMHF: 5e-4, tuned for 10k+ pairs)."),
+    lr: float = typer.Option(2e-3, help="SAE learning rate (WIMHF: 5e-4, for 10k+ pairs; too slow for a few thousand)."),
     batch_size: int = typer.Option(256, help="SAE batch size."),
-    val_fraction: float = typer.Option(0.2, help="Fraction of prompts held out for validation AUCs."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of prompts held out of SAE training (early stopping)."),
+    cv_folds: int = typer.Option(5, help="Folds (grouped by prompt) of the cross-fitted validation AUCs."),
     seed: int = typer.Option(0, help="Seed for the split, the orientations and the SAE."),
     device: str = typer.Option("auto", help="Device for the embedder and the SAE (auto, cpu, cuda)."),
     top: int = typer.Option(10, help="How many features to print (most significant first)."),
@@ -246,7 +247,7 @@ def features_cmd(
         raise CurateError(f"--prefixes must be comma-separated integers such as 8,32, not {prefixes!r}") from None
     settings = FeatureSettings(
         n_features=n_features, k=k, prefixes=widths, batch_size=batch_size, lr=lr, max_epochs=epochs,
-        val_fraction=val_fraction, seed=seed, embedder=embedder, device=device,
+        val_fraction=val_fraction, cv_folds=cv_folds, seed=seed, embedder=embedder, device=device,
     )
     load_kwargs = {key: value for key, value in dict(subset=subset, split=split, limit=limit).items() if value is not None}
     result = run_features(target, dataset=dataset, settings=settings, load_kwargs=load_kwargs,
@@ -275,7 +276,7 @@ def _render_features(result, out: Console, top: int, run: Path) -> None:
                       f"{row['p_bonferroni']:.2g}", row["description"])
     out.print(table)
     out.print(
-        f"validation AUC ({s['n_val_pairs']} pairs): SAE+length {fmt(s['auc_sae'])}, probe {fmt(s['auc_probe'])}, "
+        f"validation AUC (cross-fitted, {s['n_pairs']} pairs): SAE+length {fmt(s['auc_sae'])}, probe {fmt(s['auc_probe'])}, "
         f"probe+length {fmt(s['auc_probe_length'])}, length {fmt(s['auc_length'])}"
     )
     out.print(f"signal fraction {fmt(s['signal_fraction'])}, beyond length {fmt(s['signal_fraction_beyond_length'])}")
@@ -558,7 +559,7 @@ def run_cmd(
         "--set train.max_train_pairs=16. Repeatable."),
     force: bool = typer.Option(False, "--force", help="Rerun every step, even those finished with the same settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary (same as curate --quiet)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (progress still goes to stderr)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bars; step lines go to stderr)."),
 ) -> None:
     """Run a recipe's steps (score, features, filter, export, train, eval, report) into one run directory.
 
@@ -569,9 +570,10 @@ def run_cmd(
     from curate.pipeline import render_summary, run_pipeline
 
     quiet = quiet or _state["quiet"]
-    if quiet:
+    if quiet or as_json:  # progress bars would write into the JSON on stdout
         os.environ["CURATE_QUIET"] = "1"
-    result = run_pipeline(recipe, set_ or [], quiet=quiet, force=force, console=console)
+    result = run_pipeline(recipe, set_ or [], quiet=quiet or as_json, force=force,
+                          console=None if quiet else console)
     if as_json:
         emit_json(result)
     elif not quiet:

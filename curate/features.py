@@ -46,17 +46,18 @@ class FeatureSettings:
     """Knobs of the WIMHF pipeline; defaults follow the paper's code (`rmovva/wimhf`) except ``lr``.
 
     WIMHF trains with lr 5e-4 on datasets of 10k+ pairs. On ~1,800 pairs an
-    epoch is only ~11 steps and with 5e-4 the SAE was still improving at the
-    50-epoch cap (HH harmless, 3 seeds: signal fraction 0.82-1.07, beyond
-    length 0.62-1.13); 1e-3 converged within the cap (0.94-1.08, 0.85-1.16).
-    Pass ``lr=5e-4`` to reproduce WIMHF exactly.
+    epoch is only ~11 steps and the SAE was still improving at the 50-epoch
+    cap. Measured on the 1,794 shared HH harmless pairs (cross-fitted AUCs,
+    seeds 0/1/2): lr 1e-3 gave signal fraction 0.95/0.75/0.86 and beyond-length
+    0.86/0.48/0.71; lr 2e-3 gave 0.94/0.84/0.85 and 0.84/0.65/0.69, early-stopping
+    at epochs 19-30. Pass ``lr=5e-4`` to reproduce WIMHF's setting.
     """
 
     n_features: int = 32
     k: int = 4
     prefixes: tuple[int, ...] = (8, 32)
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-3
     max_epochs: int = 50
     min_epochs: int = 10
     patience: int = 3
@@ -481,8 +482,8 @@ def compute_features(
     summary = {
         **aucs,
         "n_pairs": n,
-        "n_train_pairs": int(train_idx.size),
-        "n_val_pairs": int(val_idx.size),
+        "n_sae_train_pairs": int(train_idx.size),
+        "n_sae_val_pairs": int(val_idx.size),
         "auc_method": f"{settings.cv_folds}-fold cross-fitted logistic regressions, folds grouped by prompt; "
         "each pair is scored by a model that never saw its label",
         "n_sae_training_rows": int(2 * len(train_unique)),

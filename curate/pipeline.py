@@ -472,7 +472,7 @@ def run_pipeline(
                           f"choose a new run_dir (--set run_dir=...) or empty it")
     run.mkdir(parents=True, exist_ok=True)
     state = PipelineState.read(run)
-    say = (lambda *a: None) if quiet or console is None else console.print
+    say = (lambda *a: None) if console is None else console.print
     say(f"[bold]curate run[/] {recipe_path} → {run}")
 
     t_start = time.perf_counter()

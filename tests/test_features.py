@@ -240,7 +240,7 @@ def test_compute_features_finds_the_planted_contrast(planted):
                 "signal_fraction_beyond_length"):
         assert key in s
     assert s["auc_sae"] > 0.9  # the planted directions are in every pair, so the label is predictable
-    assert s["n_train_pairs"] + s["n_val_pairs"] == 240
+    assert s["n_sae_train_pairs"] + s["n_sae_val_pairs"] == 240
 
 
 def test_too_few_pairs_and_constant_embeddings_are_clear_errors():
@@ -340,3 +340,16 @@ def test_cli_features_on_a_run_dir(tmp_path, monkeypatch, planted):
     assert missing.exit_code == 2 and "name a run directory" in missing.output
     bad = runner.invoke(app, ["features", str(run.path), "--prefixes", "8;32"])
     assert bad.exit_code == 2 and "--prefixes" in bad.output
+
+
+def test_group_folds_and_cross_fitted_auc():
+    groups = [f"g{i // 2}" for i in range(200)]
+    folds = F.group_folds(groups, 5, seed=0)
+    assert sorted(np.bincount(folds)) == [40] * 5
+    assert all(folds[i] == folds[i + 1] for i in range(0, 200, 2))  # both rows of a group in one fold
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100), np.ones(100)]
+    separable = (y * 2 - 1)[:, None] + 0.1 * rng.normal(size=(200, 1))
+    assert F.cross_fitted_auc(separable, y, F.group_folds([str(i) for i in range(200)], 5, 0)) == 1.0
+    noise = rng.normal(size=(200, 3))
+    assert abs(F.cross_fitted_auc(noise, y, F.group_folds([str(i) for i in range(200)], 5, 0)) - 0.5) < 0.15

@@ -124,3 +124,10 @@ def test_auto_uses_the_mixture_only_where_the_data_identify_eps():
     est = noise.auto_estimator(weak)
     assert est.details["used"] == "em"
     assert est.details["mixture_lr_statistic"] < noise.LR_CRITICAL
+
+
+def test_confident_learning_on_one_pair_is_a_clear_error():
+    from curate.errors import CurateError
+
+    with pytest.raises(CurateError, match="too few pairs"):
+        noise.confident_learning(np.array([0.9]))

@@ -213,6 +213,7 @@ def test_cli_run_json_and_errors(tmp_path, monkeypatch):
 
     fake = FakeSteps()
     monkeypatch.setattr(pipeline, "STEP_TABLE", fake.table())
+    monkeypatch.setenv("CURATE_QUIET", "0")  # restored after the test (--json sets it)
     recipe = write_recipe(tmp_path)
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(recipe), "--set", "filter.ches_drop_top=5", "--json"])

@@ -41,6 +41,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
+from curate.errors import CurateError
+
 DEFAULT_ESTIMATOR = "auto"
 EPS_MAX = 0.499  # a flip rate of 1/2 means the labels carry no information
 
@@ -126,7 +128,7 @@ def confident_learning(q: np.ndarray, *, seed: int = 0) -> NoiseEstimate:
     p_a = np.where(a_is_chosen, q, 1.0 - q)
     pred_probs = np.stack([1.0 - p_a, p_a], axis=1)
     if labels.min() == labels.max():
-        raise ValueError("confident learning needs both orientations; too few pairs")
+        raise CurateError("confident learning needs pairs shown in both orientations: too few pairs; add pairs")
     joint = estimate_joint(labels, pred_probs)
     n_issues = num_label_issues(labels, pred_probs, estimation_method="off_diagonal_calibrated")
     return NoiseEstimate(
