@@ -278,6 +278,12 @@ def _ches_scores(pairs, scores: Any, notes: list[str]):
             f"{missing} of {pairs.height} evaluated pairs have no {column} in {source}: the scores were computed "
             "for other pairs; score these pairs with `curate score` or leave out --scores"
         )
+    from curate.train.data import flipped_mask
+
+    flipped = int(flipped_mask(pairs).sum())
+    if flipped:
+        notes.append(f"{flipped} pairs were flipped by curation; their ln_ches was scored in the original "
+                     "orientation (CHES is asymmetric), so the correlation mixes orientations")
     return values.to_numpy()
 
 
@@ -445,13 +451,17 @@ def sample_replies(loaded, prompts: Sequence[list[int]], *, max_new_tokens: int,
     """Seeded sampled replies (text up to the end-of-turn token) to tokenised prompts."""
     import torch
 
-    from curate.scores.engine import _left_pad
-
     texts: list[str] = []
     tokenizer = loaded.tokenizer
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        ids, mask, _ = _left_pad(chunk, loaded.device)
+        width = max(len(p) for p in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, prompt in enumerate(chunk):  # left padding: every prompt ends in the last column
+            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         torch.manual_seed(seed + lo)
         with torch.inference_mode():
             generated = loaded.model.generate(

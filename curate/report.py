@@ -323,10 +323,21 @@ def dataset_section(inputs: ReportInputs) -> Section:
                for side in ("chosen", "rejected")}
     if pairs.height:
         parts.append(histogram(lengths, "Reply length", "words per reply"))
-        rows = [{"reply": side, "median words": float(np.median(v)), "mean words": float(v.mean()),
-                 "max words": int(v.max())} for side, v in lengths.items()]
+        rows = [{"length of": f"{side} (words)", "median": float(np.median(v)), "mean": float(v.mean()),
+                 "max": int(v.max())} for side, v in lengths.items()]
+        table = inputs.table()
+        for side in ("prompt", "chosen", "rejected"):
+            tokens = column(table, f"n_tokens_{side}")
+            if tokens is not None and finite(tokens).size:
+                t = finite(tokens)
+                rows.append({"length of": f"{side} (model tokens)", "median": float(np.median(t)),
+                             "mean": float(t.mean()), "max": int(t.max())})
         longer = float((lengths["chosen"] > lengths["rejected"]).mean())
-        parts.append(html_table(rows) + f"<p>The chosen reply is the longer one in {longer:.1%} of pairs.</p>")
+        note = f"<p>The chosen reply is the longer one in {longer:.1%} of pairs."
+        cut = column(table, "n_prompt_tokens_cut")
+        if cut is not None:
+            note += f" Prompts cut from the left to fit the context: {int((finite(cut) > 0).sum())}."
+        parts.append(html_table(rows) + note + "</p>")
     return Section("dataset", "Dataset at a glance", parts)
 
 
