@@ -161,6 +161,15 @@ def head_members(
             f"{n} pairs are too few for {folds}-fold reward heads (need {folds * MIN_PAIRS_PER_FOLD}); "
             "use fewer --folds or more pairs"
         )
+    from threadpoolctl import threadpool_limits
+
+    # the matrices are small: BLAS threads only add spinning and contention
+    with threadpool_limits(limits=1):
+        members = _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2)
+    return members
+
+
+def _cross_fit_members(feature_sets, n, *, seeds, folds, l2) -> list[Member]:
     members = []
     for seed in seeds:
         fold = fold_ids(n, folds, seed)
