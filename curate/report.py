@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -287,13 +288,21 @@ def lines(curves: dict[str, tuple[list, list]], title: str, x: str, y: str,
          "line": {"dash": (dashes or {}).get(name, "solid"), "color": color[group_of[name]]}}
         for name, (xs, ys) in curves.items()
     ]
-    return Plot(data, _layout(title, x, y))
+    layout = _layout(title, x, y)
+    steps = [v for xs, _ in curves.values() for v in xs]
+    if steps and all(isinstance(v, int) for v in steps) and max(steps) - min(steps) <= 20:
+        layout["xaxis"]["dtick"] = 1  # a few integer steps: no ticks at 1.5
+    return Plot(data, layout)
 
 
-def bars(categories: list[str], groups: dict[str, list[float]], title: str, y: str) -> Plot:
-    data = [{"type": "bar", "x": categories, "y": _list(vals), "name": name,
-             **({"marker": {"color": COLORS[name]}} if name in COLORS else {})}
-            for name, vals in groups.items()]
+def bars(categories: list[str], groups: dict[str, list[float]], title: str, y: str, *, by_sign: bool = False) -> Plot:
+    """Grouped bars; ``by_sign`` colours each bar by the sign of its value (one group)."""
+    data = []
+    for name, vals in groups.items():
+        marker = {"color": COLORS[name]} if name in COLORS else {}
+        if by_sign:
+            marker = {"color": [COLORS["chosen"] if (v or 0) >= 0 else COLORS["rejected"] for v in vals]}
+        data.append({"type": "bar", "x": categories, "y": _list(vals), "name": name, "marker": marker})
     return Plot(data, _layout(title, "", y, barmode="group"))
 
 
@@ -502,7 +511,8 @@ def features_section(inputs: ReportInputs) -> Section | None:
     parts.append(html_table(ranked.select(shown).to_dicts()))
     if "win_rate_delta" in ranked.columns:
         parts.append(bars([f"f{f}" for f in ranked["feature"].to_list()], {"Δ win rate": ranked["win_rate_delta"].to_list()},
-                          "Feature effect on win rate (beyond length), strongest first", "Δ win rate"))
+                          "Feature effect on win rate beyond length, strongest first (blue: the reply with more of it wins more)",
+                          "Δ win rate", by_sign=True))
     if "top_pair_ids" in ranked.columns:
         table = inputs.table()
         for row in ranked.to_dicts():
@@ -742,6 +752,9 @@ def write_report(run: str | Path, out: str | Path | None = None, *, title: str |
                        numbers=numbers)
     out_path = Path(out) if out is not None else inputs.run / "report.html"
     atomic_write_bytes(out_path, page.encode("utf-8"))
+    umask = os.umask(0)
+    os.umask(umask)
+    out_path.chmod(0o666 & ~umask)  # a page to share: readable like any file the user writes, not 0600
     n_plots = sum(isinstance(p, Plot) for s in sections for p in s.parts)
     return {"out": str(out_path), "sections": [s.id for s in sections], "plots": n_plots, "headline": numbers,
             "bytes": len(page.encode("utf-8"))}
