@@ -18,7 +18,7 @@ $(VENV)/.curate-installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/curate data inspect data/demo/pairs.jsonl --model smollm2-135m-instruct --out runs/demo
+	$(VENV)/bin/curate run pipelines/demo.yaml
 
 test: setup
 	$(VENV)/bin/pytest -q

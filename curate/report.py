@@ -24,7 +24,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -752,9 +751,6 @@ def write_report(run: str | Path, out: str | Path | None = None, *, title: str |
                        numbers=numbers)
     out_path = Path(out) if out is not None else inputs.run / "report.html"
     atomic_write_bytes(out_path, page.encode("utf-8"))
-    umask = os.umask(0)
-    os.umask(umask)
-    out_path.chmod(0o666 & ~umask)  # a page to share: readable like any file the user writes, not 0600
     n_plots = sum(isinstance(p, Plot) for s in sections for p in s.parts)
     return {"out": str(out_path), "sections": [s.id for s in sections], "plots": n_plots, "headline": numbers,
             "bytes": len(page.encode("utf-8"))}

@@ -25,3 +25,15 @@ def test_pairs_frame_schema_and_meta():
     assert meta_of(df, "planted_flip") == [True]
     assert df["pair_id"][0] == make_pair_id(PROMPT, "4", "5")
     assert isinstance(df, pl.DataFrame)
+
+
+def test_run_dir_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from curate.rundir import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "x.txt", b"hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~mask
