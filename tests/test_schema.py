@@ -37,3 +37,10 @@ def test_run_dir_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~mask
+
+
+def test_library_exports_resolve():
+    import curate
+
+    for name in curate.__all__:
+        assert getattr(curate, name) is not None, name
