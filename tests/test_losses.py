@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from curate.train.losses import (
     TokenTerms,
-    madpo_weights,
     pair_losses,
     sft_loss,
     sparsepo_losses,
@@ -81,16 +80,6 @@ def test_weighted_mean_and_sft():
     logps = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
     valid = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert sft_loss(logps, valid).item() == pytest.approx(2.0)  # (1 + 2 + 3) / 3 tokens
-
-
-def test_madpo_weights():
-    w = madpo_weights(torch.tensor([-3.0, 0.0, -7.0, 3.0]))
-    c3 = 0.5 + 1.5 / (1 + 2 * math.exp(3 - math.log(999)))
-    assert w[0].item() == pytest.approx(_sig(-3 * c3) / _sig(-3), rel=1e-5)
-    assert w[0].item() == pytest.approx(0.062, abs=0.001)  # the dip methods.md describes
-    assert w[1].item() == pytest.approx(1.0)  # sigma(0)/sigma(0)
-    assert w[2].item() == 1.0  # m <= -tau: full weight
-    assert w[3].item() == pytest.approx(_sig(3 * c3) / _sig(3), rel=1e-5)
 
 
 # ------------------------------------------------------------------ token level

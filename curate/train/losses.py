@@ -10,7 +10,6 @@ and hinge, and TRL <= 0.28's sigmoid loss with label smoothing for cdpo.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -92,26 +91,7 @@ def sft_loss(chosen_token_logps: Tensor, chosen_valid: Tensor) -> Tensor:
     return -(chosen_token_logps * valid).sum() / valid.sum().clamp(min=1)
 
 
-# ------------------------------------------------------------------ MADPO weights
-def madpo_weights(
-    margin: Tensor,
-    *,
-    c_max: float = 2.0,
-    c_min: float = 0.5,
-    lam: float = 1.0,
-    tau: float = math.log(999),
-) -> Tensor:
-    """Margin-adaptive DPO weights from a Bradley-Terry logit margin m (MADPO).
-
-    w = σ(c·m)/σ(m) for m > −τ, else 1, with
-    c(|m|) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min)) · e^{λ(|m| − τ)}).
-    Note the shape: w dips for moderately negative m and returns to 1 for m ≤ −τ,
-    so the most confidently mislabelled pairs get full weight; drop or flip them first.
-    """
-    m = margin.to(torch.float64)
-    c = c_min + (c_max - c_min) / (1 + ((c_max - 1) / (1 - c_min)) * torch.exp(lam * (m.abs() - tau)))
-    w = torch.exp(F.logsigmoid(c * m) - F.logsigmoid(m))
-    return torch.where(m > -tau, w, torch.ones_like(w)).to(margin.dtype)
+# (MADPO weights are computed by curation, curate.curation.madpo_weight, and arrive as the `weight` column.)
 
 
 # ------------------------------------------------------------------ token level
