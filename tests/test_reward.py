@@ -208,6 +208,6 @@ def test_missing_policy_states_for_some_pairs_warns_and_skips_them(tmp_path):
 def test_an_uninformative_ensemble_is_flagged():
     rng = np.random.default_rng(3)
     fs = FeatureSet("noise", rng.normal(size=(200, 5)), rng.normal(size=(200, 5)))
-    with pytest.warns(UserWarning, match="barely above chance"):
+    with pytest.warns(UserWarning, match="near chance"):
         _, info = reward.reward_and_noise([fs], seeds=(0, 1, 2))
     assert info["noise"]["warnings"] and info["reward"]["warnings"]

@@ -436,7 +436,7 @@ def reward_and_noise(
     notes = []
     if not quality.get("auc", 1.0) > WEAK_AUC:  # also catches NaN
         notes.append(
-            f"the ensemble's out-of-fold AUC is {quality.get('auc', float('nan')):.3f}, barely above chance: "
+            f"the ensemble's out-of-fold AUC is {quality.get('auc', float('nan')):.3f}, near chance: "
             "strength, p_chosen and flip estimates carry little information; add features or a reward model"
         )
         warnings.warn(notes[-1], stacklevel=2)
