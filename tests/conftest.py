@@ -30,3 +30,14 @@ def smollm2():
     from curate.models import load_causal_lm
 
     return load_causal_lm("smollm2-135m-instruct", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models run far faster on one thread than on two busy shared cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

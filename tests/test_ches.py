@@ -13,13 +13,7 @@ from curate.scores.logps import span_sum, token_logprobs
 EOS = 5  # pad == eos, as in SmolLM2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run ~30x faster on one thread than on two busy shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ------------------------------------------------------------------ pure math

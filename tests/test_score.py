@@ -25,13 +25,7 @@ COLUMNS = ["ches", "ln_ches", "hidden_inner", "edit_distance_norm", "logp_chosen
            "logp_mean_chosen", "logp_mean_rejected", "n_tokens_prompt", "n_tokens_chosen", "n_tokens_rejected"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run far faster on one thread than on two busy shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_hh_sample(path: Path, n: int, *, long_reply_at: int | None = None) -> Path:
