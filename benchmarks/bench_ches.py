@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
 from curate.data.chat import ChatEncoder
@@ -129,6 +130,44 @@ class PeakMemory:
         self.mib = (self.peak - self.start) / 2**20
 
 
+def pipeline_peak(lm, device, pairs_frame) -> tuple[float, float]:
+    """Peak memory (MiB above the start) and pairs/s of `curate.score` (ches+logps) on these pairs."""
+    from curate.data.schema import quarantine_frame
+    from curate.rundir import RunDir
+
+    with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as out:
+        RunDir(src).write_pairs(pairs_frame, quarantine_frame([]))
+        with PeakMemory(device) as mem:
+            _, seconds = timed(lambda: score(src, out=out, lm=lm, scores=("ches", "logps")))
+    return mem.mib, pairs_frame.height / seconds
+
+
+def memory_sweep(lm, encoder, device, small: int, large: int) -> None:
+    """Peak memory of the whole pipeline at two dataset sizes, separating size from sequence length.
+
+    A larger sample also holds longer pairs, and the longest batch sets the
+    peak of any batched forward. So besides the first ``small`` and ``large``
+    pairs as they come, it scores ``large`` pairs none longer than the
+    longest of the small set: if memory held anything per pair, that run
+    would still grow.
+    """
+    everything = load_pairs(str(HH)).pairs
+    lengths = []
+    for r in everything.iter_rows(named=True):
+        e = encode_pair(encoder, r["prompt"], r["chosen"], r["rejected"])[0]
+        lengths.append(len(e.prompt) + max(len(e.chosen), len(e.rejected)))
+    everything = everything.with_columns(pl.Series("_longest", lengths))
+    first_small, first_large = everything.head(small), everything.head(large)
+    cap = first_small["_longest"].max()
+    matched = everything.filter(pl.col("_longest") <= cap).head(large)
+    runs = [(f"first {small}", first_small), (f"first {large}", first_large),
+            (f"{matched.height} no longer than the first {small}", matched)]
+    for name, frame in runs:
+        mib, rate = pipeline_peak(lm, device, frame.drop("_longest"))
+        print(f"pipeline `curate score` ches+logps, {name} pairs (longest {frame['_longest'].max()} tokens): "
+              f"{rate:.2f} pairs/s, peak memory above start {mib:.0f} MiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=200, help="real HH pairs for (b), (c), (d)")
@@ -187,12 +226,7 @@ def main() -> None:
     print(f"spearman LN-CHES (b) fp32 vs (c) default over {len(pairs)} pairs = {rho:.4f}", flush=True)
 
     sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [max(2, len(pairs) // 4), len(pairs)]
-    for n in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            with PeakMemory(device) as mem:
-                _, seconds = timed(lambda: score(str(HH), out=tmp, lm=default, limit=n, scores=("ches", "logps")))
-        print(f"pipeline `curate score` ches+logps, {n} pairs: {n / seconds:.2f} pairs/s, "
-              f"peak memory above start {mem.mib:.0f} MiB", flush=True)
+    memory_sweep(default, encoder, device, *sizes)
 
     # (d') the same bare forward with batches planned for it (full sequences sorted by length, same budget)
     own = plan_batches(pairs, token_budget=budget, prefix_sharing=False)

@@ -9,7 +9,7 @@ starts from the bundled SmolLM2-135M-Instruct):
    engine (:mod:`curate.scores.engine`), and an out-of-fold reward ensemble
    (Bradley-Terry heads on all-MiniLM-L6-v2 reply embeddings and on SmolLM2's
    mean last-layer reply states, 5-fold cross-fitting x 3 split seeds) whose
-   margin feeds the default noise estimate (``flip_prob``).
+   margin feeds the default noise estimator, ``auto`` (``flip_prob``).
 1. **The CHES paper's central claim.** DPO on the 64 lowest-LN-CHES pairs and,
    separately, on the 64 highest; per window, the change in chosen log-prob on
    its own training pairs (the paper: the high-CHES window lowers it more).
@@ -65,7 +65,7 @@ def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_len
     from curate.eval import encode_for_engine
     from curate.scores.ches import ches, ln_ches
     from curate.scores.engine import score_encoded
-    from curate.scores.noise import mixture_mle
+    from curate.scores.noise import auto_estimator
     from curate.scores.reward import FeatureSet, ensemble_quality, ensemble_stats, head_members, scaled_margins
 
     encoder = ChatEncoder(ref.tokenizer, max_length=max_length)
@@ -87,7 +87,7 @@ def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_len
     members = head_members(feature_sets, seeds=seeds, folds=RECIPE["ensemble"]["folds"])
     margins = scaled_margins(members)
     stats = ensemble_stats(margins)
-    noise = mixture_mle(stats["rm_margin_mean"])
+    noise = auto_estimator(stats["rm_margin_mean"])  # the documented default
     table = pl.DataFrame({
         "pair_id": kept_ids,
         "ln_ches": ln_ches(out["sum_chosen"], out["sum_rejected"], n_c, n_r).numpy(),
@@ -176,19 +176,27 @@ def exp1_ches_windows(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> di
     return result
 
 
-def exp2_curation(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
+def curation_split(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> dict[str, Any]:
+    """Experiment 2's pool, its untouched holdout, and what curation keeps of the rest (deterministic)."""
     from curate.curation import ches_drop_top_rule, curate_pairs, max_flip_prob_rule
 
     cfg = RECIPE["exp2"]
     pool = pairs.join(table, on="pair_id", how="inner", maintain_order="left").head(ctx["pool"])
     rules = [ches_drop_top_rule(cfg["ches_drop_top"]), max_flip_prob_rule(f"{cfg['max_flip_prob']}:drop")]
     curated = curate_pairs(pool, rules, holdout=cfg["holdout"])
-    holdout_ids = curated.holdout["pair_id"]
-    holdout = pool.filter(pl.col("pair_id").is_in(holdout_ids.implode()))
-    everything = pool.filter(~pl.col("pair_id").is_in(holdout_ids.implode()))
-    kept = curated.pairs
-    result: dict[str, Any] = {"pool": pool.height, "holdout": holdout.height, "curation": curated.summary["counts"],
-                              "per_rule": curated.summary["per_rule"], "arms": {}}
+    holdout_ids = curated.holdout["pair_id"].implode()
+    return {
+        "pool": pool, "kept": curated.pairs, "summary": curated.summary,
+        "holdout": pool.filter(pl.col("pair_id").is_in(holdout_ids)),
+        "everything": pool.filter(~pl.col("pair_id").is_in(holdout_ids)),
+    }
+
+
+def exp2_curation(split: dict[str, Any], ctx: dict) -> dict[str, Any]:
+    everything, kept, holdout = split["everything"], split["kept"], split["holdout"]
+    result: dict[str, Any] = {"pool": split["pool"].height, "holdout": holdout.height,
+                              "curation": split["summary"]["counts"], "per_rule": split["summary"]["per_rule"],
+                              "arms": {}}
     arms = {
         "all": lambda seed: everything,
         "curated": lambda seed: kept,
@@ -197,13 +205,19 @@ def exp2_curation(table: pl.DataFrame, pairs: pl.DataFrame, ctx: dict) -> tuple[
     for name, pick in arms.items():
         runs = [train_and_eval(pick(s), holdout, seed=s, tag=f"exp2-{name}-{s}", **ctx["run"]) for s in ctx["seeds"]]
         result["arms"][name] = {"runs": runs, "summary": aggregate(runs)}
-    return result, kept, holdout
+    return result
 
 
-def exp3_losses(kept: pl.DataFrame, holdout: pl.DataFrame, dpo_runs: dict[str, Any], ctx: dict) -> dict[str, Any]:
-    runs = [train_and_eval(kept, holdout, seed=s, overrides=RECIPE["sparsepo"], tag=f"exp3-sparsepo-{s}",
-                           **{k: v for k, v in ctx["run"].items() if k != "overrides"}) for s in ctx["seeds"]]
-    return {"arms": {"dpo": dpo_runs, "sparsepo": {"runs": runs, "summary": aggregate(runs)}}}
+def exp3_losses(split: dict[str, Any], dpo_arm: dict[str, Any] | None, ctx: dict) -> dict[str, Any]:
+    """SparsePO on experiment 2's curated pairs; the DPO arm is experiment 2's curated arm (trained here if absent)."""
+    kept, holdout = split["kept"], split["holdout"]
+    plain = {k: v for k, v in ctx["run"].items() if k != "overrides"}
+    if dpo_arm is None:
+        runs = [train_and_eval(kept, holdout, seed=s, overrides={}, tag=f"exp3-dpo-{s}", **plain) for s in ctx["seeds"]]
+        dpo_arm = {"runs": runs, "summary": aggregate(runs)}
+    runs = [train_and_eval(kept, holdout, seed=s, overrides=RECIPE["sparsepo"], tag=f"exp3-sparsepo-{s}", **plain)
+            for s in ctx["seeds"]]
+    return {"arms": {"dpo": dpo_arm, "sparsepo": {"runs": runs, "summary": aggregate(runs)}}}
 
 
 def main() -> None:
@@ -278,7 +292,7 @@ def main() -> None:
     save()
     ctx = {"seeds": seeds, "window": window, "pool": pool, "disjoint": args.disjoint_windows,
            "run": {"ref": ref, "work": work, "overrides": {}, "model_name": model_name}}
-    kept = holdout = None
+    split = curation_split(table, pairs, ctx) if {2, 3} & set(args.only) else None
     for number, name in ((1, "exp1_ches_windows"), (2, "exp2_curation"), (3, "exp3_dpo_vs_sparsepo")):
         if number not in args.only:
             continue
@@ -287,9 +301,10 @@ def main() -> None:
             if number == 1:
                 report[name] = exp1_ches_windows(table, pairs, ctx)
             elif number == 2:
-                report[name], kept, holdout = exp2_curation(table, pairs, ctx)
-            elif kept is not None:
-                report[name] = exp3_losses(kept, holdout, report["exp2_curation"]["arms"]["curated"], ctx)
+                report[name] = exp2_curation(split, ctx)
+            else:
+                dpo_arm = report.get("exp2_curation", {}).get("arms", {}).get("curated")
+                report[name] = exp3_losses(split, dpo_arm, ctx)
             report[name]["seconds"] = round(time.perf_counter() - t1, 1)
         except Exception:  # keep what the other experiments found
             report[name] = {"error": traceback.format_exc()}
