@@ -8,7 +8,8 @@ bundled SmolLM2-135M-Instruct and the same tokenisation, under inference_mode:
 (a) paper-style loop: fp32, batch size 1, full forward with all hidden states,
     two forwards per pair (``compute_preference_similarity_per_example.py``);
 (b) curate engine, fp32;
-(c) curate engine, default settings (dtype auto, token budget, prefix sharing);
+(c) curate engine, default settings (dtype auto, token budget, prefix sharing
+    on CPU and off on GPU); (c') the same with the other prefix-sharing setting;
 (d) ceiling: a bare decoder forward (no hidden-state extraction, no lm_head)
     of the full prompt+reply sequences, in (c)'s batches and dtype;
 (d') the same bare forward in batches planned for it (sorted by full length,
@@ -43,9 +44,15 @@ from curate.data.load import load_pairs
 from curate.models import load_causal_lm
 from curate.score import encode_pair, score
 from curate.scores.ches import ln_ches
-from curate.scores.engine import left_pad, default_token_budget, plan_batches, score_encoded
+from curate.scores.engine import default_token_budget, left_pad, plan_batches, resolve_prefix_sharing, score_encoded
 
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
+
+
+def best_of(repeats, fn):
+    """The result and the fastest of ``repeats`` timed runs (GPU timings of one cold run vary by 30%)."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return runs[0][0], min(seconds for _, seconds in runs)
 
 
 def timed(fn):
@@ -67,7 +74,7 @@ def paper_loop(model, pairs):
             for reply in (pair.chosen, pair.rejected):
                 ids = torch.tensor([list(pair.prompt) + list(reply)], device=model.device)
                 hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
-                sums.append(hidden[len(pair.prompt) - 1 : -1].sum(0))
+                sums.append(hidden[len(pair.prompt) - 1 : -1].sum(0).cpu())
                 lengths.append(len(reply))
             ln.append(ln_ches(sums[0][None], sums[1][None], torch.tensor([lengths[0]]), torch.tensor([lengths[1]])).item())
     return ln
@@ -174,6 +181,7 @@ def main() -> None:
     parser.add_argument("--paper-pairs", type=int, default=None, help="pairs for the slow loop (a); default: --pairs")
     parser.add_argument("--memory-sizes", default=None, help="two pipeline sizes for peak memory, e.g. 50,200")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1, help="time each variant this many times, keep the fastest")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     os.environ["CURATE_QUIET"] = "1"  # no progress bars inside the measurements
@@ -194,7 +202,7 @@ def main() -> None:
           f"prompt_share={sum(2 * len(p.prompt) for p in pairs) / tokens.sum():.2f}")
 
     budget = default_token_budget(default.model)
-    batches = plan_batches(pairs, token_budget=budget)
+    batches = plan_batches(pairs, token_budget=budget, prefix_sharing=resolve_prefix_sharing(default.model, None))
     # warm-up (allocator, kernels) so no variant pays for first-call costs
     score_encoded(default.model, pairs[:2], want_logps=False)
     score_encoded(fp32.model, pairs[:2], want_logps=False)
@@ -207,15 +215,18 @@ def main() -> None:
         rate[name.split()[0]] = n / seconds
         print(f"{name:<34}{n:>7}{seconds:>10.2f}{n / seconds:>10.2f}{tokens[:n].sum() / seconds:>11.0f}", flush=True)
 
-    ln_a, t_a = timed(lambda: paper_loop(fp32.model, paper_pairs))
+    ln_a, t_a = best_of(args.repeats, lambda: paper_loop(fp32.model, paper_pairs))
     report("(a) paper loop fp32 bs1", len(paper_pairs), t_a)
-    ln_c, t_c = timed(lambda: engine_ln_ches(default.model, pairs))
+    ln_c, t_c = best_of(args.repeats, lambda: engine_ln_ches(default.model, pairs))
     report(f"(c) curate default ({str(default.dtype).replace('torch.', '')})", len(pairs), t_c)
-    _, t_d = timed(lambda: bare_forward(default.model, pairs, batches))
+    _, t_d = best_of(args.repeats, lambda: bare_forward(default.model, pairs, batches))
     report("(d) bare forward ceiling", len(pairs), t_d)
     print(f"partial: speedup_vs_paper_loop={rate['(c)'] / rate['(a)']:.2f} "
           f"ceiling_ratio={rate['(c)'] / rate['(d)']:.2f}", flush=True)
-    ln_b, t_b = timed(lambda: engine_ln_ches(fp32.model, pairs))
+    other = not resolve_prefix_sharing(default.model, None)
+    _, t_c2 = best_of(args.repeats, lambda: engine_ln_ches(default.model, pairs, prefix_sharing=other))
+    report(f"(c') default, prefix sharing {'on' if other else 'off'}", len(pairs), t_c2)
+    ln_b, t_b = best_of(args.repeats, lambda: engine_ln_ches(fp32.model, pairs))
     report("(b) curate fp32", len(pairs), t_b)
 
     from scipy.stats import spearmanr
@@ -230,7 +241,7 @@ def main() -> None:
 
     # (d') the same bare forward with batches planned for it (full sequences sorted by length, same budget)
     own = plan_batches(pairs, token_budget=budget, prefix_sharing=False)
-    _, t_own = timed(lambda: bare_forward(default.model, pairs, own))
+    _, t_own = best_of(args.repeats, lambda: bare_forward(default.model, pairs, own))
     report("(d') bare forward, own batches", len(pairs), t_own)
 
     own_ratio = rate["(c)"] / rate["(d')"]

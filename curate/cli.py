@@ -127,7 +127,9 @@ def score_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
-    prefix_sharing: bool = typer.Option(True, help="Run each prompt once and reuse its KV cache for both replies."),
+    prefix_sharing: Optional[bool] = typer.Option(
+        None, "--prefix-sharing/--no-prefix-sharing",
+        help="Run each prompt once and reuse its KV cache for both replies (default: on CPU yes, on GPU no)."),
     shard_size: int = typer.Option(512, help="Pairs per resumable shard."),
     subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
     split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),

@@ -12,9 +12,11 @@ Columns written to ``RUN/scores.parquet`` (one row per pair_id):
 - ``n_tokens_prompt`` (after truncation), ``n_tokens_chosen``,
   ``n_tokens_rejected`` (end-of-turn token included), ``n_prompt_tokens_cut``.
 
-``RUN/pooled.npz`` keeps the mean-pooled reply states (fp32): arrays
-``pair_id`` [N], ``mean_chosen`` [N, d], ``mean_rejected`` [N, d], in the row
-order of ``pair_id``.
+``RUN/pooled.npz`` keeps the mean-pooled reply states of the engine's probe
+layer, two thirds of the way up (fp32; the reward heads' and SAE features;
+the last layer for one-block models): arrays ``pair_id`` [N], ``mean_chosen``
+[N, d], ``mean_rejected`` [N, d], in the row order of ``pair_id``. The
+manifest's ``pooled_layer`` names the ``hidden_states`` index.
 
 Truncation rule: replies are kept whole; the prompt is cut from the left until
 prompt + the longer reply fit ``max_length`` (default: the model's context),
@@ -45,7 +47,7 @@ import torch
 from curate.errors import CurateError
 from curate.rundir import PAIRS, RunDir, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, score_batches
+from curate.scores.engine import EncodedPair, probe_layer, resolve_prefix_sharing, score_batches
 
 MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
@@ -90,8 +92,9 @@ def pair_columns(encoded: Sequence[EncodedPair], out: dict[str, torch.Tensor], s
         cols["ln_ches"] = ln_ches(out["sum_chosen"], out["sum_rejected"], n_chosen, n_rejected).tolist()
         cols["hidden_inner"] = hidden_inner(out["last_chosen"], out["last_rejected"]).tolist()
         cols["edit_distance_norm"] = [normalized_edit_distance(p.chosen[:-1], p.rejected[:-1]) for p in encoded]
-        cols["pooled_chosen"] = (out["sum_chosen"].double() / n_chosen[:, None]).float().numpy()
-        cols["pooled_rejected"] = (out["sum_rejected"].double() / n_rejected[:, None]).float().numpy()
+        pooled = "probe" if "probe_chosen" in out else "sum"
+        cols["pooled_chosen"] = (out[f"{pooled}_chosen"].double() / n_chosen[:, None]).float().numpy()
+        cols["pooled_rejected"] = (out[f"{pooled}_rejected"].double() / n_rejected[:, None]).float().numpy()
     if "logps" in scores:
         cols["logp_chosen"] = out["logp_chosen"].double().tolist()
         cols["logp_rejected"] = out["logp_rejected"].double().tolist()
@@ -120,7 +123,7 @@ def _shard_frame(pair_ids: list[str], cols: dict[str, Any], truncated: list[int]
 
 
 def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batch_size: int | None,
-                token_budget: int | None, prefix_sharing: bool, on_batch=None) -> pl.DataFrame:
+                token_budget: int | None, prefix_sharing: bool | None, on_batch=None) -> pl.DataFrame:
     """Encode and score one slice of the pair table; pairs that cannot be encoded get a skip reason."""
     from curate.data.chat import ReplyTooLong
 
@@ -239,7 +242,7 @@ def score(
     max_length: int | None = None,
     limit: int | None = None,
     system_prompt: str = "default",
-    prefix_sharing: bool = True,
+    prefix_sharing: bool | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     revision: str | None = None,
     subset: str | None = None,
@@ -315,6 +318,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
     if lm is None:
         lm = load_causal_lm(model, device=device, dtype=dtype, revision=revision)
     load_seconds = time.time() - t0
+    prefix_sharing = resolve_prefix_sharing(lm.model, prefix_sharing)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if max_length is not None and context is not None and max_length > context:
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
@@ -364,6 +368,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         "model": lm.info,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers,
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from curate.scores.ches import ches, ches_matrix, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, batch_cost, forward_batch, plan_batches, score_encoded
+from curate.scores.engine import EncodedPair, batch_cost, forward_batch, plan_batches, probe_layer, score_encoded
 from curate.scores.logps import span_sum, token_logprobs
 
 EOS = 5  # pad == eos, as in SmolLM2
@@ -94,14 +94,16 @@ def reference_reply(model, prompt, reply):
     hidden = out.hidden_states[-1][0]
     p, t = len(prompt), ids.shape[1]
     states = hidden[p - 1 : t - 1]
+    probe = out.hidden_states[probe_layer(model)][0, p - 1 : t - 1].sum(0).double()
     logp = torch.log_softmax(out.logits[0, p - 1 : t - 1].double(), -1).gather(1, ids[0, p:t, None]).sum()
-    return states.sum(0).double(), states[-1].double(), logp.item(), len(reply)
+    return states.sum(0).double(), states[-1].double(), logp.item(), len(reply), probe
 
 
 def reference_pair(model, pair):
-    s_pos, h_pos, lp_pos, n_pos = reference_reply(model, pair.prompt, pair.chosen)
-    s_neg, h_neg, lp_neg, n_neg = reference_reply(model, pair.prompt, pair.rejected)
+    s_pos, h_pos, lp_pos, n_pos, probe_pos = reference_reply(model, pair.prompt, pair.chosen)
+    s_neg, h_neg, lp_neg, n_neg, probe_neg = reference_reply(model, pair.prompt, pair.rejected)
     return {
+        "probe_chosen": probe_pos, "probe_rejected": probe_neg,
         "ches": (s_pos @ s_neg - s_pos @ s_pos).item(),
         "ln_ches": ((s_pos / n_pos) @ (s_neg / n_neg) - (s_pos / n_pos) @ (s_pos / n_pos)).item(),
         "scale": (s_pos @ s_pos).item() + abs((s_pos @ s_neg).item()),
@@ -128,8 +130,9 @@ def assert_matches_reference(model, pairs, out, rel=1e-4):
     for i, pair in enumerate(pairs):
         ref = reference_pair(model, pair)
         for side in ("chosen", "rejected"):
-            got = out[f"sum_{side}"][i].double()
-            assert torch.allclose(got, ref[f"sum_{side}"], rtol=rel, atol=rel * ref[f"sum_{side}"].abs().max().item())
+            for name in ("sum", "probe"):  # last layer (CHES) and the reward heads' probe layer
+                got, want = out[f"{name}_{side}"][i].double(), ref[f"{name}_{side}"]
+                assert torch.allclose(got, want, rtol=rel, atol=rel * want.abs().max().item())
             assert out[f"logp_{side}"][i].item() == pytest.approx(ref[f"logp_{side}"], rel=rel)
         n_pos, n_neg = torch.tensor([len(pair.chosen)]), torch.tensor([len(pair.rejected)])
         got_ches = ches(out["sum_chosen"][i : i + 1], out["sum_rejected"][i : i + 1]).item()

@@ -17,6 +17,7 @@ from curate.data.chat import ChatEncoder
 from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
 from curate.score import encode_pair, parse_scores, score
+from curate.scores.engine import probe_layer
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def reference_scores(lm, prompt, chosen, rejected, system_prompt="default", max_
     """The definition at batch size 1: full unpadded forwards with all hidden states."""
     encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=max_length)
     pair, _ = encode_pair(encoder, prompt, chosen, rejected)
-    sums, lasts, logps = [], [], []
+    layer = probe_layer(lm.model)
+    sums, lasts, logps, probes = [], [], [], []
     for reply in (pair.chosen, pair.rejected):
         ids = torch.tensor([list(pair.prompt) + list(reply)])
         with torch.inference_mode():
@@ -60,6 +62,7 @@ def reference_scores(lm, prompt, chosen, rejected, system_prompt="default", max_
         states = out.hidden_states[-1][0, p - 1 : t - 1].double()
         sums.append(states.sum(0))
         lasts.append(states[-1])
+        probes.append(out.hidden_states[layer][0, p - 1 : t - 1].double().mean(0))
         logps.append(torch.log_softmax(out.logits[0, p - 1 : t - 1].double(), -1).gather(1, ids[0, p:t, None]).sum().item())
     n_pos, n_neg = len(pair.chosen), len(pair.rejected)
     m_pos, m_neg = sums[0] / n_pos, sums[1] / n_neg
@@ -71,7 +74,7 @@ def reference_scores(lm, prompt, chosen, rejected, system_prompt="default", max_
         "hidden_inner": (lasts[0] @ lasts[1]).item(),
         "logp_chosen": logps[0], "logp_rejected": logps[1],
         "n_tokens_prompt": len(pair.prompt), "n_tokens_chosen": n_pos, "n_tokens_rejected": n_neg,
-        "mean_chosen": m_pos.numpy(), "mean_rejected": m_neg.numpy(),
+        "mean_chosen": probes[0].numpy(), "mean_rejected": probes[1].numpy(),
     }
 
 

@@ -2,11 +2,13 @@
 
 For every pair it returns, per reply, the fp32 sum of the last-layer hidden
 states at the positions that predict the reply (CHES), the last of those
-states (the hidden-inner-product baseline) and, when asked, the summed
-log-prob of the reply. Only the final hidden state is kept, and ``lm_head``
-runs only on reply positions, only when log-probs are asked for, and in fp32.
+states (the hidden-inner-product baseline), the same sum at a probe layer two
+thirds of the way up (the reward heads' features: :func:`probe_layer`) and,
+when asked, the summed log-prob of the reply. Only those two layers' states
+are kept, and ``lm_head`` runs only on reply positions, only when log-probs
+are asked for, and in fp32.
 
-How a batch runs (``prefix_sharing=True``, the default):
+How a batch runs with ``prefix_sharing=True`` (the default on CPU):
 
 1. the prompts, left-padded, go through the decoder once, keeping the KV cache;
 2. the replies (without their final end-of-turn token, whose own state is
@@ -18,6 +20,10 @@ Left padding puts every prompt's last token in the last column, and right
 padding after a reply cannot influence earlier positions of a causal model,
 so every mask is built from lengths alone. ``prefix_sharing=False`` runs each
 (prompt, reply) as one left-padded sequence instead (two forwards per pair).
+``prefix_sharing=None`` picks by device: on where compute is the limit (CPU,
+measured 2x over the bare full forward there), off on GPUs, where a small
+model is bound by launches and masked attention over the copied cache, and
+the full forward measured faster (benchmarks/bench_ches.py, H100).
 
 Batches are formed by sorting pairs by length and filling a token budget;
 on a GPU an out-of-memory error halves the budget and retries.
@@ -47,7 +53,13 @@ class EncodedPair:
     rejected: Sequence[int]
 
 
-OUTPUT_KEYS = ("sum_chosen", "sum_rejected", "last_chosen", "last_rejected", "logp_chosen", "logp_rejected")
+OUTPUT_KEYS = ("sum_chosen", "sum_rejected", "last_chosen", "last_rejected", "probe_chosen", "probe_rejected",
+               "logp_chosen", "logp_rejected")
+# Depth of the probe layer. Linear probes read preferences best from middle
+# layers: on HH harmless, heads on SmolLM2's mean reply states reached OOF AUC
+# 0.686 / 0.705 / 0.722 / 0.721 / 0.714 / 0.698 at layers 4 / 12 / 16 / 20 /
+# 24 / 30 (last) of 30. Fixed as a fraction of depth, not tuned per model.
+PROBE_DEPTH = 2 / 3
 
 
 def batch_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) -> int:
@@ -137,6 +149,50 @@ def _right_pad(seqs: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return ids
 
 
+def _decoder_blocks(model) -> Sequence[torch.nn.Module] | None:
+    """The list of transformer blocks of a causal LM (Llama-style ``layers``, GPT-2-style ``h``)."""
+    decoder = model.base_model
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(decoder, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return blocks
+    return None
+
+
+def probe_layer(model) -> int | None:
+    """The ``hidden_states`` index the probe reads: block k's output is ``hidden_states[k]``.
+
+    ``round(PROBE_DEPTH * n_blocks)``, kept below the last block (whose
+    ``hidden_states`` entry is after the final norm); None for one-block models
+    or architectures whose blocks are not found (the probe is then skipped).
+    """
+    blocks = _decoder_blocks(model)
+    if blocks is None or len(blocks) < 2:
+        return None
+    return min(len(blocks) - 1, max(1, round(PROBE_DEPTH * len(blocks))))
+
+
+class _ProbeTap:
+    """Keeps the output of the probe layer's block for each decoder forward inside the block."""
+
+    def __init__(self, model):
+        self.layer = probe_layer(model)
+        self.block = _decoder_blocks(model)[self.layer - 1] if self.layer else None
+        self.last: torch.Tensor | None = None
+
+    def __enter__(self) -> "_ProbeTap":
+        if self.block is not None:
+            self.handle = self.block.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, args, output) -> None:
+        self.last = output[0] if isinstance(output, tuple) else output
+
+    def __exit__(self, *exc) -> None:
+        if self.block is not None:
+            self.handle.remove()
+
+
 def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder stack (ending in the final norm) and the unembedding of a causal LM."""
     return model.base_model, model.get_output_embeddings()
@@ -153,11 +209,13 @@ def _reply_scores(
     states: torch.Tensor,
     replies: Sequence[Sequence[int]],
     lm_head: torch.nn.Module | None,
+    probe_states: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sums, last states and log-probs from the states that predict each reply.
+    """Sums, last states, probe-layer sums and log-probs from the states that predict each reply.
 
-    ``states [R, W, d]``: row r holds, from column 0, the states predicting
-    reply r's tokens (its last prompt token, then its tokens but the last).
+    ``states [R, W, d]`` (and ``probe_states``, the same positions at the
+    probe layer): row r holds, from column 0, the states predicting reply r's
+    tokens (its last prompt token, then its tokens but the last).
     """
     device = states.device
     lengths = torch.tensor([len(r) for r in replies], device=device)
@@ -167,6 +225,8 @@ def _reply_scores(
         "sum": span_sum(states, zeros, lengths),
         "last": states[rows, lengths - 1].float(),
     }
+    if probe_states is not None:
+        out["probe"] = span_sum(probe_states, zeros, lengths)
     if lm_head is not None:
         targets = _right_pad(replies, states.shape[1]).to(device)
         valid = torch.arange(states.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -187,33 +247,41 @@ def _forward_shared(model, pairs: Sequence[EncodedPair], want_logps: bool) -> di
     decoder, lm_head = _decoder_and_head(model)
     device = next(model.parameters()).device
     ids, mask, positions = left_pad([p.prompt for p in pairs], device)
-    prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    last_prompt_state = prompt_out.last_hidden_state[:, -1]  # left padding: last column
+    with _ProbeTap(model) as tap:
+        prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        prompt_probe = tap.last[:, -1] if tap.layer else None
+        last_prompt_state = prompt_out.last_hidden_state[:, -1]  # left padding: last column
 
-    # rows 2i / 2i+1 are the chosen / rejected reply of pair i
-    replies = [r for p in pairs for r in (p.chosen, p.rejected)]
-    fed = [r[:-1] for r in replies]  # the end-of-turn token's own state is never used
-    fed_lens = [len(f) for f in fed]
-    states = torch.zeros(len(replies), 1 + max(fed_lens), last_prompt_state.shape[-1],
-                         dtype=last_prompt_state.dtype, device=device)
-    states[:, 0] = last_prompt_state.repeat_interleave(2, dim=0)
-    groups = reply_groups(fed_lens)
-    for group in groups:
-        pair_rows = torch.tensor([row // 2 for row in group], device=device)
-        cache = _cache_rows(prompt_out.past_key_values, pair_rows, model.config)
-        width = fed_lens[group[0]]
-        lens = torch.tensor([fed_lens[row] for row in group], device=device)
-        reply_mask = (torch.arange(width, device=device).unsqueeze(0) < lens.unsqueeze(1)).long()
-        prompt_lens = mask.sum(1)[pair_rows]
-        reply_out = decoder(
-            input_ids=_right_pad([fed[row] for row in group], width).to(device),
-            attention_mask=torch.cat([mask[pair_rows], reply_mask], dim=1),
-            position_ids=prompt_lens.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        states[torch.tensor(group, device=device), 1 : 1 + width] = reply_out.last_hidden_state
-    scores = _reply_scores(states, replies, lm_head if want_logps else None)
+        # rows 2i / 2i+1 are the chosen / rejected reply of pair i
+        replies = [r for p in pairs for r in (p.chosen, p.rejected)]
+        fed = [r[:-1] for r in replies]  # the end-of-turn token's own state is never used
+        fed_lens = [len(f) for f in fed]
+        states = torch.zeros(len(replies), 1 + max(fed_lens), last_prompt_state.shape[-1],
+                             dtype=last_prompt_state.dtype, device=device)
+        states[:, 0] = last_prompt_state.repeat_interleave(2, dim=0)
+        probe_states = None
+        if prompt_probe is not None:
+            probe_states = torch.zeros_like(states)
+            probe_states[:, 0] = prompt_probe.repeat_interleave(2, dim=0)
+        for group in reply_groups(fed_lens):
+            pair_rows = torch.tensor([row // 2 for row in group], device=device)
+            cache = _cache_rows(prompt_out.past_key_values, pair_rows, model.config)
+            width = fed_lens[group[0]]
+            lens = torch.tensor([fed_lens[row] for row in group], device=device)
+            reply_mask = (torch.arange(width, device=device).unsqueeze(0) < lens.unsqueeze(1)).long()
+            prompt_lens = mask.sum(1)[pair_rows]
+            reply_out = decoder(
+                input_ids=_right_pad([fed[row] for row in group], width).to(device),
+                attention_mask=torch.cat([mask[pair_rows], reply_mask], dim=1),
+                position_ids=prompt_lens.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            rows = torch.tensor(group, device=device)
+            states[rows, 1 : 1 + width] = reply_out.last_hidden_state
+            if probe_states is not None:
+                probe_states[rows, 1 : 1 + width] = tap.last
+    scores = _reply_scores(states, replies, lm_head if want_logps else None, probe_states)
     return _split_chosen_rejected(scores)
 
 
@@ -223,13 +291,15 @@ def _forward_separate(model, pairs: Sequence[EncodedPair], want_logps: bool) -> 
     replies = [r for p in pairs for r in (p.chosen, p.rejected)]
     seqs = [list(p.prompt) + list(r[:-1]) for p in pairs for r in (p.chosen, p.rejected)]
     ids, mask, positions = left_pad(seqs, device)
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    with _ProbeTap(model) as tap:
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
     # with left padding the n states predicting an n-token reply are the last n columns
     lengths = torch.tensor([len(r) for r in replies], device=device)
     gather = (hidden.shape[1] - lengths).unsqueeze(1) + torch.arange(max(len(r) for r in replies), device=device)
     gather = gather.clamp(max=hidden.shape[1] - 1)
-    states = hidden[torch.arange(len(seqs), device=device).unsqueeze(1), gather]
-    scores = _reply_scores(states, replies, lm_head if want_logps else None)
+    rows = torch.arange(len(seqs), device=device).unsqueeze(1)
+    probe_states = tap.last[rows, gather] if tap.layer else None
+    scores = _reply_scores(hidden[rows, gather], replies, lm_head if want_logps else None, probe_states)
     return _split_chosen_rejected(scores)
 
 
@@ -242,18 +312,25 @@ def _split_chosen_rejected(scores: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def forward_batch(
-    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool = True
+    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
 ) -> dict[str, torch.Tensor]:
     """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
     if any(len(p.prompt) == 0 or len(p.chosen) == 0 or len(p.rejected) == 0 for p in pairs):
         raise ValueError("every pair needs a non-empty prompt and replies that end with the end-of-turn token")
-    forward = _forward_shared if prefix_sharing else _forward_separate
+    forward = _forward_shared if resolve_prefix_sharing(model, prefix_sharing) else _forward_separate
     with torch.inference_mode():
         return forward(model, pairs, want_logps)
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def resolve_prefix_sharing(model, prefix_sharing: bool | None) -> bool:
+    """``None`` means: share prompts on CPU, not on accelerators (see the module docstring)."""
+    if prefix_sharing is not None:
+        return prefix_sharing
+    return next(model.parameters()).device.type == "cpu"
 
 
 def default_token_budget(model) -> int:
@@ -266,7 +343,7 @@ def score_batches(
     pairs: Sequence[EncodedPair],
     *,
     want_logps: bool = True,
-    prefix_sharing: bool = True,
+    prefix_sharing: bool | None = None,
     batch_size: int | None = None,
     token_budget: int | None = None,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
@@ -278,6 +355,7 @@ def score_batches(
     retries, down to one pair per batch.
     """
     budget = token_budget or default_token_budget(model)
+    prefix_sharing = resolve_prefix_sharing(model, prefix_sharing)
     pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing)
     while pending:
         indices = pending.pop(0)
@@ -305,7 +383,7 @@ def score_encoded(
     pairs: Sequence[EncodedPair],
     *,
     want_logps: bool = True,
-    prefix_sharing: bool = True,
+    prefix_sharing: bool | None = None,
     batch_size: int | None = None,
     token_budget: int | None = None,
     on_batch: Callable[[int], None] | None = None,

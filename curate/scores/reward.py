@@ -529,7 +529,7 @@ def build_feature_sets(
 ) -> list[FeatureSet]:
     """Frozen feature sets of every pair, none of which depends on the labels.
 
-    - ``policy``: the policy's mean-pooled reply states (CHES pass, if present),
+    - ``policy``: the policy's mean-pooled reply states at its probe layer (CHES pass, if present),
     - ``policy_logp``: the policy's reply log-probs (logps pass, if present),
     - ``reply_emb``: sentence embeddings of the replies (``embedder``),
     - ``relevance``: cosine of each reply's embedding with the last user turn's,
