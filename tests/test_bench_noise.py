@@ -42,8 +42,11 @@ def test_benchmark_tracks_the_truth_on_synthetic_pairs():
     rows = [r for r in out["results"] if r["estimator"] == out["default_estimator"]]
     assert [r["planted_rate"] for r in rows] == [0.0, 0.1, 0.2, 0.3]
     for r in rows:
-        assert set(r) >= {"estimator", "planted_rate", "estimated_rate", "natural_rate", "auroc", "true_rate"}
+        assert set(r) >= {"estimator", "planted_rate", "estimated_rate", "natural_rate", "auroc", "true_rate",
+                          "auroc_wrong_label"}
         assert r["estimated_rate"] == pytest.approx(r["true_rate"], abs=0.05)
+        # every rate has wrong labels (the natural ones), so this AUROC always exists
+        assert r["auroc_wrong_label"] > 0.8
         if r["planted_rate"] > 0:
             assert r["auroc"] > 0.8
         else:
