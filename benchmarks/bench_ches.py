@@ -44,7 +44,8 @@ from curate.data.load import load_pairs
 from curate.models import load_causal_lm
 from curate.score import encode_pair, score
 from curate.scores.ches import ln_ches
-from curate.scores.engine import default_token_budget, left_pad, plan_batches, resolve_prefix_sharing, score_encoded
+from curate.scores.engine import (default_attention_budget, default_token_budget, left_pad, plan_batches,
+                                  resolve_prefix_sharing, score_encoded)
 
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
 
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--memory-sizes", default=None, help="two pipeline sizes for peak memory, e.g. 50,200")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=1, help="time each variant this many times, keep the fastest")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory runs of the pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     os.environ["CURATE_QUIET"] = "1"  # no progress bars inside the measurements
@@ -201,8 +203,14 @@ def main() -> None:
           f"paper_loop_pairs={len(paper_pairs)} tokens/pair={tokens.mean():.0f} "
           f"prompt_share={sum(2 * len(p.prompt) for p in pairs) / tokens.sum():.2f}")
 
+    if args.memory_only:
+        sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [50, 200]
+        memory_sweep(default, encoder, device, *sizes)
+        return
     budget = default_token_budget(default.model)
-    batches = plan_batches(pairs, token_budget=budget, prefix_sharing=resolve_prefix_sharing(default.model, None))
+    attention_budget = default_attention_budget(default.model)
+    batches = plan_batches(pairs, token_budget=budget, prefix_sharing=resolve_prefix_sharing(default.model, None),
+                           attention_budget=attention_budget)
     # warm-up (allocator, kernels) so no variant pays for first-call costs
     score_encoded(default.model, pairs[:2], want_logps=False)
     score_encoded(fp32.model, pairs[:2], want_logps=False)
@@ -240,7 +248,7 @@ def main() -> None:
     memory_sweep(default, encoder, device, *sizes)
 
     # (d') the same bare forward with batches planned for it (full sequences sorted by length, same budget)
-    own = plan_batches(pairs, token_budget=budget, prefix_sharing=False)
+    own = plan_batches(pairs, token_budget=budget, prefix_sharing=False, attention_budget=attention_budget)
     _, t_own = best_of(args.repeats, lambda: bare_forward(default.model, pairs, own))
     report("(d') bare forward, own batches", len(pairs), t_own)
 

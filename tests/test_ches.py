@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from curate.scores.ches import ches, ches_matrix, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, batch_cost, forward_batch, plan_batches, probe_layer, score_encoded
+from curate.scores.engine import (EncodedPair, attention_cost, batch_cost, forward_batch, plan_batches, probe_layer,
+                                  score_encoded)
 from curate.scores.logps import span_sum, token_logprobs
 
 EOS = 5  # pad == eos, as in SmolLM2
@@ -178,6 +179,20 @@ def test_plan_batches_covers_every_pair_once_within_budget():
     assert flat == list(range(len(pairs)))
     assert all(len(b) == 1 or batch_cost([pairs[i] for i in b]) <= 200 for b in batches)
     assert [len(b) for b in plan_batches(pairs, token_budget=10, batch_size=7)][:-1] == [7] * (len(pairs) // 7)
+
+
+def test_attention_budget_caps_rows_times_squared_length():
+    long_pairs = [EncodedPair([7] * 90, [8] * 9 + [EOS], [9, EOS]) for _ in range(6)]  # longest 100 tokens
+    short_pairs = [EncodedPair([7] * 10, [8, EOS], [9, EOS]) for _ in range(6)]  # longest 12 tokens
+    pairs = long_pairs + short_pairs
+    # the token budget alone would put the six long pairs in one batch (6 x 90 + 6 x 12 = 612 tokens)
+    assert len(plan_batches(long_pairs, token_budget=1000)) == 1
+    batches = plan_batches(pairs, token_budget=1000, attention_budget=2 * 100 * 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs)))
+    assert all(attention_cost([pairs[i] for i in b]) <= 2 * 100 * 100 for b in batches)
+    assert [len(b) for b in batches] == [2, 2, 2, 6]  # short pairs still share one batch
+    # one pair over the budget still gets a batch of its own
+    assert plan_batches(long_pairs[:2], token_budget=1000, attention_budget=10) == [[0], [1]]
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model, monkeypatch):

@@ -42,6 +42,13 @@ from curate.scores.logps import span_sum, token_logprobs
 CPU_TOKEN_BUDGET = 4096
 # Starting token budget on an accelerator; halved on out-of-memory.
 GPU_TOKEN_BUDGET = 131072
+# Query x key positions per batch on CPU. Attention there materialises a
+# [rows, heads, L, L] score matrix, so at a fixed token budget a batch of a few
+# long sequences needs more memory than many short ones: peak memory followed
+# the longest pair of the dataset (687 MiB with pairs up to 488 tokens, 927 MiB
+# up to 967). Capping rows x L^2 keeps the peak at what 512-token sequences
+# cost. GPU attention kernels do not materialise it (no cap there).
+CPU_ATTENTION_BUDGET = CPU_TOKEN_BUDGET * 512
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,13 @@ def batch_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) -> int
     return 2 * len(pairs) * (prompt_len + reply_len)
 
 
+def attention_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) -> int:
+    """Rows x (longest sequence)^2 of a batch: the size of its attention score matrix per head."""
+    longest = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    rows = len(pairs) if prefix_sharing else 2 * len(pairs)
+    return rows * longest * longest
+
+
 def reply_groups(lengths: Sequence[int], ratio: float = 0.7) -> list[list[int]]:
     """Split rows into groups of similar length, longest first, skipping zero lengths.
 
@@ -99,12 +113,14 @@ def plan_batches(
     batch_size: int | None = None,
     prefix_sharing: bool = True,
     indices: Sequence[int] | None = None,
+    attention_budget: int | None = None,
 ) -> list[list[int]]:
     """Group pair indices (all, or ``indices``) into batches of similar length.
 
     Pairs are sorted by (prompt length, reply lengths), longest first, and cut
     into batches of ``batch_size`` pairs, or, when it is None, of as many pairs
-    as fit ``token_budget`` padded tokens (at least one pair per batch).
+    as fit ``token_budget`` padded tokens and, if given, ``attention_budget``
+    (:func:`attention_cost`), at least one pair per batch.
     """
     order = sorted(
         range(len(pairs)) if indices is None else indices,
@@ -118,7 +134,9 @@ def plan_batches(
         if batch_size is not None:
             fits = len(candidate) <= batch_size
         else:
-            fits = batch_cost([pairs[i] for i in candidate], prefix_sharing) <= token_budget
+            batch = [pairs[i] for i in candidate]
+            fits = batch_cost(batch, prefix_sharing) <= token_budget and (
+                attention_budget is None or attention_cost(batch, prefix_sharing) <= attention_budget)
         if current and not fits:
             batches.append(current)
             candidate = [index]
@@ -338,6 +356,10 @@ def default_token_budget(model) -> int:
     return CPU_TOKEN_BUDGET if device.type == "cpu" else GPU_TOKEN_BUDGET
 
 
+def default_attention_budget(model) -> int | None:
+    return CPU_ATTENTION_BUDGET if next(model.parameters()).device.type == "cpu" else None
+
+
 def score_batches(
     model,
     pairs: Sequence[EncodedPair],
@@ -355,8 +377,10 @@ def score_batches(
     retries, down to one pair per batch.
     """
     budget = token_budget or default_token_budget(model)
+    attention_budget = default_attention_budget(model)
     prefix_sharing = resolve_prefix_sharing(model, prefix_sharing)
-    pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing)
+    pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing,
+                           attention_budget=attention_budget)
     while pending:
         indices = pending.pop(0)
         try:
@@ -372,7 +396,8 @@ def score_batches(
                 batch_size = max(1, len(indices) // 2)
             remaining = indices + [i for batch in pending for i in batch]
             pending = plan_batches(
-                pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing, indices=remaining
+                pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing, indices=remaining,
+                attention_budget=attention_budget,
             )
             continue
         yield indices, out
