@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # before torch loads, as `curate score` does
+
 import numpy as np
 import polars as pl
 import torch

@@ -139,6 +139,11 @@ def score_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
+    # Before torch loads: oneDNN keeps a compiled kernel per matmul shape (1,024 by default), and
+    # batches of ever new shapes made that cache the part of CPU scoring whose memory grew with
+    # the dataset (+300 MiB from 100 to 600 HH pairs); with 8 entries it stayed flat, at no
+    # measured speed cost (benchmarks/bench_ches.py --memory-only).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     from curate.score import render_score_summary, score, score_summary
 
     reward_options = {"reward_models": reward_model} if reward_model else None
