@@ -49,6 +49,12 @@ GPU_TOKEN_BUDGET = 131072
 # up to 967). Capping rows x L^2 keeps the peak at what 512-token sequences
 # cost. GPU attention kernels do not materialise it (no cap there).
 CPU_ATTENTION_BUDGET = CPU_TOKEN_BUDGET * 512
+# Reply positions per fp32 vocabulary projection. On CPU the [chunk, vocab] logits
+# and their log-softmax were the largest transient of a batch (2 x 201 MB at
+# 1,024 positions with SmolLM2's 49k vocabulary), so batches of short prompts,
+# which hold many reply tokens, set the peak; 256 positions cost no speed there.
+LOGIT_CHUNK_CPU = 256
+LOGIT_CHUNK_GPU = 1024
 
 
 @dataclass(frozen=True)
@@ -248,7 +254,8 @@ def _reply_scores(
     if lm_head is not None:
         targets = _right_pad(replies, states.shape[1]).to(device)
         valid = torch.arange(states.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
-        token_lp = token_logprobs(states[valid], targets[valid], _fp32_head(lm_head))
+        token_lp = token_logprobs(states[valid], targets[valid], _fp32_head(lm_head),
+                                  chunk_size=LOGIT_CHUNK_CPU if device.type == "cpu" else LOGIT_CHUNK_GPU)
         per_row = torch.zeros(len(replies), dtype=torch.float32, device=device)
         out["logp"] = per_row.index_add_(0, valid.nonzero()[:, 0], token_lp)
     return out
