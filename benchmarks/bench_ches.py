@@ -205,8 +205,8 @@ def main() -> None:
           f"paper_loop_pairs={len(paper_pairs)} tokens/pair={tokens.mean():.0f} "
           f"prompt_share={sum(2 * len(p.prompt) for p in pairs) / tokens.sum():.2f}")
 
+    sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [max(2, len(pairs) // 4), len(pairs)]
     if args.memory_only:
-        sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [50, 200]
         memory_sweep(default, encoder, device, *sizes)
         return
     budget = default_token_budget(default.model)
@@ -246,7 +246,6 @@ def main() -> None:
     rho = spearmanr(ln_b, ln_c).statistic
     print(f"spearman LN-CHES (b) fp32 vs (c) default over {len(pairs)} pairs = {rho:.4f}", flush=True)
 
-    sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else [max(2, len(pairs) // 4), len(pairs)]
     memory_sweep(default, encoder, device, *sizes)
 
     # (d') the same bare forward with batches planned for it (full sequences sorted by length, same budget)

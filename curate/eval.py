@@ -451,17 +451,13 @@ def sample_replies(loaded, prompts: Sequence[list[int]], *, max_new_tokens: int,
     """Seeded sampled replies (text up to the end-of-turn token) to tokenised prompts."""
     import torch
 
+    from curate.scores.engine import left_pad
+
     texts: list[str] = []
     tokenizer = loaded.tokenizer
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, prompt in enumerate(chunk):  # left padding: every prompt ends in the last column
-            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        ids, mask, _ = left_pad(chunk, loaded.device)  # every prompt ends in the last column
         torch.manual_seed(seed + lo)
         with torch.inference_mode():
             generated = loaded.model.generate(
