@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from curate import validate
 from curate.errors import CurateError
 
 app = typer.Typer(
@@ -42,10 +44,18 @@ def main(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn CurateError (and missing files) into one red sentence and exit code 2."""
+    """Turn CurateError (and missing files) into one red sentence and exit code 2.
+
+    With ``--json`` progress bars are off for the command (CURATE_QUIET), so
+    stdout holds only the JSON document; errors and logs go to stderr.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        json_mode = kwargs.get("as_json") is True
+        before = os.environ.get("CURATE_QUIET")
+        if json_mode:
+            os.environ["CURATE_QUIET"] = "1"
         try:
             return fn(*args, **kwargs)
         except (CurateError, FileNotFoundError, FileExistsError) as exc:
@@ -53,12 +63,32 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2) from None
+        finally:
+            if json_mode and before is None:
+                os.environ.pop("CURATE_QUIET", None)
 
     return wrapper
 
 
+def json_safe(obj):
+    """``obj`` with NaN / infinities as null and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
 def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print exactly one strict JSON document on stdout."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- data
@@ -80,6 +110,7 @@ def data_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Count pairs, list quarantined rows with reasons, and show length statistics."""
+    validate.integer("--limit", limit, example="100")
     from curate.data.inspect import inspect_dataset, render_inspection
 
     summary = inspect_dataset(
@@ -144,6 +175,14 @@ def score_cmd(
     # the dataset (+300 MiB from 100 to 600 HH pairs); with 8 entries it stayed flat, at no
     # measured speed cost (benchmarks/bench_ches.py --memory-only).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--token-budget", token_budget, example="16384")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--shard-size", shard_size, example="512")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise CurateError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     from curate.score import render_score_summary, score, score_summary
 
     reward_options = {"reward_models": reward_model} if reward_model else None
@@ -184,11 +223,14 @@ def bench_noise_cmd(
     from curate.bench_noise import benchmark_dataset
     from curate.rundir import write_json
 
+    rates = validate.numbers("--flip-rates", flip_rates, low=0.0, high=0.5, high_open=True)
     try:
-        rates = [float(r) for r in flip_rates.split(",") if r.strip()]
         seeds = [int(s) for s in split_seeds.split(",") if s.strip()]
     except ValueError:
-        raise CurateError("--flip-rates and --split-seeds take comma-separated numbers, e.g. 0,0.1,0.2,0.3") from None
+        raise CurateError("--split-seeds takes comma-separated whole numbers, e.g. 0,1,2") from None
+    validate.integer("--folds", folds, low=2, example="5")
+    validate.integer("--limit", limit, example="200")
+    validate.device(device)
     result = benchmark_dataset(
         dataset, run=str(run) if run else None, flip_rates=rates, seed=seed,
         embedder=None if embedder.lower() == "none" else embedder, text_stats=text_stats,
@@ -248,6 +290,18 @@ def features_cmd(
     target = run if run is not None else out
     if target is None:
         raise CurateError("name a run directory: `curate features RUN` or `curate features --dataset D --out RUN`")
+    validate.integer("--n-features", n_features, example="32")
+    validate.integer("--k", k, example="4")
+    if k > n_features:
+        raise CurateError(f"--k {k} is more than --n-features {n_features}: K active features must fit in the dictionary")
+    validate.integer("--epochs", epochs, example="50")
+    validate.number("--lr", lr, low=0.0, low_open=True, example="2e-3")
+    validate.integer("--batch-size", batch_size, example="256")
+    validate.fraction("--val-fraction", val_fraction, allow_zero=False, example="0.2")
+    validate.integer("--cv-folds", cv_folds, low=2, example="5")
+    validate.integer("--limit", limit, example="1000")
+    validate.integer("--top", top, low=0, example="10")
+    validate.device(device)
     try:
         widths = tuple(int(p) for p in prefixes.split(",") if p.strip())
     except ValueError:
@@ -334,8 +388,10 @@ def filter_cmd(
     flips at most once, reweight factors multiply. The audit trail goes to
     OUT/curation.parquet.
     """
-    from curate.curation import filter_run, rules_from_options
+    from curate.curation import WEIGHT_SCHEMES, filter_run, rules_from_options
 
+    validate.fraction("--holdout", holdout, example="0.1")
+    validate.choice("--weights", weights, WEIGHT_SCHEMES)
     rules = rules_from_options(
         ches_threshold=ches_threshold, ches_column=ches_column, ches_drop_top=ches_drop_top,
         ches_keep_lowest=ches_keep_lowest, min_strength=min_strength, max_margin_std=max_margin_std,
@@ -392,7 +448,10 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
-    from curate.export import export_curated
+    from curate.export import FORMATS, SPLITS, export_curated
+
+    validate.choice("--format", fmt, FORMATS)
+    validate.choice("--split", split, SPLITS)
 
     summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
     if as_json:
@@ -452,6 +511,7 @@ def train_cmd(
         epsilon_value = epsilon if epsilon == "auto" else float(epsilon)
     except ValueError:
         raise CurateError(f"--epsilon must be a number in [0, 0.5) or 'auto', got {epsilon!r}") from None
+    _validate_train_options(locals() | {"epsilon": epsilon_value})
     result = train(
         data, out=out, model=model, resume=resume, device=device, progress=not (_state["quiet"] or as_json),
         loss=loss, beta=beta, epsilon=epsilon_value, sft_alpha=sft_alpha,
@@ -482,6 +542,30 @@ def train_cmd(
         Console().print(f"final model: {result.final_dir}  (metrics: {result.out / 'metrics.jsonl'})")
 
 
+def _validate_train_options(o: dict) -> None:
+    """Refuse meaningless training options before the model loads."""
+    from curate.train import LOSSES
+
+    validate.choice("--loss", o["loss"], LOSSES)
+    validate.number("--beta", o["beta"], low=0.0, low_open=True, example="0.1")
+    validate.number("--lr", o["lr"], low=0.0, low_open=True, example="1e-6")
+    if o["epsilon"] != "auto":
+        validate.number("--epsilon", o["epsilon"], low=0.0, high=0.5, high_open=True, example="0.1")
+    validate.number("--sft-alpha", o["sft_alpha"], low=0.0, example="0.1")
+    validate.number("--tdpo-alpha", o["tdpo_alpha"], example="0.5")
+    validate.number("--mask-l1", o["mask_l1"], low=0.0, example="0.001")
+    validate.choice("--mask", o["mask"], ("learned", "mapo"))
+    validate.choice("--mask-mode", o["mask_mode"], ("common", "independent"))
+    validate.fraction("--warmup-ratio", o["warmup_ratio"], example="0.1")
+    validate.number("--max-grad-norm", o["max_grad_norm"], low=0.0, example="1.0")
+    for option, key, low in (("--batch-size", "batch_size", 1), ("--grad-accum", "grad_accum", 1),
+                             ("--epochs", "epochs", 1), ("--max-steps", "max_steps", 1),
+                             ("--max-length", "max_length", 2), ("--lora-r", "lora_r", 0),
+                             ("--save-every", "save_every", 1), ("--limit", "limit", 1)):
+        validate.integer(option, o[key], low=low)
+    validate.device(o["device"])
+
+
 # ---------------------------------------------------------------- eval
 # (issue 8: `curate eval` goes here)
 @app.command("eval")
@@ -509,10 +593,16 @@ def eval_cmd(
     """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
     from curate.eval import evaluate, summary_rows
 
-    try:
-        beta_sweep = [float(b) for b in betas.split(",") if b.strip()]
-    except ValueError:
-        raise CurateError(f"--betas must be comma-separated numbers, got {betas!r}") from None
+    validate.number("--beta", beta, low=0.0, low_open=True, example="0.1")
+    beta_sweep = validate.numbers("--betas", betas, low=0.0, low_open=True)
+    validate.number("--alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, example="0.999")
+    validate.integer("--generate", generate, low=0, example="32")
+    validate.integer("--max-new-tokens", max_new_tokens, example="128")
+    validate.number("--temperature", temperature, low=0.0, example="0.7")
+    validate.integer("--max-length", max_length, low=2, example="1024")
+    validate.integer("--batch-size", batch_size, example="8")
+    validate.device(device)
+    validate.dtype(dtype, ("fp32", "bf16"))
     summary = evaluate(
         model, ref, data, out=out, beta=beta, betas=beta_sweep, alpha=alpha, scores=scores, generate=generate,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system_prompt=system_prompt,
