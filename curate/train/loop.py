@@ -158,23 +158,12 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     return checkpoint, lr_changes
 
 
-@torch.no_grad()
-def _divergence(policy, masks, probe: Batch, autocast) -> str | None:
-    """Why the current weights are not a good checkpoint (non-finite weights or probe log-probs), or None."""
-    modules = [policy] + ([masks] if masks is not None else [])
+def _non_finite_weight(modules) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None (one isfinite pass per tensor)."""
     for module in modules:
         for name, p in module.named_parameters():
             if not bool(torch.isfinite(p).all()):
-                return f"{name} holds non-finite values"
-    was_training = policy.training
-    policy.eval()
-    with autocast():
-        logits, _ = reply_forward(policy, probe)
-    policy.train(was_training)
-    logps = on_reply(token_logps(logits, probe.labels), probe).sum(-1)
-    if not bool(torch.isfinite(logps).all()):
-        largest = max(float(p.detach().abs().max()) for m in modules for p in m.parameters())
-        return f"the log-probs of a probe batch are not finite; max |weight| = {largest:.3g}"
+                return name
     return None
 
 
@@ -487,11 +476,30 @@ def train(
         "resumed_from": str(checkpoint) if checkpoint else None, "lr_changes": lr_changes,
         "fingerprint": fingerprint,
     }
-    probe = make_batch(encoding.pairs[:micro], pad_id).to(accelerator.device)
+    probe_idx = np.arange(micro)
+    probe = make_batch([encoding.pairs[i] for i in probe_idx], pad_id).to(accelerator.device)
+
+    def divergence() -> str | None:
+        """Why the current weights are no good checkpoint, or None: every weight, and a probe step's loss and
+        gradient at them, must be finite (weights of 1e30 can still give a finite loss, not a finite gradient)."""
+        bad = _non_finite_weight([policy] + ([masks] if masks is not None else []))
+        if bad is not None:
+            return f"{bad} holds non-finite values"
+        objective, _ = _compute_micro_loss(step_model, policy, reference, masks, probe, probe_idx, cfg=cfg,
+                                           epsilon=epsilon, weights=weights, confidence=confidence, autocast=autocast)
+        accelerator.backward(objective)
+        loss = float(objective.detach())
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            largest = max(float(p.detach().abs().max()) for p in params) if params else float("nan")
+            return f"a probe step gives loss {loss:.4g}, gradient norm {norm:.4g}; max |weight| {largest:.3g}"
+        return None
 
     def stop_if_diverged(step: int) -> None:
         """A checkpoint (or the final model) is written only if every weight and a probe forward are finite."""
-        why = _divergence(policy, masks, probe, autocast)
+        why = divergence()
         if why is None:
             return
         good = ckpt.latest_checkpoint(out / "checkpoints")
