@@ -46,8 +46,13 @@ def field_types(cls: type) -> dict[str, tuple[type, ...]]:
     return out
 
 
-def _accepts(value: Any, allowed: tuple[type, ...]) -> bool:
+def _accepts(value: Any, allowed: tuple[Any, ...]) -> bool:
     for kind in allowed:
+        if typing.get_origin(kind) in (list, tuple):  # e.g. tuple[int, ...]: a YAML list of those
+            inner = [k for k in typing.get_args(kind) if k is not Ellipsis]
+            if isinstance(value, (list, tuple)) and all(_accepts(v, tuple(inner)) for v in value):
+                return True
+            continue
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return True
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -57,17 +62,26 @@ def _accepts(value: Any, allowed: tuple[type, ...]) -> bool:
     return False
 
 
-def _describe(allowed: tuple[type, ...]) -> str:
+def _describe(allowed: tuple[Any, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a text", bool: "true or false", type(None): "null"}
-    return " or ".join(names.get(k, k.__name__) for k in allowed)
+    return " or ".join(names.get(k, "a list" if typing.get_origin(k) in (list, tuple) else getattr(k, "__name__", str(k)))
+                       for k in allowed)
+
+
+def unknown_key_error(keys: Any, valid: Any, key: Callable[[str], str]) -> CurateError | None:
+    """The one-sentence error for the first of ``keys`` not in ``valid`` (None if all are known)."""
+    unknown = sorted(set(keys) - set(valid))
+    if not unknown:
+        return None
+    return CurateError(f"{key(unknown[0])} is not a setting; the valid keys there are {', '.join(sorted(valid))}")
 
 
 def from_mapping(cls: type, values: dict[str, Any], key: Callable[[str], str]) -> Any:
     """An instance of ``cls`` from recipe values; unknown keys and wrong types are refused naming ``key(name)``."""
     types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise CurateError(f"{key(unknown[0])} is not a setting; valid keys there: {', '.join(types_)}")
+    error = unknown_key_error(values, types_, key)
+    if error is not None:
+        raise error
     converted = {}
     for name, value in values.items():
         if not _accepts(value, types_[name]):

@@ -34,6 +34,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(root: Path, step: int, *, policy: torch.nn.Module, masks: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{PREFIX}*"):  # temporaries of a write that was killed
+        remove_inside(stale, root)
     target = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
     try:
