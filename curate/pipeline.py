@@ -339,16 +339,22 @@ def check_against_data(recipe: dict[str, Any], n_pairs: int, device_type: str) -
                 f"features.n_features is {cfg.n_features} but only about {available} of the {n_pairs} pairs train "
                 f"the SAE (it needs 2 x n_features): set features.n_features to at most {max(1, available // 2)}")
     if "train" in steps:
-        limit = _max_train_pairs_value(dict(recipe.get("train") or {}).get("max_train_pairs"), device_type)
-        reach = min(n_pairs, limit) if limit else n_pairs
-        for name, cfg in train_configs(recipe).items():
-            options = ((recipe.get("train") or {}).get("runs") or {}).get(name) or {}
-            pairs = min(reach, cfg.limit) if cfg.limit else reach
-            if cfg.batch_size > pairs:
-                key = f"train.runs.{name}.batch_size" if "batch_size" in options else "train.common.batch_size"
-                raise CurateError(f"{key} is {cfg.batch_size} but at most {pairs} pairs reach train run {name} "
-                                  f"({n_pairs} pairs loaded, train.max_train_pairs "
-                                  f"{dict(recipe.get('train') or {}).get('max_train_pairs', 'all')}): lower {key}")
+        check_train_pairs(recipe, n_pairs, device_type, f"{n_pairs} pairs loaded")
+
+
+def check_train_pairs(recipe: dict[str, Any], n_pairs: int, device_type: str, source: str) -> None:
+    """Every train run's batch size against the pairs that can reach it (``source`` says where they come from)."""
+    max_pairs = dict(recipe.get("train") or {}).get("max_train_pairs")
+    limit = _max_train_pairs_value(max_pairs, device_type)
+    reach = min(n_pairs, limit) if limit else n_pairs
+    for name, cfg in train_configs(recipe).items():
+        options = ((recipe.get("train") or {}).get("runs") or {}).get(name) or {}
+        pairs = min(reach, cfg.limit) if cfg.limit else reach
+        if cfg.batch_size > pairs:
+            key = f"train.runs.{name}.batch_size" if "batch_size" in options else "train.common.batch_size"
+            raise CurateError(f"{key} is {cfg.batch_size} but at most {pairs} pairs reach train run {name} "
+                              f"({source}, train.max_train_pairs {max_pairs if max_pairs is not None else 'all'}): "
+                              f"lower {key}")
 
 
 def _train_runs(ctx: Context) -> dict[str, dict[str, Any]]:
@@ -622,6 +628,8 @@ def run_pipeline(
         if name != "load" and order[i - 1] == "load" and (run / "pairs.parquet").is_file():
             _check_loaded_pairs(recipe, run)
         step = table[name]
+        if name == "train" and step is STEP_TABLE["train"]:
+            _check_curated_pairs(recipe, run)
         fp = fingerprint(previous, name, recipe)
         previous = fp
         recorded = state.steps.get(name, {})
@@ -661,6 +669,20 @@ def _check_loaded_pairs(recipe: dict[str, Any], run: Path) -> None:
 
     n_pairs = pl.scan_parquet(run / PAIRS).select(pl.len()).collect().item()
     check_against_data(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type)
+
+
+def _check_curated_pairs(recipe: dict[str, Any], run: Path) -> None:
+    """Before training (after the filter): the batch sizes against the pairs the filter kept."""
+    import polars as pl
+
+    from curate.models import resolve_device
+    from curate.rundir import PAIRS
+
+    data = _training_data(Context(recipe, run))
+    if (data / PAIRS).is_file():
+        n_pairs = pl.scan_parquet(data / PAIRS).select(pl.len()).collect().item()
+        what = "pairs kept by the filter" if data != run else "pairs in the run"
+        check_train_pairs(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type, f"{n_pairs} {what}")
 
 
 def _now() -> str:

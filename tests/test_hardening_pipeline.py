@@ -215,3 +215,17 @@ def test_deletes_in_the_package_go_through_remove_inside():
     offenders = sorted(str(p.relative_to(REPO)) for p in (REPO / "curate").rglob("*.py")
                        if raw.search(p.read_text()) and p.name != "fsutil.py")
     assert set(offenders) <= pending, f"delete through curate.fsutil.remove_inside in {set(offenders) - pending}"
+
+
+def test_batch_size_is_checked_against_the_pairs_the_filter_kept(tmp_path):
+    from curate.rundir import RunDir
+    from tests.test_train_loop import make_pairs
+
+    run = tmp_path / "run"
+    RunDir(run / pipeline.CURATED).write_pairs(make_pairs(5), pl.DataFrame())
+    recipe = pipeline.load_recipe(DEMO, [f"run_dir={run}", "train.max_train_pairs=all", "device=cpu",
+                                         "train.runs.dpo.batch_size=6"])
+    with pytest.raises(CurateError, match=r"train.runs.dpo.batch_size is 6 but at most 5 pairs reach train run dpo "
+                                          r"\(5 pairs kept by the filter, train.max_train_pairs all\)"):
+        pipeline._check_curated_pairs(recipe, run)
+    pipeline._check_curated_pairs(pipeline.load_recipe(DEMO, [f"run_dir={run}", "device=cpu"]), run)  # 4 <= 5
