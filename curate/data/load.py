@@ -141,12 +141,13 @@ def _pair_row(parsed, location: str, record: Mapping[str, Any], kept: dict[str, 
         raise RowError("lone_surrogate", f"the text holds an unpaired surrogate ({exc.object[exc.start]!a}); "
                                          "fix the \\uD800-\\uDFFF escapes in the source") from exc
     row = {"pair_id": pair_id, "prompt": parsed.prompt, "chosen": parsed.chosen, "rejected": parsed.rejected,
-           "source": location, "meta": _passthrough_meta(record)}
-    return row, {GROUP_COLUMN: make_prompt_id(parsed.prompt), **extras}
+           "source": location, "meta": _passthrough_meta(record), GROUP_COLUMN: make_prompt_id(parsed.prompt)}
+    return row, extras
 
 
 def _frame(pairs: list[dict], extras: list[dict]) -> pl.DataFrame:
-    frame = pairs_frame(pairs)
+    """Core pair columns, then ``prompt_id``, then the typed extra columns."""
+    frame = pairs_frame(pairs).with_columns(pl.Series(GROUP_COLUMN, [p[GROUP_COLUMN] for p in pairs], dtype=pl.Utf8))
     return with_extra_columns(frame, extras)
 
 
