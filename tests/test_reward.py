@@ -188,8 +188,14 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     assert manifest["reward"]["policy_states"] is True
     assert set(manifest["reward"]["feature_sets"]) == {"policy", "policy_logp", "text_stats"}
     assert 0 <= manifest["reward"]["oof_auc"] <= 1
-    assert manifest["noise"]["default_estimator"] == "auto"
-    assert {"auto", "em", "cleanlab", "margin", "anchor", "mixture"} <= set(manifest["noise"]["estimators"])
+    noise_info = manifest["noise"]
+    assert noise_info["default_estimator"] == "mixture"
+    assert {"em", "cleanlab", "margin", "anchor", "mixture"} <= set(noise_info["estimators"])
+    low, high = noise_info["flip_rate_interval"]
+    assert 0 <= low <= noise_info["flip_rate"] <= high <= 0.5
+    assert isinstance(noise_info["identifiable"], bool)
+    assert noise_info["flip_prob_rate"] == (noise_info["flip_rate"] if noise_info["identifiable"] else low)
+    assert "prompt" in manifest["reward"]["fold_grouping"]
     # the policy states were read from the run, aligned by pair_id (mean = sum / length)
     got = reward.policy_feature_set(run, pairs["pair_id"].to_list()[::-1])
     np.testing.assert_allclose(got.chosen, fs.chosen[::-1])
