@@ -249,10 +249,18 @@ def bench_noise_cmd(
         table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
                       fmt(r.get("true_rate")), fmt(r["auroc"]))
     Console().print(table)
-    c = result["consistency"].get(result["default_estimator"])
-    if c:
-        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
-                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+    truth = result.get("known_truth")
+    if truth:
+        table = Table(title=f"known truth: labels resampled from a BT model on these features "
+                            f"(Bayes AUC {truth['bayes_auc']:.3f}), flipped at known rates")
+        for col in ("estimator", "true rate", "estimated", "90% interval", "flip_prob ECE", "AUROC"):
+            table.add_column(col, justify="left" if col == "estimator" else "right")
+        for r in truth["results"]:
+            interval = "-" if "interval" not in r else f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+            name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+            table.add_row(name, fmt(r["true_rate"]), fmt(r["estimated_rate"]), interval, fmt(r["ece"]),
+                          fmt(r["auroc_wrong_label"]))
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- features
