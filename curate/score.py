@@ -45,14 +45,13 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
-from curate.rundir import PAIRS, RunDir, write_json, write_parquet
+from curate.rundir import POOLED, SHARDS, RunDir, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, probe_layer, resolve_prefix_sharing, score_batches
+from curate.lm import EncodedPair, probe_layer
+from curate.scores.engine import resolve_prefix_sharing, score_batches
 
 MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
-SHARD_DIR = "shards"
-POOLED = "pooled.npz"
 POOLED_COLUMNS = ["pooled_chosen", "pooled_rejected"]
 DEFAULT_SHARD_SIZE = 512
 
@@ -165,7 +164,7 @@ def _pairs_digest(pairs: pl.DataFrame) -> str:
 
 def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
     """The shard directory for ``plan``; shards made under other settings are removed."""
-    shard_dir = run / SHARD_DIR
+    shard_dir = run / SHARDS
     plan_path = shard_dir / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in shard_dir.glob("score-*.parquet"):
@@ -177,21 +176,6 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
 
 def _shard_path(shard_dir: Path, k: int) -> Path:
     return shard_dir / f"score-{k:05d}.parquet"
-
-
-def _load_input(dataset_or_run, run: RunDir, *, limit, load_kwargs) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Pairs to score: from a run directory's pairs.parquet, or loaded and validated from a dataset."""
-    source = Path(str(dataset_or_run)).expanduser()
-    if source.is_dir() and (source / PAIRS).exists():
-        src = RunDir(source)
-        pairs, quarantine = src.pairs(), src.quarantine()
-        if limit is not None:
-            pairs = pairs.head(limit)
-        return pairs, quarantine, {"dataset": str(source), "from_run": True}
-    from curate.data.load import load_pairs
-
-    result = load_pairs(str(dataset_or_run), limit=limit, **load_kwargs)
-    return result.pairs, result.quarantine, {"dataset": str(dataset_or_run), **result.info}
 
 
 def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
@@ -266,18 +250,21 @@ def score(
     """
     wanted = parse_scores(scores)
     if out is None:
-        source = Path(str(dataset_or_run)).expanduser()
-        if not (source / PAIRS).exists():
+        if not is_run_dir(dataset_or_run):
             raise CurateError("pass --out RUN: the run directory to write pairs, scores and the manifest to")
-        out = source
+        out = Path(dataset_or_run).expanduser()
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise CurateError(f"--batch-size must be a positive integer or 'auto', not {batch_size!r}")
     if shard_size < 1:
         raise CurateError("shard_size must be at least 1")
     run = RunDir(out)
     started = time.time()
-    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
-    pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
+    load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
+    pairs, quarantine = resolved.pairs, resolved.quarantine
+    data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
+                 **{k: v for k, v in resolved.info.items() if k not in ("source", "kind", "quarantined")}}
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
     run.write_pairs(pairs, quarantine)

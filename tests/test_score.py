@@ -17,7 +17,7 @@ from curate.data.chat import ChatEncoder
 from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
 from curate.score import encode_pair, parse_scores, score
-from curate.scores.engine import probe_layer
+from curate.lm import probe_layer
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[1]
