@@ -13,9 +13,9 @@ Scoring (:mod:`curate.scores.engine`), eval and training all go through it.
 from curate.lm.encode import EncodedPair, Encoding, encode_pair, encode_pairs
 from curate.lm.forward import (PROBE_DEPTH, ReplyStates, decoder_blocks, left_pad, pair_rows, probe_layer,
                                reply_groups, reply_states, right_pad)
-from curate.lm.head import head_logits, token_logps, unwrap
+from curate.lm.head import head_logits, logits_logps, token_logps, unwrap
 from curate.lm.pool import pool_replies
 
 __all__ = ["EncodedPair", "Encoding", "encode_pair", "encode_pairs", "PROBE_DEPTH", "ReplyStates",
            "decoder_blocks", "left_pad", "pair_rows", "probe_layer", "reply_groups", "reply_states", "right_pad",
-           "head_logits", "token_logps", "unwrap", "pool_replies"]
+           "head_logits", "logits_logps", "token_logps", "unwrap", "pool_replies"]

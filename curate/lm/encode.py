@@ -43,6 +43,7 @@ class Encoding:
     kept: list[int] = field(default_factory=list)  # row of each encoded pair in the input table
     cut: list[int] = field(default_factory=list)  # prompt tokens cut from each encoded pair
     skipped: dict[int, str] = field(default_factory=dict)  # row -> "reply_over_context: ..." / "cannot_encode: ..."
+    too_long: list[str] = field(default_factory=list)  # pair_ids whose longer reply alone exceeds max_length
 
     @property
     def truncated(self) -> int:
@@ -55,11 +56,13 @@ def encode_pairs(pairs: pl.DataFrame, encoder) -> Encoding:
     from curate.data.chat import ReplyTooLong
 
     encoding = Encoding()
-    for row, (prompt, chosen, rejected) in enumerate(pairs.select("prompt", "chosen", "rejected").iter_rows()):
+    for row, (pair_id, prompt, chosen, rejected) in enumerate(
+            pairs.select("pair_id", "prompt", "chosen", "rejected").iter_rows()):
         try:
             pair, cut = encode_pair(encoder, prompt, chosen, rejected)
         except ReplyTooLong as exc:
             encoding.skipped[row] = f"reply_over_context: {exc}"
+            encoding.too_long.append(pair_id)
             continue
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing this conversation
             encoding.skipped[row] = f"cannot_encode: {type(exc).__name__}: {exc}"

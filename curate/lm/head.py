@@ -89,8 +89,13 @@ def token_logps(model, states: Tensor, targets: Tensor, *, chunk_size: int | Non
     step = chunk_size or max(1, flat_states.shape[0])
     out = []
     for lo in range(0, flat_states.shape[0], step):
-        logits = head_logits(model, flat_states[lo:lo + step])
-        out.append(logits.gather(-1, flat_targets[lo:lo + step, None]).squeeze(-1) - logits.logsumexp(-1))
+        out.append(logits_logps(head_logits(model, flat_states[lo:lo + step]), flat_targets[lo:lo + step]))
     if not out:
         return torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
     return torch.cat(out).reshape(targets.shape)
+
+
+def logits_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) in fp32 from logits: ``[..., V], [...] -> [...]``."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
