@@ -397,11 +397,15 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ref_logps: Optional[bool] = typer.Option(
+        None, "--ref-logps/--no-ref-logps",
+        help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
     from curate.export import export_curated
 
-    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
+    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
+                             ref_logps=ref_logps)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:
