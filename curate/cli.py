@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 
 from curate import validate
+from curate.config import cli_options
 from curate.errors import CurateError
+from curate.train.config import TrainConfig
 
 app = typer.Typer(
     name="curate",
@@ -37,6 +39,9 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
 ) -> None:
+    from curate.env import configure
+
+    configure()  # before any command imports torch (oneDNN cache, quiet libraries)
     _state["debug"] = debug
     _state["quiet"] = quiet
     if quiet:
@@ -61,7 +66,9 @@ def handle_errors(fn: Callable) -> Callable:
         except (CurateError, FileNotFoundError, FileExistsError) as exc:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}")
+            from rich.markup import escape  # messages may hold brackets: pip install 'curate[ray]', ['a']
+
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
         finally:
             if json_mode and before is None:
@@ -168,13 +175,12 @@ def score_cmd(
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    num_workers: int = typer.Option(1, help="--engine ray: scorer workers, each loading the model once."),
+    gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs per worker (0: CPU workers, one core each)."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
-    # Before torch loads: oneDNN keeps a compiled kernel per matmul shape (1,024 by default), and
-    # batches of ever new shapes made that cache the part of CPU scoring whose memory grew with
-    # the dataset (+300 MiB from 100 to 600 HH pairs); with 8 entries it stayed flat, at no
-    # measured speed cost (benchmarks/bench_ches.py --memory-only).
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     validate.integer("--limit", limit, example="100")
     validate.integer("--token-budget", token_budget, example="16384")
     validate.integer("--max-length", max_length, example="1024")
@@ -191,6 +197,7 @@ def score_cmd(
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
         revision=revision, reward_options=reward_options,
+        engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
     )
     summary = score_summary(out or dataset)
     if as_json:
@@ -249,10 +256,18 @@ def bench_noise_cmd(
         table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
                       fmt(r.get("true_rate")), fmt(r["auroc"]))
     Console().print(table)
-    c = result["consistency"].get(result["default_estimator"])
-    if c:
-        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
-                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+    truth = result.get("known_truth")
+    if truth:
+        table = Table(title=f"known truth: labels resampled from a BT model on these features "
+                            f"(Bayes AUC {truth['bayes_auc']:.3f}), flipped at known rates")
+        for col in ("estimator", "true rate", "estimated", "90% interval", "flip_prob ECE", "AUROC"):
+            table.add_column(col, justify="left" if col == "estimator" else "right")
+        for r in truth["results"]:
+            interval = "-" if "interval" not in r else f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+            name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+            table.add_row(name, fmt(r["true_rate"]), fmt(r["estimated_rate"]), interval, fmt(r["ece"]),
+                          fmt(r["auroc_wrong_label"]))
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- features
@@ -446,6 +461,9 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ref_logps: Optional[bool] = typer.Option(
+        None, "--ref-logps/--no-ref-logps",
+        help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
     from curate.export import FORMATS, SPLITS, export_curated
@@ -453,7 +471,8 @@ def export_cmd(
     validate.choice("--format", fmt, FORMATS)
     validate.choice("--split", split, SPLITS)
 
-    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
+    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
+                             ref_logps=ref_logps)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:
@@ -466,61 +485,26 @@ def export_cmd(
 # (issue 7: `curate train` goes here)
 @app.command("train")
 @handle_errors
+@cli_options(TrainConfig)
 def train_cmd(
     data: str = typer.Argument(..., help="Curated/run directory (pairs.parquet), a local file, or a hub dataset name."),
     model: str = typer.Option("smollm2-135m-instruct", help="Policy (and reference) model: bundled alias, local path or hub id."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: DATA/train for a directory, else runs/train)."),
-    loss: str = typer.Option("dpo", help="dpo | ipo | cdpo | rdpo | hinge | tdpo1 | tdpo2 | sparsepo"),
-    beta: float = typer.Option(0.1, help="KL strength beta."),
-    epsilon: str = typer.Option("0", help="Flip rate for cdpo/rdpo, or 'auto' (mean flip_prob of the kept pairs)."),
-    sft_alpha: float = typer.Option(0.0, help="Add alpha x token-mean NLL of the chosen replies (RPO)."),
-    weights: Optional[str] = typer.Option(None, help="Per-pair weight column, e.g. 'weight' from `curate filter --weights`."),
-    soft_labels: Optional[str] = typer.Option(None, help="Per-pair label-confidence column (dpo only), e.g. 'label_confidence'."),
-    tdpo_alpha: float = typer.Option(0.5, help="TDPO2's alpha."),
-    mask: str = typer.Option("learned", help="SparsePO masks: learned (mask network) or mapo (reference activations)."),
-    mask_mode: str = typer.Option("common", help="Learned masks: common (one network for reward and KL) or independent."),
-    mask_l1: float = typer.Option(0.0, help="L1 penalty on learned masks (0.001 on HH in the paper)."),
-    lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW, linear warmup then cosine)."),
-    batch_size: int = typer.Option(8, help="Pairs per optimizer step, over all processes."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    epochs: int = typer.Option(1, help="Passes over the data."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps of linear warmup."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
-    max_length: int = typer.Option(1024, help="Max tokens per sequence; longer prompts are cut from the left."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
-    bf16: str = typer.Option("auto", help="bf16 autocast: auto | on | off."),
-    lora_r: int = typer.Option(0, help="Train a LoRA adapter of this rank instead of all weights (0 = full)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    save_every: int = typer.Option(50, help="Checkpoint every N steps (and at the end)."),
-    seed: int = typer.Option(0, help="Seed for data order and mask initialisation."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N pairs only."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (--lr may change)."),
+    force: bool = typer.Option(False, "--force", help="Replace the training run already in --out."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    config: TrainConfig = None,
 ) -> None:
     """Train DPO-family or SparsePO losses on curated pairs, using their weights and soft labels."""
     from curate.train import train
 
     if out is None:
         out = Path(data) / "train" if Path(data).is_dir() else Path("runs") / "train"
-    bf16_setting = {"auto": "auto", "on": True, "off": False}.get(bf16)
-    if bf16_setting is None:
-        raise CurateError(f"--bf16 must be auto, on or off, got {bf16!r}")
-    try:
-        epsilon_value = epsilon if epsilon == "auto" else float(epsilon)
-    except ValueError:
-        raise CurateError(f"--epsilon must be a number in [0, 0.5) or 'auto', got {epsilon!r}") from None
-    _validate_train_options(locals() | {"epsilon": epsilon_value})
-    result = train(
-        data, out=out, model=model, resume=resume, device=device, progress=not (_state["quiet"] or as_json),
-        loss=loss, beta=beta, epsilon=epsilon_value, sft_alpha=sft_alpha,
-        weights=weights, soft_labels=soft_labels, tdpo_alpha=tdpo_alpha, mask=mask, mask_mode=mask_mode,
-        mask_l1=mask_l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_length=max_length, system_prompt=system_prompt,
-        bf16=bf16_setting, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-        seed=seed, limit=limit,
-    )
+    validate.device(device)
+    result = train(data, out=out, model=model, resume=resume, force=force, device=device,
+                   progress=not (_state["quiet"] or as_json), config=config)
+    loss = config.loss
     summary = {"out": str(result.out), "final_model": str(result.final_dir), "steps": result.steps,
                "final_loss": result.final_loss, "epsilon": result.info["epsilon"], "pairs": result.info["pairs"],
                "prompt_truncated": result.info["prompt_truncated"],
@@ -540,30 +524,6 @@ def train_cmd(
                 table.add_row(f"last step {key}", f"{result.last_metrics[key]:.4g}")
         Console().print(table)
         Console().print(f"final model: {result.final_dir}  (metrics: {result.out / 'metrics.jsonl'})")
-
-
-def _validate_train_options(o: dict) -> None:
-    """Refuse meaningless training options before the model loads."""
-    from curate.train import LOSSES
-
-    validate.choice("--loss", o["loss"], LOSSES)
-    validate.number("--beta", o["beta"], low=0.0, low_open=True, example="0.1")
-    validate.number("--lr", o["lr"], low=0.0, low_open=True, example="1e-6")
-    if o["epsilon"] != "auto":
-        validate.number("--epsilon", o["epsilon"], low=0.0, high=0.5, high_open=True, example="0.1")
-    validate.number("--sft-alpha", o["sft_alpha"], low=0.0, example="0.1")
-    validate.number("--tdpo-alpha", o["tdpo_alpha"], example="0.5")
-    validate.number("--mask-l1", o["mask_l1"], low=0.0, example="0.001")
-    validate.choice("--mask", o["mask"], ("learned", "mapo"))
-    validate.choice("--mask-mode", o["mask_mode"], ("common", "independent"))
-    validate.fraction("--warmup-ratio", o["warmup_ratio"], example="0.1")
-    validate.number("--max-grad-norm", o["max_grad_norm"], low=0.0, example="1.0")
-    for option, key, low in (("--batch-size", "batch_size", 1), ("--grad-accum", "grad_accum", 1),
-                             ("--epochs", "epochs", 1), ("--max-steps", "max_steps", 1),
-                             ("--max-length", "max_length", 2), ("--lora-r", "lora_r", 0),
-                             ("--save-every", "save_every", 1), ("--limit", "limit", 1)):
-        validate.integer(option, o[key], low=low)
-    validate.device(o["device"])
 
 
 # ---------------------------------------------------------------- eval

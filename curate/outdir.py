@@ -17,7 +17,6 @@ import ctypes
 import errno
 import fnmatch
 import os
-import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 _STAGING = ".{name}.partial-"
 _RETIRED = ".{name}.old-"
@@ -54,7 +54,7 @@ def remove_stale(target: Path) -> None:
         for path in target.parent.glob(prefix.format(name=target.name) + "*"):
             pid = path.name[len(prefix.format(name=target.name)):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_inside(path, target.parent)
 
 
 def check_target(target: Path, *, force: bool, owned: Iterable[str], step: str) -> None:
@@ -87,7 +87,7 @@ def staged_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield stage
         _publish(stage, target)
     except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_inside(stage, target.parent)
         if _disk_full(exc):
             raise CurateError(
                 f"the disk holding {target.parent} is full; nothing was written to {target}: free space and rerun"
@@ -126,11 +126,11 @@ def _publish(stage: Path, target: Path) -> None:
         os.rename(stage, target)
         return
     if _exchange(stage, target):  # target is now the new output; stage holds the old one
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_inside(stage, target.parent)
         return
     # no atomic swap: two renames; a kill between them leaves no target (the next run writes it anew)
     retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=_RETIRED.format(name=target.name) + f"{os.getpid()}-"))
     os.rmdir(retired)  # only the unique name is wanted
     os.rename(target, retired)
     os.rename(stage, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    remove_inside(retired, target.parent)

@@ -147,7 +147,7 @@ def test_emit_json_turns_nan_and_numpy_scalars_into_json(capsys):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     target, point, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    import curate.curation as C, curate.export as E, curate.outdir as O
+    import curate.curation as C, curate.export as E, curate.fsutil as F, curate.outdir as O
     calls = {"n": 0}
     def kill_on(module, name):
         real = getattr(module, name)
@@ -158,7 +158,7 @@ KILLER = textwrap.dedent("""
             return real(*args, **kwargs)
         setattr(module, name, wrapper)
     module = {"write_parquet": C if target == "filter" else E, "write_json": C,
-              "atomic_write_bytes": E, "_publish": O, "rmtree": O.shutil}[point]
+              "atomic_write_bytes": E, "_publish": O, "rmtree": F.shutil}[point]
     kill_on(module, point)
     args = sys.argv[4:]
     if target == "filter":
