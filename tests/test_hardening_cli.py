@@ -121,7 +121,7 @@ def test_every_cheap_command_prints_one_strict_json_document(scored_run, hh_path
     runs = {
         "filter --dry-run": ["filter", str(scored_run), *FILTER_ARGS, "--dry-run", "--json"],
         "filter": ["filter", str(scored_run), *FILTER_ARGS, "--out", str(curated), "--json"],
-        "export": ["export", str(curated), "--format", "trl", "--out", str(exported), "--json"],
+        "export": ["export", str(curated), "--format", "parquet", "--out", str(exported), "--json"],
         "data inspect": ["data", "inspect", str(hh_path), "--limit", "20", "--json"],
         "data overlap": ["data", "overlap", str(hh_path), str(hh_path), "--json"],
         "report": ["report", str(scored_run), "--out", str(tmp_path / "r.html"), "--json"],
