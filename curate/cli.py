@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from curate import validate
 from curate.config import cli_options
 from curate.errors import CurateError
 from curate.train.config import TrainConfig
@@ -47,23 +49,53 @@ def main(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn CurateError (and missing files) into one red sentence and exit code 2."""
+    """Turn CurateError (and missing files) into one red sentence and exit code 2.
+
+    With ``--json`` progress bars are off for the command (CURATE_QUIET), so
+    stdout holds only the JSON document; errors and logs go to stderr.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        json_mode = kwargs.get("as_json") is True
+        before = os.environ.get("CURATE_QUIET")
+        if json_mode:
+            os.environ["CURATE_QUIET"] = "1"
         try:
             return fn(*args, **kwargs)
         except (CurateError, FileNotFoundError, FileExistsError) as exc:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}")
+            from rich.markup import escape  # messages may hold brackets: pip install 'curate[ray]', ['a']
+
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
+        finally:
+            if json_mode and before is None:
+                os.environ.pop("CURATE_QUIET", None)
 
     return wrapper
 
 
+def json_safe(obj):
+    """``obj`` with NaN / infinities as null and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
 def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print exactly one strict JSON document on stdout."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- data
@@ -85,6 +117,7 @@ def data_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Count pairs, list quarantined rows with reasons, and show length statistics."""
+    validate.integer("--limit", limit, example="100")
     from curate.data.inspect import inspect_dataset, render_inspection
 
     summary = inspect_dataset(
@@ -142,8 +175,20 @@ def score_cmd(
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    num_workers: int = typer.Option(1, help="--engine ray: scorer workers, each loading the model once."),
+    gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs per worker (0: CPU workers, one core each)."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--token-budget", token_budget, example="16384")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--shard-size", shard_size, example="512")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise CurateError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     from curate.score import render_score_summary, score, score_summary
 
     reward_options = {"reward_models": reward_model} if reward_model else None
@@ -152,6 +197,7 @@ def score_cmd(
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
         revision=revision, reward_options=reward_options,
+        engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
     )
     summary = score_summary(out or dataset)
     if as_json:
@@ -184,11 +230,14 @@ def bench_noise_cmd(
     from curate.bench_noise import benchmark_dataset
     from curate.rundir import write_json
 
+    rates = validate.numbers("--flip-rates", flip_rates, low=0.0, high=0.5, high_open=True)
     try:
-        rates = [float(r) for r in flip_rates.split(",") if r.strip()]
         seeds = [int(s) for s in split_seeds.split(",") if s.strip()]
     except ValueError:
-        raise CurateError("--flip-rates and --split-seeds take comma-separated numbers, e.g. 0,0.1,0.2,0.3") from None
+        raise CurateError("--split-seeds takes comma-separated whole numbers, e.g. 0,1,2") from None
+    validate.integer("--folds", folds, low=2, example="5")
+    validate.integer("--limit", limit, example="200")
+    validate.device(device)
     result = benchmark_dataset(
         dataset, run=str(run) if run else None, flip_rates=rates, seed=seed,
         embedder=None if embedder.lower() == "none" else embedder, text_stats=text_stats,
@@ -207,10 +256,18 @@ def bench_noise_cmd(
         table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
                       fmt(r.get("true_rate")), fmt(r["auroc"]))
     Console().print(table)
-    c = result["consistency"].get(result["default_estimator"])
-    if c:
-        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
-                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+    truth = result.get("known_truth")
+    if truth:
+        table = Table(title=f"known truth: labels resampled from a BT model on these features "
+                            f"(Bayes AUC {truth['bayes_auc']:.3f}), flipped at known rates")
+        for col in ("estimator", "true rate", "estimated", "90% interval", "flip_prob ECE", "AUROC"):
+            table.add_column(col, justify="left" if col == "estimator" else "right")
+        for r in truth["results"]:
+            interval = "-" if "interval" not in r else f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+            name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+            table.add_row(name, fmt(r["true_rate"]), fmt(r["estimated_rate"]), interval, fmt(r["ece"]),
+                          fmt(r["auroc_wrong_label"]))
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- features
@@ -248,6 +305,18 @@ def features_cmd(
     target = run if run is not None else out
     if target is None:
         raise CurateError("name a run directory: `curate features RUN` or `curate features --dataset D --out RUN`")
+    validate.integer("--n-features", n_features, example="32")
+    validate.integer("--k", k, example="4")
+    if k > n_features:
+        raise CurateError(f"--k {k} is more than --n-features {n_features}: K active features must fit in the dictionary")
+    validate.integer("--epochs", epochs, example="50")
+    validate.number("--lr", lr, low=0.0, low_open=True, example="2e-3")
+    validate.integer("--batch-size", batch_size, example="256")
+    validate.fraction("--val-fraction", val_fraction, allow_zero=False, example="0.2")
+    validate.integer("--cv-folds", cv_folds, low=2, example="5")
+    validate.integer("--limit", limit, example="1000")
+    validate.integer("--top", top, low=0, example="10")
+    validate.device(device)
     try:
         widths = tuple(int(p) for p in prefixes.split(",") if p.strip())
     except ValueError:
@@ -334,8 +403,10 @@ def filter_cmd(
     flips at most once, reweight factors multiply. The audit trail goes to
     OUT/curation.parquet.
     """
-    from curate.curation import filter_run, rules_from_options
+    from curate.curation import WEIGHT_SCHEMES, filter_run, rules_from_options
 
+    validate.fraction("--holdout", holdout, example="0.1")
+    validate.choice("--weights", weights, WEIGHT_SCHEMES)
     rules = rules_from_options(
         ches_threshold=ches_threshold, ches_column=ches_column, ches_drop_top=ches_drop_top,
         ches_keep_lowest=ches_keep_lowest, min_strength=min_strength, max_margin_std=max_margin_std,
@@ -390,11 +461,18 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ref_logps: Optional[bool] = typer.Option(
+        None, "--ref-logps/--no-ref-logps",
+        help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
-    from curate.export import export_curated
+    from curate.export import FORMATS, SPLITS, export_curated
 
-    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
+    validate.choice("--format", fmt, FORMATS)
+    validate.choice("--split", split, SPLITS)
+
+    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
+                             ref_logps=ref_logps)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:
@@ -423,6 +501,7 @@ def train_cmd(
 
     if out is None:
         out = Path(data) / "train" if Path(data).is_dir() else Path("runs") / "train"
+    validate.device(device)
     result = train(data, out=out, model=model, resume=resume, force=force, device=device,
                    progress=not (_state["quiet"] or as_json), config=config)
     loss = config.loss
@@ -474,10 +553,16 @@ def eval_cmd(
     """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
     from curate.eval import evaluate, summary_rows
 
-    try:
-        beta_sweep = [float(b) for b in betas.split(",") if b.strip()]
-    except ValueError:
-        raise CurateError(f"--betas must be comma-separated numbers, got {betas!r}") from None
+    validate.number("--beta", beta, low=0.0, low_open=True, example="0.1")
+    beta_sweep = validate.numbers("--betas", betas, low=0.0, low_open=True)
+    validate.number("--alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, example="0.999")
+    validate.integer("--generate", generate, low=0, example="32")
+    validate.integer("--max-new-tokens", max_new_tokens, example="128")
+    validate.number("--temperature", temperature, low=0.0, example="0.7")
+    validate.integer("--max-length", max_length, low=2, example="1024")
+    validate.integer("--batch-size", batch_size, example="8")
+    validate.device(device)
+    validate.dtype(dtype, ("fp32", "bf16"))
     summary = evaluate(
         model, ref, data, out=out, beta=beta, betas=beta_sweep, alpha=alpha, scores=scores, generate=generate,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system_prompt=system_prompt,
