@@ -249,6 +249,8 @@ def score(
     split: str | None = None,
     fmt: str = "auto",
     columns=None,
+    label_column: str | None = None,
+    strategy: str = "best-random-lower",
     keep_empty: bool = False,
     lm=None,
     reward_options: dict[str, Any] | None = None,
@@ -276,7 +278,8 @@ def score(
         raise CurateError("shard_size must be at least 1")
     run = RunDir(out)
     started = time.time()
-    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty,
+                       label_column=label_column, strategy=strategy)
     pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
@@ -446,3 +449,9 @@ def render_score_summary(summary: dict[str, Any], console) -> None:
         for name, q in summary["quantiles"].items():
             table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
         console.print(table)
+
+
+# `from curate import score` gives this module; calling it calls score().
+from curate import callable_module  # noqa: E402
+
+callable_module(__name__, "score")

@@ -178,3 +178,14 @@ def test_near_duplicates_and_overlap(tmp_path):
     assert similar_replies(pairs, ratio=0.8) == 2  # Paris/Lyon replies differ by one word; Madrid/Barcelona do not
     stats = overlap(pairs, pairs.head(1))
     assert stats == {"left_pairs": 3, "right_pairs": 1, "shared_pairs": 1, "shared_prompts": 1}
+
+
+def test_python_api_names_are_callables(tmp_path):
+    import curate
+    from curate import export, filter_pairs, load_pairs as top_load, score
+    from curate.score import score as score_function
+
+    assert callable(score) and callable(export) and callable(filter_pairs) and top_load is load_pairs
+    assert curate.score_pairs is score_function
+    with pytest.raises(CurateError, match="pass --out"):
+        score(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b"}])))

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curate.data.load import LoadResult, load_pairs
+from curate.data.schema import RESERVED_COLUMNS
 from curate.rundir import RunDir, write_json
 
 NEAR_DUPLICATE_RATIO = 0.9
@@ -93,6 +94,11 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     return {
         "dataset": result.info.get("dataset"),
         "format": result.info.get("format"),
+        "label_column": result.info.get("label_column"),
+        "strategy": result.info.get("strategy"),
+        "columns": result.info.get("columns"),
+        "extra_columns": {name: str(dtype) for name, dtype in result.pairs.schema.items()
+                          if name not in RESERVED_COLUMNS},
         "rows": result.info.get("rows"),
         "pairs": result.pairs.height,
         "quarantined": quarantine.height,
@@ -124,6 +130,12 @@ def render_inspection(summary: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{summary['dataset']}[/] (format {summary['format']}): "
                   f"{summary['rows']} rows -> [green]{summary['pairs']} pairs[/], "
                   f"[yellow]{summary['quarantined']} quarantined[/]")
+    if summary.get("label_column"):
+        console.print(f"chosen side from label column {summary['label_column']}")
+    if summary.get("strategy"):
+        console.print(f"response sets paired by strategy {summary['strategy']}")
+    if summary.get("extra_columns"):
+        console.print("extra columns kept: " + ", ".join(f"{k} ({v})" for k, v in summary["extra_columns"].items()))
     console.print(f"{summary['near_duplicates']} near-duplicate pairs (same prompt, nearly the same two replies); "
                   f"{summary['similar_reply_pairs']} pairs whose chosen and rejected replies are nearly identical")
     if summary["quarantined_rows"]:
