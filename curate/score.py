@@ -207,13 +207,14 @@ def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame
 
 
 def _progress(total: int, done: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     quiet = os.environ.get("CURATE_QUIET") == "1"
     progress = Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} pairs/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=quiet, transient=False,
+        disable=quiet, transient=False, console=Console(stderr=True),  # stdout is for results (--json)
     )
     task = progress.add_task("score", total=total, completed=done, rate="-")
     return progress, task
