@@ -122,6 +122,7 @@ def data_inspect(
     streaming: bool = typer.Option(False, help="Stream hub data instead of downloading it whole (use with --limit)."),
     model: Optional[str] = typer.Option(None, help="Also report token lengths under this model's tokenizer."),
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    max_length: Optional[int] = typer.Option(None, help="With --model: count pairs whose reply alone exceeds this."),
     out: Optional[Path] = typer.Option(None, help="Write pairs.parquet and quarantine.parquet here."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -131,7 +132,8 @@ def data_inspect(
 
     summary = inspect_dataset(
         dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns, label_column=label_column,
-        strategy=strategy, keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt, out=out,
+        strategy=strategy, keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt,
+        max_length=max_length, out=out,
     )
     if as_json:
         emit_json(summary)
