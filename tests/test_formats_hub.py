@@ -96,7 +96,10 @@ def test_response_sets_go_through_curate_pairs_with_the_strategy(monkeypatch):
     sets_module.parse_records = parse_records
     strategies = types.ModuleType("curate.pairs.strategies")
     strategies.select_pairs = select_pairs
+    import curate.data
+
     monkeypatch.setitem(sys.modules, "curate.data.response_sets", sets_module)
+    monkeypatch.setattr(curate.data, "response_sets", sets_module, raising=False)
     monkeypatch.setitem(sys.modules, "curate.pairs", types.ModuleType("curate.pairs"))
     monkeypatch.setitem(sys.modules, "curate.pairs.strategies", strategies)
     result = load_pairs(str(FIXTURES / "ultrafeedback_raw.jsonl"), strategy="best-worst", seed=3)
@@ -104,3 +107,15 @@ def test_response_sets_go_through_curate_pairs_with_the_strategy(monkeypatch):
     assert (result.info["format"], result.info["strategy"], result.info["pairs"]) == ("ultrafeedback-raw",
                                                                                      "best-worst", 1)
     assert (result.info["response_sets"], result.info["responses"]) == (1, 2)
+
+
+def test_response_sets_become_pairs_by_strategy():
+    pytest.importorskip("curate.pairs.strategies")
+    best_worst = load_pairs(str(FIXTURES / "nectar.jsonl"), strategy="best-worst")
+    assert best_worst.pairs.select("chosen", "rejected", "rating_margin").rows() == [("7", "8", 2.0)]
+    assert best_worst.info["strategy"] == "best-worst" and best_worst.info["format"] == "nectar"
+    every = load_pairs(str(FIXTURES / "ultrafeedback_raw.jsonl"), strategy="all")
+    # 4 completions rated (mean of the aspects) 5, 2, 4.75, 2: the two 2s are never paired
+    assert every.pairs.height == 5
+    assert ("8", "9") not in every.pairs.select("chosen", "rejected").rows()
+    assert every.pairs["prompt_id"].n_unique() == 1

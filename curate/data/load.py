@@ -108,11 +108,20 @@ def _raw_text(record: Any, limit: int = 2000) -> str:
     return text[:limit]
 
 
+def _strategies() -> tuple[str, ...]:
+    try:
+        from curate.pairs.strategies import STRATEGIES as pair_strategies
+    except ImportError:
+        return STRATEGIES
+    return tuple(pair_strategies)
+
+
 def _check_options(fmt: str, mapping: ColumnMap, label_column: str | None, strategy: str) -> None:
     if fmt not in FORMAT_CHOICES:
         raise CurateError(f"unknown --format {fmt!r}; use one of {', '.join(FORMAT_CHOICES)}")
-    if strategy not in STRATEGIES:
-        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    strategies = _strategies()
+    if strategy not in strategies:
+        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(strategies)}")
     if mapping.labelled and fmt not in ("auto", "columns"):
         raise CurateError(f"--columns a=,b=,label= is its own format; drop --format {fmt} (or pass --format columns)")
     if fmt == "columns" and not mapping.labelled:
