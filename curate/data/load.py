@@ -166,6 +166,9 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
     """Validate raw ``(location, record)`` items into pairs and quarantine."""
     mapping = parse_columns(columns)
     _check_options(fmt, mapping, label_column, strategy)
+    chosen_by_user = [what for what, given in (("the --columns mapping", mapping.describe()),
+                                               (f"--label-column {label_column}", label_column),
+                                               (f"--format {fmt}", fmt != "auto")) if given]
     if mapping.labelled:
         fmt = "columns"
     options = Options(label_column=label_column, label_means=mapping.label_means)
@@ -208,8 +211,8 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
             "quarantined": len(quarantined), "columns": mapping.describe(), "keep_empty": keep_empty,
             "label_column": _label_used(fmt, label_column, mapping)}
     result = LoadResult(_frame(pairs, extras), quarantine_frame(quarantined), info)
-    if not pairs and quarantined and (mapping.describe() or label_column):
-        raise CurateError(f"the mapping yields no pairs: {_why(result.quarantine)}")
+    if not pairs and quarantined and chosen_by_user:
+        raise CurateError(f"{' with '.join(chosen_by_user)} yields no pairs: {_why(result.quarantine)}")
     return result
 
 
