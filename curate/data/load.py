@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import polars as pl
 
 from curate.data.columns import ColumnMap, apply_columns, parse_columns
-from curate.data.formats import (BY_NAME, FORMAT_NAMES, RESPONSE_SET_FORMATS, Options, RowError, detect_format,
+from curate.data.formats import (FORMAT_NAMES, RESPONSE_SET_FORMATS, Options, RowError, detect_format,
                                  parse_record)
 from curate.data.readers import LOCAL_SUFFIXES, local_records, table_records
 from curate.data.schema import (GROUP_COLUMN, make_pair_id, make_prompt_id, pairs_frame, quarantine_frame,
