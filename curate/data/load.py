@@ -103,8 +103,10 @@ def _raw_text(record: Any, limit: int = 2000) -> str:
     try:
         text = json.dumps(record, ensure_ascii=False, default=str)
         text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
-        text = ascii(record)[:limit] if not isinstance(record, (dict, list)) else "(not representable as UTF-8 JSON)"
+    except (TypeError, ValueError, UnicodeEncodeError):
+        text = ascii(record)  # escapes what UTF-8 cannot hold (lone surrogates)
+    except RecursionError:
+        text = "(nested too deep to show)"
     return text[:limit]
 
 
@@ -171,6 +173,8 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
                                                (f"--format {fmt}", fmt != "auto")) if given]
     if mapping.labelled:
         fmt = "columns"
+    if fmt != "auto":
+        _check_label_column(fmt, label_column, mapping)
     options = Options(label_column=label_column, label_means=mapping.label_means)
     pairs, extras, quarantined, seen = [], [], [], {}
     n_rows = 0
@@ -205,8 +209,6 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
         except RowError as err:
             quarantined.append({"source": location, "reason": err.reason, "detail": err.detail,
                                 "raw": _raw_text(record)})
-    if fmt != "auto":
-        _check_label_column(fmt, label_column, mapping)
     info = {"dataset": source_name, "format": fmt, "rows": n_rows, "pairs": len(pairs),
             "quarantined": len(quarantined), "columns": mapping.describe(), "keep_empty": keep_empty,
             "label_column": _label_used(fmt, label_column, mapping)}
