@@ -135,13 +135,11 @@ def test_lora_and_gradient_checkpointing(tmp_path, lm):
 def test_nan_stops_with_last_good_checkpoint(tmp_path, lm, monkeypatch):
     from curate.train import loop
 
-    calls = {"n": 0}
     original = loop.pair_losses
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
+    def poisoned(*args, **kwargs):  # NaN from the first step after the step-2 checkpoint
         out = original(*args, **kwargs)
-        return out * float("nan") if calls["n"] > 2 else out
+        return out * float("nan") if (tmp_path / "checkpoints" / "step-000002").exists() else out
 
     monkeypatch.setattr(loop, "pair_losses", poisoned)
     with pytest.raises(CurateError, match="step 3.*step-000002"):

@@ -124,18 +124,18 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     or ``force`` it is refused, so a second run never mixes its checkpoints
     with (and prunes them against) an older run's.
     """
-    if not out.is_dir() or not any(out.iterdir()):
-        return None, []
-    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
     from curate.rundir import RunDir
 
-    owner = ((RunDir(out).manifest().get("train") or {}).get("fingerprint")
-             or (ckpt.read_state(checkpoint).get("fingerprint") if checkpoint else None))
     if force:
         if main:
             for name in TRAIN_OUTPUTS:
                 remove_inside(out / name, out)
         return None, []
+    if not out.is_dir() or not any(out.iterdir()):
+        return None, []
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    owner = ((RunDir(out).manifest().get("train") or {}).get("fingerprint")
+             or (ckpt.read_state(checkpoint).get("fingerprint") if checkpoint else None))
     if not resume:
         if owner is None:
             held = f"{out} already holds files that are not a training run"
@@ -402,6 +402,7 @@ def train(
     checkpoint, lr_changes = _prepare_out(out, fingerprint, resume=resume, force=force, main=main)
     if resume and checkpoint is None and main:
         accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+    accelerator.wait_for_everyone()  # every process has read out's state before the main one claims it
     if main:  # claim the directory: a later run with other settings is refused, even if this one is killed
         _write_manifest(out, {"status": "started", "fingerprint": fingerprint})
     accelerator.wait_for_everyone()
