@@ -217,6 +217,8 @@ def score(
     split: str | None = None,
     fmt: str = "auto",
     columns=None,
+    label_column: str | None = None,
+    strategy: str = "best-random-lower",
     keep_empty: bool = False,
     lm=None,
     reward_options: dict[str, Any] | None = None,
@@ -258,7 +260,8 @@ def score(
     run = RunDir(out)
     started = time.time()
     load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
-        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty, label_column=label_column,
+        strategy=strategy)
     resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
     pairs, quarantine = resolved.pairs, resolved.quarantine
     data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
@@ -478,3 +481,9 @@ def render_score_summary(summary: dict[str, Any], console) -> None:
         for name, q in summary["quantiles"].items():
             table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
         console.print(table)
+
+
+# `from curate import score` gives this module; calling it calls score().
+from curate import callable_module  # noqa: E402
+
+callable_module(__name__, "score")
