@@ -464,6 +464,9 @@ def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
         name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
         for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
     }
+    noise_info = run.manifest().get("noise") or {}
+    if noise_info.get("summary"):  # the flip rate, its interval, and whether the data identify it
+        summary["noise"] = noise_info["summary"]
     return summary
 
 
@@ -481,6 +484,8 @@ def render_score_summary(summary: dict[str, Any], console) -> None:
         for name, q in summary["quantiles"].items():
             table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
         console.print(table)
+    if summary.get("noise"):
+        console.print(f"noise: {summary['noise']}")
 
 
 # `from curate import score` gives this module; calling it calls score().
