@@ -26,7 +26,7 @@ Layouts (``fmt``; ``auto`` detects from the first record):
   ``response`` and ``score``; ``columns`` renames (``prompt=q,response=a,score=r``).
 
 Refused, with the reason (quarantine rows): a record without the layout's
-fields, a response that is empty, not text, or without a score, a prompt that
+fields or without responses, a response that is empty, not text, or without a score, a prompt that
 does not end with a user turn, and a response whose text repeats an earlier one
 of the same set (``duplicate_response``; the earlier one is kept).
 """
@@ -231,6 +231,8 @@ def parse_records(records: Iterable[tuple[str, Any]], *, layout: str = "auto", r
                                  "long": _long}[layout](record)
             if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
                 raise RowError("bad_prompt", "the prompt must end with a non-empty user turn")
+            if not responses:
+                raise RowError("no_responses", "the record has no responses")
         except RowError as err:
             refuse(location, err, record)
             continue
