@@ -9,9 +9,11 @@ which does not matter for speed), rated k, k-1, ..., 1 so every one of the
 k(k-1)/2 unordered pairs is valid. Both variants run in this process, on the
 bundled SmolLM2-135M-Instruct, same dtype, same tokenisation:
 
-(a) pool-CHES (curate pairs): one decoder sequence per response
-    (``curate.pairs.pooling.pool_replies``), the k x k LN-CHES matrix from the
-    pooled sums, then ``select_pairs(..., "min-ches")``;
+(a) pool-CHES (curate pairs, default settings: on CPU each prompt runs once
+    and its k replies on its KV cache; ``curate.pairs.pooling.pool_replies``),
+    the k x k LN-CHES matrix from the pooled sums, then
+    ``select_pairs(..., "min-ches")``; (a') the same with one full
+    prompt + reply sequence per response (``prefix_sharing=False``);
 (b) baseline: every valid pair scored by the existing pair engine
     (``curate.scores.engine.score_encoded``, default settings: prefix sharing
     on CPU, no log-probs), then the argmin per set.
@@ -53,10 +55,11 @@ def response_sets(pairs: pl.DataFrame, n_sets: int, k: int, offset: int) -> pl.D
     return load_response_sets(records, fmt="long")
 
 
-def run_pool(lm, encoder, sets: pl.DataFrame) -> tuple[pl.DataFrame, float]:
+def run_pool(lm, encoder, sets: pl.DataFrame, prefix_sharing: bool | None = None) -> tuple[pl.DataFrame, float]:
     start = time.perf_counter()
     encoded = [encoder.encode(p, r) for p, r in zip(sets["prompt"].to_list(), sets["response"])]
-    sums = pool_replies(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded]).numpy()
+    sums = pool_replies(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded],
+                        prefix_sharing=prefix_sharing).numpy()
     n_tokens = np.array([len(e.reply_ids) for e in encoded])
     _, ln_by = ches_matrices(sets, sums, n_tokens)
     chosen = select_pairs(sets, "min-ches", ln_ches=ln_by)
@@ -109,13 +112,18 @@ def main() -> None:
         # warm-up (oneDNN kernels, allocator) on one set, untimed
         run_pool(lm, encoder, sets.filter(pl.col("prompt_id") == sets["prompt_id"][0]))
         chosen, pool_s = run_pool(lm, encoder, sets)
+        chosen_full, full_s = run_pool(lm, encoder, sets, prefix_sharing=False)
         baseline, base_s, n_pairs = run_baseline(lm, encoder, sets)
         same = np.mean([baseline[r["prompt_id"]] == (r["chosen"], r["rejected"]) for r in chosen.iter_rows(named=True)])
         print(f"{'(a) pool-CHES, one forward per response':40s} {k:2d} {n_sets:5d} {sets.height:7d} {pool_s:8.2f} "
               f"{n_sets / pool_s:8.3f}")
+        print(f"{"(a') pool-CHES, full sequence each":40s} {k:2d} {n_sets:5d} {sets.height:7d} {full_s:8.2f} "
+              f"{n_sets / full_s:8.3f}")
         print(f"{'(b) pair scorer on every valid pair':40s} {k:2d} {n_sets:5d} {n_pairs:7d} {base_s:8.2f} "
               f"{n_sets / base_s:8.3f}")
-        print(f"k={k}: same chosen pair in {same:.0%} of sets; ratio (a)/(b) = {base_s / pool_s:.2f} (k/2 = {k / 2:g})")
+        same_full = chosen_full.select("chosen", "rejected").equals(chosen.select("chosen", "rejected"))
+        print(f"k={k}: same chosen pair as (b) in {same:.0%} of sets, (a) and (a') agree: {same_full}; "
+              f"pairs/s ratios (a)/(b) = {base_s / pool_s:.2f}, (a')/(b) = {base_s / full_s:.2f} (k/2 = {k / 2:g})")
         ratios.append(f"k{k}={base_s / pool_s:.2f}")
     print("pool_ches_speedup " + " ".join(ratios))
 

@@ -221,6 +221,9 @@ def pairs_cmd(
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
     token_budget: Optional[int] = typer.Option(None, help="Padded tokens per forward batch."),
     shard_size: int = typer.Option(256, help="Prompts per resumable shard."),
+    prefix_sharing: Optional[bool] = typer.Option(
+        None, "--prefix-sharing/--no-prefix-sharing",
+        help="Run each prompt once for all its replies (default: on CPU yes, on GPU no)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build preference pairs from response sets (k rated replies per prompt) into a run directory."""
@@ -240,7 +243,7 @@ def pairs_cmd(
     build_pairs(data, out=out, strategy=strategy, model=model, min_margin=min_margin,
                 max_pairs_per_prompt=max_pairs_per_prompt, seed=seed, fmt=fmt, columns=columns, rating=rating,
                 limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
-                token_budget=token_budget, shard_size=shard_size)
+                token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
     summary = pairs_summary(out)
     if as_json:
         emit_json(summary)

@@ -52,7 +52,8 @@ def test_min_ches_on_nectar_picks_the_lowest_ln_ches_valid_pair_with_k_forwards(
     data = FIXTURES / "nectar.jsonl"
     rows, handle = _count_sequences(tiny_lm.model)
     try:
-        pairs = build_pairs(str(data), out=tmp_path / "run", strategy="min-ches", lm=tiny_lm, shard_size=1)
+        pairs = build_pairs(str(data), out=tmp_path / "run", strategy="min-ches", lm=tiny_lm, shard_size=1,
+                            prefix_sharing=False)
     finally:
         handle.remove()
     sets = load_response_sets(str(data))

@@ -29,7 +29,9 @@ def test_matrix_from_pooled_sums_equals_per_pair_engine(tiny_lm, single_torch_th
     prompt = encoder.prompt_ids(PROMPT)
     replies = [encoder.reply_ids(text) for text in REPLIES[:k]]
     assert len({len(r) for r in replies}) > 1  # mixed reply lengths
-    sums = pool_replies(tiny_lm.model, [(prompt, r) for r in replies], token_budget=64)  # several batches
+    other = encoder.prompt_ids([{"role": "user", "content": "And the mountains?"}])
+    encoded = [(prompt, r) for r in replies] + [(other, r) for r in replies[:2]]  # a second prompt in the batches
+    sums = pool_replies(tiny_lm.model, encoded, token_budget=96, prefix_sharing=prefix_sharing)[:k]
     lengths = torch.tensor([len(r) for r in replies], dtype=torch.float64)
     ches_k = ches_matrix(sums)
     ln_k = ches_matrix(sums.double() / lengths[:, None])
@@ -48,18 +50,32 @@ def test_matrix_from_pooled_sums_equals_per_pair_engine(tiny_lm, single_torch_th
     assert torch.all(ches_k.diagonal() == 0)
 
 
-def test_one_decoder_sequence_per_response(tiny_lm):
+def _decoder_calls(tiny_lm, **options):
     encoder = ChatEncoder(tiny_lm.tokenizer)
     prompt = encoder.prompt_ids(PROMPT)
     encoded = [(prompt, encoder.reply_ids(text)) for text in REPLIES]
-    rows = []
-    handle = tiny_lm.model.base_model.register_forward_hook(lambda m, args, kwargs, out: rows.append(
-        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    calls = []
+    handle = tiny_lm.model.base_model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
-        pool_replies(tiny_lm.model, encoded)
+        pool_replies(tiny_lm.model, encoded, **options)
     finally:
         handle.remove()
-    assert sum(rows) == len(REPLIES) == 7
+    return prompt, encoded, calls
+
+
+def test_one_decoder_sequence_per_response(tiny_lm):
+    prompt, encoded, calls = _decoder_calls(tiny_lm, prefix_sharing=False)
+    assert sum(rows for rows, _ in calls) == len(REPLIES) == 7
+
+
+def test_shared_prompt_runs_once_and_each_reply_once(tiny_lm):
+    prompt, encoded, calls = _decoder_calls(tiny_lm, prefix_sharing=True)
+    assert calls[0] == (1, len(prompt))  # the prompt, once for all 7 replies
+    reply_calls = calls[1:]
+    assert sum(rows for rows, _ in reply_calls) == 7
+    # every reply token but the end-of-turn one, plus right padding inside its length group
+    assert sum(rows * width for rows, width in reply_calls) >= sum(len(r) - 1 for _, r in encoded)
 
 
 def test_empty_reply_is_refused(tiny_lm):

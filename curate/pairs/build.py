@@ -11,7 +11,9 @@ A model runs for the CHES strategies and whenever ``model`` is given: each
 response is encoded once (its prompt cut from the left when prompt + reply
 exceed ``max_length``; a reply that alone does not fit is quarantined as
 ``reply_over_context``) and pooled once (:func:`curate.pairs.pooling.pool_replies`),
-so a set of k responses costs k decoder sequences, whatever the strategy.
+so each reply's tokens run through the model once, whatever the strategy: a
+set of k responses costs k decoder sequences (``prefix_sharing=False``) or
+one prompt pass and k reply passes (``True``, the default on CPU).
 
 Resuming: the sets are pooled in fixed shards of ``shard_size`` prompts, each
 written atomically to ``RUN/shards/pool-NNNNN.npz``; a rerun with the same data,
@@ -40,6 +42,7 @@ from curate.pairs.pooling import pool_replies
 from curate.pairs.strategies import CHES_STRATEGIES, DEFAULT_STRATEGY, STRATEGIES, select_pairs
 from curate.rundir import SCORES, RunDir, atomic_write_bytes, write_json, write_parquet
 from curate.scores.ches import ches_matrix
+from curate.scores.engine import resolve_prefix_sharing
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SHARD_SIZE = 256  # prompts per resumable shard
@@ -91,7 +94,7 @@ def _encode(encoder, sets: pl.DataFrame) -> tuple[list, list[dict[str, Any]], in
 
 
 def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: int, token_budget: int | None,
-               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+               prefix_sharing: bool | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pooled sums ``[n, d]`` per row of ``sets`` (NaN rows for refused responses), by resumable shards."""
     prompt_ids = sets[GROUP_COLUMN].unique(maintain_order=True).to_list()
     shard_of = {pid: i // shard_size for i, pid in enumerate(prompt_ids)}
@@ -109,7 +112,8 @@ def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: i
             todo = [i for i in rows if encoded[i] is not None]
             block = np.full((len(rows), lm.model.config.hidden_size), np.nan, dtype=np.float32)
             if todo:
-                pooled = pool_replies(lm.model, [encoded[i] for i in todo], token_budget=token_budget).numpy()
+                pooled = pool_replies(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
+                                      prefix_sharing=prefix_sharing).numpy()
                 position = {row: n for n, row in enumerate(rows)}
                 block[[position[i] for i in todo]] = pooled
                 pooled_now += len(todo)
@@ -139,14 +143,15 @@ def build_pairs(data, *, out: str | os.PathLike[str], strategy: str = DEFAULT_ST
                 columns=None, rating: str = "mean", limit: int | None = None, device: str = "auto",
                 dtype: str = "auto", max_length: int | None = None, system_prompt: str = "default",
                 token_budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, revision: str | None = None,
-                lm=None) -> pl.DataFrame:
+                prefix_sharing: bool | None = None, lm=None) -> pl.DataFrame:
     """Build pairs from response sets into the run directory ``out``; returns the pair table.
 
     ``data``: a response-set file, hub name or records
     (:func:`curate.data.response_sets.read_response_sets`). ``strategy``: see
     :mod:`curate.pairs.strategies`. ``model`` (default for CHES strategies:
     the bundled SmolLM2) or a loaded ``lm`` computes LN-CHES; ``device``,
-    ``dtype``, ``max_length``, ``system_prompt``, ``revision`` as in `curate score`.
+    ``dtype``, ``max_length``, ``system_prompt``, ``revision``, ``prefix_sharing``
+    (:mod:`curate.pairs.pooling`) as in `curate score`.
     """
     if strategy not in STRATEGIES:
         raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -164,7 +169,8 @@ def build_pairs(data, *, out: str | os.PathLike[str], strategy: str = DEFAULT_ST
     if strategy in CHES_STRATEGIES or model is not None or lm is not None:
         ln_by, ches_by, n_tokens, sets, refused, model_info = _run_model(
             run, sets, lm=lm, model=model or DEFAULT_MODEL, device=device, dtype=dtype, revision=revision,
-            max_length=max_length, system_prompt=system_prompt, token_budget=token_budget, shard_size=shard_size)
+            max_length=max_length, system_prompt=system_prompt, token_budget=token_budget, shard_size=shard_size,
+            prefix_sharing=prefix_sharing)
         quarantine = pl.concat([quarantine, quarantine_frame(refused)])
         manifest.update(model_info)
     pairs = select_pairs(sets, strategy, min_margin=min_margin, max_pairs_per_prompt=max_pairs_per_prompt, seed=seed,
@@ -183,7 +189,7 @@ def build_pairs(data, *, out: str | os.PathLike[str], strategy: str = DEFAULT_ST
 
 
 def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, revision, max_length, system_prompt,
-               token_budget, shard_size):
+               token_budget, shard_size, prefix_sharing):
     from curate.data.chat import ChatEncoder
     from curate.models import load_causal_lm
 
@@ -200,7 +206,8 @@ def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, rev
             "system_prompt": system_prompt, "shard_size": shard_size}
     _prepare_shards(run, plan)
     t1 = time.time()
-    sums, shard_info = _pool_sets(run, lm, encoded, sets, shard_size, token_budget)
+    prefix_sharing = resolve_prefix_sharing(lm.model, prefix_sharing)
+    sums, shard_info = _pool_sets(run, lm, encoded, sets, shard_size, token_budget, prefix_sharing)
     pool_seconds = time.time() - t1
     kept = np.array([e is not None for e in encoded])
     n_tokens = np.array([len(e[1]) for e in encoded if e is not None], dtype=np.int64)
@@ -208,7 +215,7 @@ def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, rev
     ches_by, ln_by = ches_matrices(sets, sums, n_tokens)
     info = {"model": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
             "max_length": max_length or context, "system_prompt": system_prompt,
-            "pool": {**shard_info, "shard_size": shard_size, "decoder_sequences_per_response": 1},
+            "pool": {**shard_info, "shard_size": shard_size, "prefix_sharing": prefix_sharing},
             "truncation": {"rule": "each response on its own: keep the reply whole, cut its prompt from the left",
                            "responses_with_prompt_cut": int(n_cut),
                            "responses_quarantined": len(refused)},
