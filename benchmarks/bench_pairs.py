@@ -42,6 +42,7 @@ from curate.pairs.strategies import select_pairs
 from curate.scores.ches import ln_ches
 from curate.scores.engine import EncodedPair, score_encoded
 
+FULL_LABEL = "(a') pool-CHES, full sequence each"
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
 
 
@@ -117,7 +118,7 @@ def main() -> None:
         same = np.mean([baseline[r["prompt_id"]] == (r["chosen"], r["rejected"]) for r in chosen.iter_rows(named=True)])
         print(f"{'(a) pool-CHES, one forward per response':40s} {k:2d} {n_sets:5d} {sets.height:7d} {pool_s:8.2f} "
               f"{n_sets / pool_s:8.3f}")
-        print(f"{"(a') pool-CHES, full sequence each":40s} {k:2d} {n_sets:5d} {sets.height:7d} {full_s:8.2f} "
+        print(f"{FULL_LABEL:40s} {k:2d} {n_sets:5d} {sets.height:7d} {full_s:8.2f} "
               f"{n_sets / full_s:8.3f}")
         print(f"{'(b) pair scorer on every valid pair':40s} {k:2d} {n_sets:5d} {n_pairs:7d} {base_s:8.2f} "
               f"{n_sets / base_s:8.3f}")
