@@ -66,7 +66,9 @@ def handle_errors(fn: Callable) -> Callable:
         except (CurateError, FileNotFoundError, FileExistsError) as exc:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}")
+            from rich.markup import escape  # messages may hold brackets: pip install 'curate[ray]', ['a']
+
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
         finally:
             if json_mode and before is None:
@@ -173,6 +175,10 @@ def score_cmd(
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    num_workers: int = typer.Option(1, help="--engine ray: scorer workers, each loading the model once."),
+    gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs per worker (0: CPU workers, one core each)."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
     validate.integer("--limit", limit, example="100")
@@ -191,6 +197,7 @@ def score_cmd(
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
         revision=revision, reward_options=reward_options,
+        engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
     )
     summary = score_summary(out or dataset)
     if as_json:
@@ -301,10 +308,18 @@ def bench_noise_cmd(
         table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
                       fmt(r.get("true_rate")), fmt(r["auroc"]))
     Console().print(table)
-    c = result["consistency"].get(result["default_estimator"])
-    if c:
-        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
-                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+    truth = result.get("known_truth")
+    if truth:
+        table = Table(title=f"known truth: labels resampled from a BT model on these features "
+                            f"(Bayes AUC {truth['bayes_auc']:.3f}), flipped at known rates")
+        for col in ("estimator", "true rate", "estimated", "90% interval", "flip_prob ECE", "AUROC"):
+            table.add_column(col, justify="left" if col == "estimator" else "right")
+        for r in truth["results"]:
+            interval = "-" if "interval" not in r else f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+            name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+            table.add_row(name, fmt(r["true_rate"]), fmt(r["estimated_rate"]), interval, fmt(r["ece"]),
+                          fmt(r["auroc_wrong_label"]))
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- features
@@ -498,6 +513,9 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ref_logps: Optional[bool] = typer.Option(
+        None, "--ref-logps/--no-ref-logps",
+        help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
     from curate.export import FORMATS, SPLITS, export_curated
@@ -505,7 +523,8 @@ def export_cmd(
     validate.choice("--format", fmt, FORMATS)
     validate.choice("--split", split, SPLITS)
 
-    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
+    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
+                             ref_logps=ref_logps)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:

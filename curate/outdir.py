@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 _STAGING = ".{name}.partial-"
 _RETIRED = ".{name}.old-"
@@ -51,7 +51,7 @@ def remove_stale(target: Path) -> None:
         for path in target.parent.glob(prefix.format(name=target.name) + "*"):
             pid = path.name[len(prefix.format(name=target.name)):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_inside(path, target.parent)
 
 
 def check_target(target: Path, *, force: bool, owned: Iterable[str], step: str) -> None:
@@ -84,7 +84,7 @@ def staged_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield stage
         _publish(stage, target)
     except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_inside(stage, target.parent)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CurateError(
                 f"the disk holding {target.parent} is full; nothing was written to {target}: free space and rerun"
@@ -97,7 +97,7 @@ def _publish(stage: Path, target: Path) -> None:
         os.rename(stage, target)
         return
     retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=_RETIRED.format(name=target.name) + f"{os.getpid()}-"))
-    os.rmdir(retired)  # only the unique name is wanted
+    remove_inside(retired, target.parent)  # only the unique name is wanted
     os.rename(target, retired)
     os.rename(stage, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    remove_inside(retired, target.parent)

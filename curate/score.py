@@ -45,16 +45,16 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
-from curate.rundir import PAIRS, RunDir, write_json, write_parquet
+from curate.rundir import POOLED, SHARDS, RunDir, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, probe_layer, resolve_prefix_sharing, score_batches
+from curate.lm import EncodedPair, encode_pairs, probe_layer
+from curate.scores.engine import resolve_prefix_sharing, score_batches
 
 MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
-SHARD_DIR = "shards"
-POOLED = "pooled.npz"
 POOLED_COLUMNS = ["pooled_chosen", "pooled_rejected"]
 DEFAULT_SHARD_SIZE = 512
+ENGINES = ("local", "ray")
 
 
 def parse_scores(scores: str | Iterable[str]) -> tuple[str, ...]:
@@ -68,16 +68,7 @@ def parse_scores(scores: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# ------------------------------------------------------------------ encoding
-def encode_pair(encoder, prompt, chosen: str, rejected: str) -> tuple[EncodedPair, int]:
-    """Token ids of a pair under the shared-prompt truncation rule, and the prompt tokens cut."""
-    prompt_ids = encoder.prompt_ids(prompt)
-    chosen_ids, rejected_ids = encoder.reply_ids(chosen), encoder.reply_ids(rejected)
-    longer = chosen_ids if len(chosen_ids) >= len(rejected_ids) else rejected_ids
-    kept = encoder.truncate(prompt_ids, longer)  # raises ReplyTooLong
-    return EncodedPair(kept.prompt_ids, chosen_ids, rejected_ids), kept.prompt_truncated
-
-
+# ------------------------------------------------------------------ one shard
 def pair_columns(encoded: Sequence[EncodedPair], out: dict[str, torch.Tensor], scores: Sequence[str]) -> dict[str, Any]:
     """Per-pair score columns from the engine outputs of ``encoded`` (same order)."""
     n_chosen = torch.tensor([len(p.chosen) for p in encoded], dtype=torch.float64)
@@ -124,21 +115,12 @@ def _shard_frame(pair_ids: list[str], cols: dict[str, Any], truncated: list[int]
 
 def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batch_size: int | None,
                 token_budget: int | None, prefix_sharing: bool | None, on_batch=None) -> pl.DataFrame:
-    """Encode and score one slice of the pair table; pairs that cannot be encoded get a skip reason."""
-    from curate.data.chat import ReplyTooLong
-
-    encoded, truncated, skipped = [], [], {}
-    for i, row in enumerate(pairs.iter_rows(named=True)):
-        try:
-            pair, cut = encode_pair(encoder, row["prompt"], row["chosen"], row["rejected"])
-        except ReplyTooLong as exc:
-            skipped[i] = f"reply_over_context: {exc}"
-            continue
-        except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing this conversation
-            skipped[i] = f"cannot_encode: {type(exc).__name__}: {exc}"
-            continue
-        encoded.append(pair)
-        truncated.append(cut)
+    """Encode and score one slice of the pair table with a loaded model; pairs that cannot be encoded get a
+    skip reason. ``on_batch(pairs, tokens)`` is called after each batch. This is the unit a scale-out engine
+    runs per shard: same rows in, same frame out.
+    """
+    encoding = encode_pairs(pairs, encoder)
+    encoded, skipped = encoding.pairs, encoding.skipped
     if skipped and on_batch is not None:
         on_batch(len(skipped), 0)
     outputs: dict[str, torch.Tensor] = {}
@@ -152,10 +134,10 @@ def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batc
                 outputs.setdefault(name, torch.empty((len(encoded), *value.shape[1:]), dtype=value.dtype))
                 outputs[name][index] = value
             if on_batch is not None:
-                tokens = sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected) for i in indices)
-                on_batch(len(indices), tokens)
+                on_batch(len(indices), sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected)
+                                           for i in indices))
     cols = pair_columns(encoded, outputs, scores) if encoded else {}
-    return _shard_frame(pairs["pair_id"].to_list(), cols, truncated, skipped)
+    return _shard_frame(pairs["pair_id"].to_list(), cols, encoding.cut, skipped)
 
 
 # ------------------------------------------------------------------ run directory plumbing
@@ -165,7 +147,7 @@ def _pairs_digest(pairs: pl.DataFrame) -> str:
 
 def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
     """The shard directory for ``plan``; shards made under other settings are removed."""
-    shard_dir = run / SHARD_DIR
+    shard_dir = run / SHARDS
     plan_path = shard_dir / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in shard_dir.glob("score-*.parquet"):
@@ -177,21 +159,6 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
 
 def _shard_path(shard_dir: Path, k: int) -> Path:
     return shard_dir / f"score-{k:05d}.parquet"
-
-
-def _load_input(dataset_or_run, run: RunDir, *, limit, load_kwargs) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Pairs to score: from a run directory's pairs.parquet, or loaded and validated from a dataset."""
-    source = Path(str(dataset_or_run)).expanduser()
-    if source.is_dir() and (source / PAIRS).exists():
-        src = RunDir(source)
-        pairs, quarantine = src.pairs(), src.quarantine()
-        if limit is not None:
-            pairs = pairs.head(limit)
-        return pairs, quarantine, {"dataset": str(source), "from_run": True}
-    from curate.data.load import load_pairs
-
-    result = load_pairs(str(dataset_or_run), limit=limit, **load_kwargs)
-    return result.pairs, result.quarantine, {"dataset": str(dataset_or_run), **result.info}
 
 
 def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
@@ -253,6 +220,10 @@ def score(
     keep_empty: bool = False,
     lm=None,
     reward_options: dict[str, Any] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_workers: int = 1,
+    gpus_per_worker: float = 0,
 ) -> pl.DataFrame:
     """Score pairs with a causal LM into ``out`` (a run directory); returns the run's score table.
 
@@ -264,21 +235,34 @@ def score(
     :func:`curate.scores.reward.score_reward_and_noise`). ``batch_size="auto"``
     fills ``token_budget`` padded tokens per batch (halving on GPU
     out-of-memory). ``lm`` takes an already loaded :class:`curate.models.LoadedModel`.
+
+    ``engine="ray"`` scores the same shards on a Ray cluster instead
+    (:mod:`curate.scale.ray_scoring`): ``num_workers`` actors with
+    ``gpus_per_worker`` GPUs each (0: one CPU core each), on the cluster at
+    ``ray_address`` (default: ``RAY_ADDRESS``, else a local Ray runtime). Every
+    other option means the same under both engines.
     """
+    if engine not in ENGINES:
+        raise CurateError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "ray" and lm is not None:
+        raise CurateError("engine='ray' loads the model on each worker: pass model=NAME_OR_PATH instead of lm")
     wanted = parse_scores(scores)
     if out is None:
-        source = Path(str(dataset_or_run)).expanduser()
-        if not (source / PAIRS).exists():
+        if not is_run_dir(dataset_or_run):
             raise CurateError("pass --out RUN: the run directory to write pairs, scores and the manifest to")
-        out = source
+        out = Path(dataset_or_run).expanduser()
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise CurateError(f"--batch-size must be a positive integer or 'auto', not {batch_size!r}")
     if shard_size < 1:
         raise CurateError("shard_size must be at least 1")
     run = RunDir(out)
     started = time.time()
-    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
-    pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
+    load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
+    pairs, quarantine = resolved.pairs, resolved.quarantine
+    data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
+                 **{k: v for k, v in resolved.info.items() if k not in ("source", "kind", "quarantined")}}
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
     run.write_pairs(pairs, quarantine)
@@ -292,7 +276,8 @@ def score(
             run, pairs, quarantine, model_scores, model=model, lm=lm, device=device, dtype=dtype,
             revision=revision, batch_size=None if batch_size == "auto" else int(batch_size),
             token_budget=token_budget, max_length=max_length, system_prompt=system_prompt,
-            prefix_sharing=prefix_sharing, shard_size=shard_size,
+            prefix_sharing=prefix_sharing, shard_size=shard_size, engine=engine,
+            ray_options={"address": ray_address, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker},
         ))
         result = run.scores()
     manifest["seconds_total"] = round(time.time() - started, 3)
@@ -309,56 +294,100 @@ def score(
     return result
 
 
-def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
-                      model, lm, device, dtype, revision, batch_size, token_budget, max_length, system_prompt,
-                      prefix_sharing, shard_size) -> dict[str, Any]:
-    from curate.data.chat import ChatEncoder
-    from curate.models import load_causal_lm
-
-    t0 = time.time()
-    if lm is None:
-        lm = load_causal_lm(model, device=device, dtype=dtype, revision=revision)
-    load_seconds = time.time() - t0
-    prefix_sharing = resolve_prefix_sharing(lm.model, prefix_sharing)
+def model_facts(lm, *, prefix_sharing: bool | None, max_length: int | None) -> dict[str, Any]:
+    """What the shard plan and the manifest need to know about a loaded model (either engine)."""
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if max_length is not None and context is not None and max_length > context:
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
-    effective_max = max_length or context
-    encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=effective_max)
+    return {"info": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            "prefix_sharing": resolve_prefix_sharing(lm.model, prefix_sharing), "max_length": max_length or context,
+            "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers}
 
-    plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": lm.info, "scores": sorted(scores),
-            "max_length": effective_max, "system_prompt": system_prompt, "shard_size": shard_size}
-    shard_dir = _prepare_shards(run, plan)
-    n_shards = -(-pairs.height // shard_size)
-    todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
-    done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
 
-    progress, task = _progress(pairs.height, done_pairs)
-    counters = {"pairs": 0, "tokens": 0}
-    t_score = time.time()
+def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
+                      model, lm, device, dtype, revision, batch_size, token_budget, max_length, system_prompt,
+                      prefix_sharing, shard_size, engine="local", ray_options=None) -> dict[str, Any]:
+    from contextlib import nullcontext
 
-    def on_batch(n_pairs: int, n_tokens: int) -> None:
-        counters["pairs"] += n_pairs
-        counters["tokens"] += n_tokens
-        rate = counters["pairs"] / max(time.time() - t_score, 1e-9)
-        progress.update(task, advance=n_pairs, rate=f"{rate:.1f}")
+    from curate.data.chat import ChatEncoder
+    from curate.models import load_causal_lm
 
-    with progress:
-        for k in todo:
-            shard = pairs.slice(k * shard_size, shard_size)
-            frame = score_shard(lm, encoder, shard, scores, batch_size=batch_size, token_budget=token_budget,
-                                prefix_sharing=prefix_sharing, on_batch=on_batch)
+    load = {"name_or_path": model, "device": device, "dtype": dtype, "revision": revision}
+    if engine == "ray":
+        from curate.scale import ray_scoring
+
+        ray_options = dict(ray_options or {})
+        session = ray_scoring.ray_session(ray_options.get("address"))
+    else:
+        session = nullcontext()
+    with session as ray:
+        t0 = time.time()
+        if engine == "ray":
+            ray_scoring.check_resources(ray, ray_options["num_workers"], ray_options["gpus_per_worker"])
+            facts = ray_scoring.describe_model(ray, load, prefix_sharing=prefix_sharing, max_length=max_length,
+                                               gpus_per_worker=ray_options["gpus_per_worker"])
+        else:
+            if lm is None:
+                lm = load_causal_lm(**load)
+            facts = model_facts(lm, prefix_sharing=prefix_sharing, max_length=max_length)
+        load_seconds = time.time() - t0
+        prefix_sharing, effective_max = facts["prefix_sharing"], facts["max_length"]
+
+        plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": facts["info"],
+                "scores": sorted(scores), "max_length": effective_max, "system_prompt": system_prompt,
+                "shard_size": shard_size}
+        shard_dir = _prepare_shards(run, plan)
+        n_shards = -(-pairs.height // shard_size)
+        todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
+        done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
+
+        progress, task = _progress(pairs.height, done_pairs)
+        counters = {"pairs": 0, "tokens": 0}
+        t_score = time.time()
+
+        def on_batch(n_pairs: int, n_tokens: int) -> None:
+            counters["pairs"] += n_pairs
+            counters["tokens"] += n_tokens
+            rate = counters["pairs"] / max(time.time() - t_score, 1e-9)
+            progress.update(task, advance=n_pairs, rate=f"{rate:.1f}")
+
+        def write_shard(k: int, frame: pl.DataFrame) -> None:
             write_parquet(frame, _shard_path(shard_dir, k))
-    score_seconds = time.time() - t_score
+
+        with progress:
+            if engine == "ray":
+                settings = {"scores": list(scores), "batch_size": batch_size, "token_budget": token_budget,
+                            "prefix_sharing": prefix_sharing, "system_prompt": system_prompt,
+                            "max_length": effective_max}
+                per_worker = ray_scoring.score_shards(
+                    ray, [(k, pairs.slice(k * shard_size, shard_size)) for k in todo], load=load, settings=settings,
+                    num_workers=ray_options["num_workers"], gpus_per_worker=ray_options["gpus_per_worker"],
+                    write_shard=write_shard, on_shard=on_batch,
+                )
+                workers = {"num_workers": ray_options["num_workers"],
+                           "gpus_per_worker": ray_options["gpus_per_worker"],
+                           "ray_address": ray_options.get("address") or os.environ.get("RAY_ADDRESS") or "local",
+                           "per_worker": per_worker}
+            else:
+                encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=effective_max)
+                for k in todo:
+                    shard = pairs.slice(k * shard_size, shard_size)
+                    write_shard(k, score_shard(lm, encoder, shard, scores, batch_size=batch_size,
+                                               token_budget=token_budget, prefix_sharing=prefix_sharing,
+                                               on_batch=on_batch))
+                workers = {"num_workers": 1}
+        score_seconds = time.time() - t_score
 
     shard_paths = [_shard_path(shard_dir, k) for k in range(n_shards)]
-    if "ches" in scores:
-        _write_pooled(run / POOLED, shard_paths)
     shards = pl.concat([pl.read_parquet(p).drop(POOLED_COLUMNS, strict=False) for p in shard_paths],
                        how="diagonal_relaxed")
     skipped = shards.filter(pl.col("skip_reason").is_not_null())
-    scored = shards.filter(pl.col("skip_reason").is_null())
-    table = scored.drop("skip_reason")
+    table = shards.filter(pl.col("skip_reason").is_null()).drop("skip_reason")
+    if table.height == 0:
+        raise CurateError(f"none of the {pairs.height} pairs fits in {effective_max} tokens (first reason: "
+                          f"{skipped['skip_reason'][0]}); raise --max-length or shorten the replies")
+    if "ches" in scores:
+        _write_pooled(run / POOLED, shard_paths)
     if skipped.height:
         run.write_pairs(
             pairs.filter(~pl.col("pair_id").is_in(skipped["pair_id"].to_list())),
@@ -366,10 +395,12 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         )
     run.merge_scores(table)
     return {
-        "model": lm.info,
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).replace("torch.", ""),
-        "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers,
+        "model": facts["info"],
+        "device": facts["device"],
+        "dtype": facts["dtype"],
+        "engine": engine,
+        "workers": workers,
+        "pooled_layer": facts["pooled_layer"],
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},

@@ -27,6 +27,9 @@ def _parse_bf16(text: str) -> bool | str:
     return value
 
 
+MASK_INITS = ("unit", "torch", "reference")  # curate.train.masks builds each
+OPTIMIZERS = ("adamw", "rmsprop")  # curate.train.loop maps them to torch.optim
+
 # settings a --resume may change (recorded in the manifest with the step); every other one must match
 RESUMABLE_CHANGES = ("lr",)
 
@@ -47,6 +50,9 @@ class TrainConfig:
     mask_mode: str = setting("common", "Learned masks: common (one network for reward and KL) or independent.")
     mask_l1: float = setting(0.0, "L1 penalty on learned masks (0.001 on HH in the paper).")
     mask_weight_decay: float = setting(0.01, "AdamW weight decay of the SparsePO mask network (its own group).")
+    mask_init: str = setting("unit", "Learned masks' start: unit (near 1, few zeros) | torch (curate's old) | "
+                                     "reference (the SparsePO code's).")
+    optimizer: str = setting("adamw", "adamw | rmsprop (the CHES paper's), torch defaults otherwise.")
     lr: float = setting(1e-6, "Peak learning rate (AdamW, linear warmup then cosine); --resume may change it.")
     weight_decay: float = setting(0.0, "AdamW weight decay of the policy's trainable weights.")
     batch_size: int = setting(8, "Pairs per optimizer step, over all processes.")
@@ -98,5 +104,9 @@ class TrainConfig:
             raise CurateError(f"{key('epsilon')} (a flip rate) is used by {key('loss')} cdpo and rdpo only")
         if self.mask not in ("learned", "mapo"):
             raise CurateError(f"{key('mask')} must be learned or mapo, got {self.mask!r}")
+        if self.mask_init not in MASK_INITS:
+            raise CurateError(f"{key('mask_init')} must be one of {', '.join(MASK_INITS)}, got {self.mask_init!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise CurateError(f"{key('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.mask_mode not in ("common", "independent"):
             raise CurateError(f"{key('mask_mode')} must be common or independent, got {self.mask_mode!r}")

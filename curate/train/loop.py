@@ -57,7 +57,10 @@ from curate.train.losses import (
     token_kl,
     weighted_mean,
 )
-from curate.train.masks import SparsePOMasks, activation_mask, zero_fraction
+from curate.train.masks import MASK_INITS, SparsePOMasks, activation_mask, mask_mean, zero_fraction
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}  # torch defaults otherwise
 
 
 @dataclass
@@ -100,7 +103,7 @@ def _use_bf16(setting: bool | str, device: torch.device) -> bool:
 def _fingerprint(cfg: TrainConfig, model_name: str, pair_ids: list[str], epsilon: float, total: int) -> dict:
     digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:16]
     keep = ("loss", "beta", "sft_alpha", "weights", "soft_labels", "tdpo_alpha", "mask", "mask_mode", "mask_l1",
-            "lr", "batch_size", "grad_accum", "max_length", "system_prompt", "lora_r", "seed")
+            "mask_init", "optimizer", "lr", "batch_size", "grad_accum", "max_length", "system_prompt", "lora_r", "seed")
     return {**{k: getattr(cfg, k) for k in keep}, "epsilon": epsilon, "model": model_name,
             "pairs": len(pair_ids), "pairs_sha": digest, "total_steps": total}
 
@@ -290,6 +293,7 @@ def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch:
                 l1_kl=cfg.mask_l1 if cfg.mask == "learned" else 0.0, shared_mask=shared,
             )
             stats["mask_zero"] = torch.tensor([zero_fraction(reward_m.detach(), batch.valid)], device=device)
+            stats["mask_mean"] = torch.tensor([mask_mean(reward_m.detach(), batch.valid)], device=device)
         logratio = ratio.sum(-1)
     else:
         logratio = logps - reference.logps[idx].T.reshape(-1).to(device)
@@ -440,13 +444,14 @@ def train(
     masks = None
     if cfg.loss == "sparsepo" and cfg.mask == "learned":
         config = policy.config
-        masks = SparsePOMasks(config.num_hidden_layers, config.hidden_size, mode=cfg.mask_mode,
+        masks = SparsePOMasks(config.num_hidden_layers, config.hidden_size, mode=cfg.mask_mode, init=cfg.mask_init,
+                              init_std=getattr(config, "initializer_range", 0.02),
                               eps=getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", 1e-5))
         masks.to(accelerator.device).train()
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     if masks is not None:  # the mask network has its own group (own weight decay), as in SparsePO
         groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = OPTIMIZERS[cfg.optimizer](groups, lr=cfg.lr)
 
     start = 0
     if checkpoint is not None:
@@ -609,6 +614,7 @@ def _step_metrics(step: int, epoch: int, loss: float, stats: dict[str, list[torc
     }
     if "mask_zero" in gathered:
         metrics["mask_sparsity"] = float(gathered["mask_zero"].mean())
+        metrics["mask_mean"] = float(gathered["mask_mean"].mean())
     return metrics
 
 
