@@ -10,7 +10,7 @@ k(k-1)/2 unordered pairs is valid. Both variants run in this process, on the
 bundled SmolLM2-135M-Instruct, same dtype, same tokenisation:
 
 (a) pool-CHES (curate pairs, default settings: on CPU each prompt runs once
-    and its k replies on its KV cache; ``curate.pairs.pooling.pool_replies``),
+    and its k replies on its KV cache; ``curate.pairs.pooling.pool_response_sets``),
     the k x k LN-CHES matrix from the pooled sums, then
     ``select_pairs(..., "min-ches")``; (a') the same with one full
     prompt + reply sequence per response (``prefix_sharing=False``);
@@ -37,7 +37,7 @@ from curate.data.load import load_pairs
 from curate.data.response_sets import load_response_sets
 from curate.models import load_causal_lm
 from curate.pairs.build import ches_matrices
-from curate.pairs.pooling import pool_replies
+from curate.pairs.pooling import pool_response_sets
 from curate.pairs.strategies import select_pairs
 from curate.scores.ches import ln_ches
 from curate.scores.engine import EncodedPair, score_encoded
@@ -59,7 +59,7 @@ def response_sets(pairs: pl.DataFrame, n_sets: int, k: int, offset: int) -> pl.D
 def run_pool(lm, encoder, sets: pl.DataFrame, prefix_sharing: bool | None = None) -> tuple[pl.DataFrame, float]:
     start = time.perf_counter()
     encoded = [encoder.encode(p, r) for p, r in zip(sets["prompt"].to_list(), sets["response"])]
-    sums = pool_replies(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded],
+    sums = pool_response_sets(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded],
                         prefix_sharing=prefix_sharing).numpy()
     n_tokens = np.array([len(e.reply_ids) for e in encoded])
     _, ln_by = ches_matrices(sets, sums, n_tokens)

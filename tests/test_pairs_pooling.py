@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from curate.data.chat import ChatEncoder
-from curate.pairs.pooling import pool_replies
+from curate.pairs.pooling import pool_response_sets
 from curate.scores.ches import ches, ches_matrix, ln_ches
 from curate.scores.engine import EncodedPair, forward_batch
 
@@ -31,7 +31,7 @@ def test_matrix_from_pooled_sums_equals_per_pair_engine(tiny_lm, single_torch_th
     assert len({len(r) for r in replies}) > 1  # mixed reply lengths
     other = encoder.prompt_ids([{"role": "user", "content": "And the mountains?"}])
     encoded = [(prompt, r) for r in replies] + [(other, r) for r in replies[:2]]  # a second prompt in the batches
-    sums = pool_replies(tiny_lm.model, encoded, token_budget=96, prefix_sharing=prefix_sharing)[:k]
+    sums = pool_response_sets(tiny_lm.model, encoded, token_budget=96, prefix_sharing=prefix_sharing)[:k]
     lengths = torch.tensor([len(r) for r in replies], dtype=torch.float64)
     ches_k = ches_matrix(sums)
     ln_k = ches_matrix(sums.double() / lengths[:, None])
@@ -58,7 +58,7 @@ def _decoder_calls(tiny_lm, **options):
     handle = tiny_lm.model.base_model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
         tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
-        pool_replies(tiny_lm.model, encoded, **options)
+        pool_response_sets(tiny_lm.model, encoded, **options)
     finally:
         handle.remove()
     return prompt, encoded, calls
@@ -80,4 +80,4 @@ def test_shared_prompt_runs_once_and_each_reply_once(tiny_lm):
 
 def test_empty_reply_is_refused(tiny_lm):
     with pytest.raises(ValueError, match="end-of-turn"):
-        pool_replies(tiny_lm.model, [([1, 2], [])])
+        pool_response_sets(tiny_lm.model, [([1, 2], [])])

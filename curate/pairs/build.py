@@ -10,7 +10,7 @@ run is what `curate score`, `filter`, `train` read.
 A model runs for the CHES strategies and whenever ``model`` is given: each
 response is encoded once (its prompt cut from the left when prompt + reply
 exceed ``max_length``; a reply that alone does not fit is quarantined as
-``reply_over_context``) and pooled once (:func:`curate.pairs.pooling.pool_replies`),
+``reply_over_context``) and pooled once (:func:`curate.pairs.pooling.pool_response_sets`),
 so each reply's tokens run through the model once, whatever the strategy: a
 set of k responses costs k decoder sequences (``prefix_sharing=False``) or
 one prompt pass and k reply passes (``True``, the default on CPU).
@@ -38,7 +38,7 @@ import torch
 from curate.data.response_sets import read_response_sets
 from curate.data.schema import GROUP_COLUMN, quarantine_frame
 from curate.errors import CurateError
-from curate.pairs.pooling import pool_replies
+from curate.pairs.pooling import pool_response_sets
 from curate.pairs.strategies import CHES_STRATEGIES, DEFAULT_STRATEGY, STRATEGIES, select_pairs
 from curate.rundir import SCORES, RunDir, atomic_write_bytes, write_json, write_parquet
 from curate.scores.ches import ches_matrix
@@ -112,7 +112,7 @@ def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: i
             todo = [i for i in rows if encoded[i] is not None]
             block = np.full((len(rows), lm.model.config.hidden_size), np.nan, dtype=np.float32)
             if todo:
-                pooled = pool_replies(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
+                pooled = pool_response_sets(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
                                       prefix_sharing=prefix_sharing).numpy()
                 position = {row: n for n, row in enumerate(rows)}
                 block[[position[i] for i in todo]] = pooled

@@ -6,7 +6,7 @@ reply's tokens but the last) are summed in fp32 (methods.md section 1, the
 same positions as :mod:`curate.scores.engine`). Every CHES / LN-CHES of two
 replies of one prompt is then a dot product of these sums
 (:func:`curate.scores.ches.ches_matrix`). Each reply's tokens run through the
-decoder exactly once:
+decoder exactly once, through the LM core's :func:`curate.lm.reply_states`:
 
 - ``prefix_sharing=True`` (default on CPU, as in the engine): responses with
   identical prompt ids share one prompt forward (left-padded, KV cache kept);
@@ -18,7 +18,9 @@ decoder exactly once:
   an ``n``-token reply are its last ``n`` columns.
 
 Batches are sorted by length and fill the engine's token and attention
-budgets; an out-of-memory error splits the batch in two and retries.
+budgets; an out-of-memory error splits the batch in two and retries. (The
+LM core's own ``curate.lm.pool_replies`` pools rows one prompt each; a set
+of k replies needs them grouped under one prompt, which this module does.)
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from curate.scores.engine import (_cache_rows, _decoder_and_head, _is_oom, _right_pad, default_attention_budget,
-                                  default_token_budget, left_pad, reply_groups, resolve_prefix_sharing)
+from curate.lm import reply_states
+from curate.scores.engine import _is_oom, default_attention_budget, default_token_budget, resolve_prefix_sharing
 from curate.scores.logps import span_sum
 
 
@@ -46,47 +48,12 @@ def _batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, int]],
     return batches
 
 
-def _forward_full(model, seqs: Sequence[Sequence[int]], reply_lengths: Sequence[int]) -> torch.Tensor:
-    decoder, _ = _decoder_and_head(model)
-    device = next(model.parameters()).device
-    ids, mask, positions = left_pad(seqs, device)
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-    keep = torch.arange(hidden.shape[1], device=device).unsqueeze(0) >= (
-        hidden.shape[1] - torch.tensor(reply_lengths, device=device)).unsqueeze(1)
-    return torch.where(keep.unsqueeze(-1), hidden.float(), 0.0).sum(1).cpu()
+def _sums(model, prompts, replies, owner, shared: bool) -> torch.Tensor:
+    out = reply_states(model, prompts, replies, owner, shared_prompt=shared)
+    return span_sum(out.states, torch.zeros_like(out.lengths), out.lengths).cpu()
 
 
-def _forward_shared(model, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],
-                    prompt_of: Sequence[int]) -> torch.Tensor:
-    """Sums for ``replies`` (reply r continues ``prompts[prompt_of[r]]``), each prompt run once."""
-    decoder, _ = _decoder_and_head(model)
-    device = next(model.parameters()).device
-    ids, mask, positions = left_pad(prompts, device)
-    prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    last_prompt_state = prompt_out.last_hidden_state[:, -1]  # left padding: last column
-    fed = [r[:-1] for r in replies]  # the end-of-turn token's own state is never used
-    fed_lens = [len(f) for f in fed]
-    states = torch.zeros(len(replies), 1 + max(fed_lens), last_prompt_state.shape[-1],
-                         dtype=last_prompt_state.dtype, device=device)
-    states[:, 0] = last_prompt_state[torch.tensor(prompt_of, device=device)]
-    for group in reply_groups(fed_lens):
-        prompt_rows = torch.tensor([prompt_of[row] for row in group], device=device)
-        width = fed_lens[group[0]]
-        lens = torch.tensor([fed_lens[row] for row in group], device=device)
-        reply_mask = (torch.arange(width, device=device).unsqueeze(0) < lens.unsqueeze(1)).long()
-        out = decoder(
-            input_ids=_right_pad([fed[row] for row in group], width).to(device),
-            attention_mask=torch.cat([mask[prompt_rows], reply_mask], dim=1),
-            position_ids=mask.sum(1)[prompt_rows].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0),
-            past_key_values=_cache_rows(prompt_out.past_key_values, prompt_rows, model.config),
-            use_cache=True,
-        )
-        states[torch.tensor(group, device=device), 1: 1 + width] = out.last_hidden_state
-    lengths = torch.tensor([len(r) for r in replies], device=device)
-    return span_sum(states, torch.zeros_like(lengths), lengths).cpu()
-
-
-def pool_replies(model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *, token_budget: int | None = None,
+def pool_response_sets(model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *, token_budget: int | None = None,
                  prefix_sharing: bool | None = None, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """fp32 ``[N, d]`` sums of the last-layer states predicting each reply, in input order.
 
@@ -118,36 +85,35 @@ def pool_replies(model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], 
             rows = [i for g in groups for i in members[g]]
             local = {g: n for n, g in enumerate(groups)}
             prompt_of = [local[prompt_index[tuple(encoded[i][0])]] for i in rows]
-            return rows, _forward_shared(model, [prompts[g] for g in groups], [encoded[i][1] for i in rows],
-                                         prompt_of)
+            return rows, _sums(model, [prompts[g] for g in groups], [encoded[i][1] for i in rows], prompt_of, True)
     else:
-        seqs = [list(p) + list(r[:-1]) for p, r in encoded]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        lengths = [len(p) + len(r) - 1 for p, r in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: lengths[i], reverse=True)
 
         def cost(items: list[int]) -> tuple[int, int]:
-            width = len(seqs[items[0]])
+            width = lengths[items[0]]
             return len(items) * width, len(items) * width * width
 
         def run(items: list[int]) -> tuple[list[int], torch.Tensor]:
-            return items, _forward_full(model, [seqs[i] for i in items], [len(encoded[i][1]) for i in items])
+            return items, _sums(model, [encoded[i][0] for i in items], [encoded[i][1] for i in items],
+                                list(range(len(items))), False)
 
     pending = _batches(order, cost, budget, attention_budget)
     out: torch.Tensor | None = None
-    with torch.inference_mode():
-        while pending:
-            batch = pending.pop(0)
-            try:
-                rows, sums = run(batch)
-            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-                if not _is_oom(exc) or len(batch) == 1:
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
-                continue
-            if out is None:
-                out = torch.empty(len(encoded), sums.shape[1], dtype=torch.float32)
-            out[torch.tensor(rows)] = sums
-            if on_batch is not None:
-                on_batch(len(rows))
+    while pending:
+        batch = pending.pop(0)
+        try:
+            rows, sums = run(batch)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc) or len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
+            continue
+        if out is None:
+            out = torch.empty(len(encoded), sums.shape[1], dtype=torch.float32)
+        out[torch.tensor(rows)] = sums
+        if on_batch is not None:
+            on_batch(len(rows))
     return out if out is not None else torch.empty(0, 0)
