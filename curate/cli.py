@@ -222,6 +222,58 @@ def score_cmd(
         render_score_summary(summary, Console())
 
 
+# issue 17: `curate pairs` (pairs from response sets, optionally by pool-CHES)
+@app.command("pairs")
+@handle_errors
+def pairs_cmd(
+    data: str = typer.Argument(..., help="Response sets: UltraFeedback raw, Nectar, or a long prompt/response/score table."),
+    out: Path = typer.Option(..., help="Run directory to write pairs, quarantine, scores and the manifest to."),
+    strategy: str = typer.Option("best-random-lower",
+                                 help="best-random-lower | best-worst | all | min-ches | max-margin-low-ches"),
+    model: Optional[str] = typer.Option(None, help="Causal LM for LN-CHES (default for CHES strategies: smollm2-135m-instruct)."),
+    min_margin: float = typer.Option(0.0, help="Pair only replies whose ratings differ by at least this (ties never)."),
+    max_pairs_per_prompt: Optional[int] = typer.Option(None, help="Pairs per prompt (default 1; 'all': every valid pair)."),
+    seed: int = typer.Option(0, help="Seed of the random choices (best-random-lower)."),
+    fmt: str = typer.Option("auto", "--format", help="auto | ultrafeedback-raw | nectar | long"),
+    columns: Optional[str] = typer.Option(None, help="Long table columns: prompt=COL,response=COL,score=COL."),
+    rating: str = typer.Option("mean", help="UltraFeedback rating: mean, overall_score, fine-grained_score or an aspect."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many records."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    token_budget: Optional[int] = typer.Option(None, help="Padded tokens per forward batch."),
+    shard_size: int = typer.Option(256, help="Prompts per resumable shard."),
+    prefix_sharing: Optional[bool] = typer.Option(
+        None, "--prefix-sharing/--no-prefix-sharing",
+        help="Run each prompt once for all its replies (default: on CPU yes, on GPU no)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build preference pairs from response sets (k rated replies per prompt) into a run directory."""
+    from curate.pairs.strategies import STRATEGIES
+
+    validate.choice("--strategy", strategy, STRATEGIES)
+    validate.number("--min-margin", min_margin, low=0, example="1")
+    validate.integer("--max-pairs-per-prompt", max_pairs_per_prompt, example="2")
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--token-budget", token_budget, example="4096")
+    validate.integer("--shard-size", shard_size, example="256")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    from curate.pairs.build import build_pairs, pairs_summary, render_pairs_summary
+
+    build_pairs(data, out=out, strategy=strategy, model=model, min_margin=min_margin,
+                max_pairs_per_prompt=max_pairs_per_prompt, seed=seed, fmt=fmt, columns=columns, rating=rating,
+                limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
+                token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
+    summary = pairs_summary(out)
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render_pairs_summary(summary, Console())
+
+
 # issue 4: `curate bench noise` (planted-flip validation of the noise estimators)
 @bench_app.command("noise")
 @handle_errors
