@@ -44,9 +44,11 @@ import torch
 from curate.data.chat import ChatEncoder
 from curate.data.load import load_pairs
 from curate.models import load_causal_lm
-from curate.score import encode_pair, score
+from curate.lm import encode_pair
+from curate.score import score
 from curate.scores.ches import ln_ches
-from curate.scores.engine import (default_attention_budget, default_token_budget, left_pad, plan_batches,
+from curate.lm import left_pad
+from curate.scores.engine import (default_attention_budget, default_token_budget, plan_batches,
                                   resolve_prefix_sharing, score_encoded)
 
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"

@@ -62,14 +62,15 @@ SMOKE = {"window": 4, "pool": 48, "epochs": 1, "batch_size": 2, "seeds": [0, 1]}
 def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_length: int) -> pl.DataFrame:
     """LN-CHES, reference log-probs and reward-ensemble noise scores of every pair that fits ``max_length``."""
     from curate.data.chat import ChatEncoder
-    from curate.eval import encode_for_engine
+    from curate.lm import encode_pairs
     from curate.scores.ches import ches, ln_ches
     from curate.scores.engine import score_encoded
     from curate.scores.noise import auto_estimator
     from curate.scores.reward import FeatureSet, ensemble_quality, ensemble_stats, head_members, scaled_margins
 
     encoder = ChatEncoder(ref.tokenizer, max_length=max_length)
-    encoded, kept, _ = encode_for_engine(pairs, encoder)
+    encoding = encode_pairs(pairs, encoder)
+    encoded, kept = encoding.pairs, encoding.kept
     out = score_encoded(ref.model, encoded, want_logps=True)
     n_c = torch.tensor([len(e.chosen) for e in encoded])
     n_r = torch.tensor([len(e.rejected) for e in encoded])

@@ -24,7 +24,7 @@ import torch
 from curate.data.chat import ChatEncoder
 from curate.data.load import load_pairs
 from curate.models import load_causal_lm
-from curate.score import encode_pair
+from curate.lm import encode_pair
 from curate.scores.reward import FeatureSet, build_feature_sets, reward_and_noise
 
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"

@@ -10,7 +10,7 @@ Two layers:
   keyword refusal detector; win rates; a mean with a t confidence interval
   (for experiments over seeds).
 - **Orchestration** (:func:`evaluate`): per-pair log-probs of the policy and
-  the reference from the batched scoring engine (:mod:`curate.scores.engine`),
+  the reference from the batched scoring engine (:mod:`curate.lm` via :mod:`curate.scores.engine`),
   optional samples from both models (``generate``), and the files
   ``OUT/eval.json`` (summary) and ``OUT/eval.parquet`` (one row per pair).
 
@@ -232,23 +232,6 @@ def pair_metrics(
 
 
 # ================================================================== orchestration
-def _read_pairs(data: Any):
-    """A pair table (with any score columns already joined) from a frame, run/curated dir, or dataset."""
-    import polars as pl
-
-    if isinstance(data, pl.DataFrame):
-        return data, {"source": "DataFrame"}
-    path = Path(str(data))
-    if path.is_dir() and (path / "pairs.parquet").is_file():
-        from curate.rundir import RunDir
-
-        return RunDir(path).table(), {"source": str(path), "kind": "run or curated directory"}
-    from curate.data import load_pairs
-
-    loaded = load_pairs(str(data))
-    return loaded.pairs, {"source": str(data), "kind": "dataset", "quarantined": loaded.quarantine.height}
-
-
 def _ches_scores(pairs, scores: Any, notes: list[str]):
     """LN-CHES per pair (aligned with ``pairs``) or None with a note; an error if some pairs lack it."""
     import polars as pl
@@ -297,30 +280,6 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, name_a: str, name_b: str) -> 
             f"{name_a} and {name_b} use different tokenizers or chat templates, so their log-probs are not "
             "comparable; evaluate a checkpoint against the model it was trained from"
         )
-
-
-def encode_for_engine(pairs, encoder) -> tuple[list, list[int], int]:
-    """Engine inputs for each pair, the row indices kept, and how many prompts were cut from the left.
-
-    Uses `curate score`'s rule (:func:`curate.score.encode_pair`: one shared
-    prompt, cut from the left until it fits with the longer reply), so eval and
-    score see the same tokens. A pair whose longer reply alone exceeds the
-    context is left out (the caller counts and reports it).
-    """
-    from curate.data.chat import ReplyTooLong
-    from curate.score import encode_pair
-
-    encoded, kept, truncated = [], [], 0
-    rows = pairs.select("prompt", "chosen", "rejected").iter_rows()
-    for row, (prompt, chosen, rejected) in enumerate(rows):
-        try:
-            pair, cut = encode_pair(encoder, prompt, chosen, rejected)
-        except ReplyTooLong:
-            continue
-        truncated += bool(cut)
-        encoded.append(pair)
-        kept.append(row)
-    return encoded, kept, truncated
 
 
 def reply_logps(model, encoded: Sequence, *, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +341,11 @@ def evaluate(
         raise CurateError(f"--generate must be >= 0, got {generate}")
     t0 = time.perf_counter()
     notes: list[str] = []
-    pairs, data_info = _read_pairs(data)
+    from curate.lm import encode_pairs
+    from curate.rundir import resolve_pairs
+
+    resolved = resolve_pairs(data, with_scores=True)
+    pairs, data_info = resolved.pairs, resolved.info
     if pairs.height == 0:
         raise CurateError(f"no pairs to evaluate in {data_info['source']}")
     ln_ches_all = _ches_scores(pairs, scores, notes)
@@ -392,7 +355,8 @@ def evaluate(
     check_same_tokenizer(policy.tokenizer, reference.tokenizer, policy.name, reference.name)
     limit = max_length or getattr(reference.model.config, "max_position_embeddings", None)
     encoder = ChatEncoder(reference.tokenizer, system_prompt=system_prompt, max_length=limit)
-    encoded, kept, truncated = encode_for_engine(pairs, encoder)
+    encoding = encode_pairs(pairs, encoder)
+    encoded, kept, truncated = encoding.pairs, encoding.kept, encoding.truncated
     if not encoded:
         raise CurateError(f"every pair's reply is longer than the context ({limit} tokens); raise --max-length")
     skipped = pairs.height - len(kept)
@@ -451,7 +415,7 @@ def sample_replies(loaded, prompts: Sequence[list[int]], *, max_new_tokens: int,
     """Seeded sampled replies (text up to the end-of-turn token) to tokenised prompts."""
     import torch
 
-    from curate.scores.engine import left_pad
+    from curate.lm import left_pad
 
     texts: list[str] = []
     tokenizer = loaded.tokenizer

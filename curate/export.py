@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from curate.curation import CURATION, HOLDOUT, SECTION, logit
+from curate.curation import CURATION, HOLDOUT, SECTION, incomplete_curation, logit
 from curate.data.schema import PAIR_SCHEMA, meta_of
 from curate.errors import CurateError
+from curate.outdir import check_target, staged_dir
 from curate.rundir import RunDir, atomic_write_bytes, write_parquet
 
 FORMATS = ("parquet", "jsonl", "hf", "trl")
@@ -338,11 +339,7 @@ _PAIR_NOTES = {
 }
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CurateError(f"--out {out} is a file: give a directory for the export")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CurateError(f"{out} already exists and is not empty: choose another --out or pass --force to overwrite")
+EXPORT_OWNED = (CARD, "train.*", "holdout.*", "data-*.arrow", "dataset_info.json", "state.json", ".*.tmp")
 
 
 def export_curated(
@@ -365,6 +362,9 @@ def export_curated(
     if split not in SPLITS:
         raise CurateError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     run = RunDir(curated)
+    problem = incomplete_curation(run.path)
+    if problem:
+        raise CurateError(f"{run.path} is an incomplete curated directory ({problem}): rerun `curate filter` with --force")
     source = run / ("pairs.parquet" if split == "train" else HOLDOUT)
     if not source.exists():
         hint = "run `curate filter RUN --out DIR` first" if split == "train" else "run `curate filter` with --holdout"
@@ -372,7 +372,7 @@ def export_curated(
     out = Path(out)
     if out.resolve() == run.path.resolve():
         raise CurateError("--out must not be the curated directory itself: choose a new directory")
-    _prepare_out(out, force)
+    check_target(out, force=force, owned=EXPORT_OWNED, step="curate export")
 
     pairs = pl.read_parquet(source)
     scores = run.scores()
@@ -381,26 +381,26 @@ def export_curated(
     data = pairs.select([*PAIR_SCHEMA, *signal_cols])
     notes = {c: _PAIR_NOTES[c] for c in PAIR_SCHEMA} | {c: _SIGNAL_NOTES[c] for c in signal_cols}
 
-    out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {}
-    if fmt == "trl":
-        data, notes = trl_frame(pairs, scores, manifest=manifest, ref_logps=ref_logps)
-        notes = {"pair_id": _PAIR_NOTES["pair_id"]} | notes
-        if "ref_chosen_logps" in data.columns:
-            extra["trl_max_length_needed"] = _longest_sequence(pairs, scores)
-        files = [f"{split}.parquet"]
-        write_parquet(data, out / files[0])
-    elif fmt == "parquet":
-        files = [f"{split}.parquet"]
-        write_parquet(data, out / files[0])
-    elif fmt == "jsonl":
-        files = [f"{split}.jsonl"]
-        atomic_write_bytes(out / files[0], data.write_ndjson().encode("utf-8"))
-    else:
-        files = _save_hf(data, out, force)
-
-    card = data_card(manifest=manifest, pairs=pairs, scores=scores, fmt=fmt, split=split, files=files, column_notes=notes)
-    atomic_write_bytes(out / CARD, card.encode("utf-8"))
+    with staged_dir(out) as stage:
+        if fmt == "trl":
+            data, notes = trl_frame(pairs, scores, manifest=manifest, ref_logps=ref_logps)
+            notes = {"pair_id": _PAIR_NOTES["pair_id"]} | notes
+            if "ref_chosen_logps" in data.columns:
+                extra["trl_max_length_needed"] = _longest_sequence(pairs, scores)
+            files = [f"{split}.parquet"]
+            write_parquet(data, stage / files[0])
+        elif fmt == "parquet":
+            files = [f"{split}.parquet"]
+            write_parquet(data, stage / files[0])
+        elif fmt == "jsonl":
+            files = [f"{split}.jsonl"]
+            atomic_write_bytes(stage / files[0], data.write_ndjson().encode("utf-8"))
+        else:
+            files = _save_hf(data, stage)
+        card = data_card(manifest=manifest, pairs=pairs, scores=scores, fmt=fmt, split=split, files=files,
+                         column_notes=notes)
+        atomic_write_bytes(stage / CARD, card.encode("utf-8"))  # the card last: a directory with it is complete
     if push_to_hub:
         _push_to_hub(data, out / CARD, push_to_hub, split)
     return {
@@ -420,14 +420,10 @@ def _longest_sequence(pairs: pl.DataFrame, scores: pl.DataFrame) -> int | None:
     return int(lengths.to_series().max())
 
 
-def _save_hf(data: pl.DataFrame, out: Path, force: bool) -> list[str]:
+def _save_hf(data: pl.DataFrame, out: Path) -> list[str]:
     import datasets
 
-    dataset = datasets.Dataset.from_polars(data)
-    if force:  # save_to_disk refuses to mix with an older dataset's shards
-        for old in list(out.glob("data-*.arrow")) + [out / "dataset_info.json", out / "state.json"]:
-            old.unlink(missing_ok=True)
-    dataset.save_to_disk(str(out))
+    datasets.Dataset.from_polars(data).save_to_disk(str(out))
     return sorted(p.name for p in out.iterdir() if p.name != CARD)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,16 @@ PAIRS = "pairs.parquet"
 QUARANTINE = "quarantine.parquet"
 SCORES = "scores.parquet"
 MANIFEST = "manifest.json"
+POOLED = "pooled.npz"  # mean-pooled probe-layer reply states of `curate score`
+SHARDS = "shards"  # resumable score shards
+FEATURES_TABLE = "features.parquet"
+FEATURES_SUMMARY = "features_summary.json"
+SAE_DIR = "sae"
+CURATION = "curation.parquet"  # the audit trail of `curate filter`
+HOLDOUT = "holdout.parquet"
+EVAL_SUMMARY = "eval.json"
+EVAL_TABLE = "eval.parquet"
+METRICS = "metrics.jsonl"
 
 
 def _umask_mode() -> int:
@@ -138,3 +149,41 @@ class RunDir:
         manifest[section] = info
         write_json(manifest, self.path / MANIFEST)
         return manifest
+
+
+@dataclass
+class ResolvedPairs:
+    """Pairs read from a DataFrame, a run (or curated) directory or a dataset, and where they came from."""
+
+    pairs: pl.DataFrame
+    quarantine: pl.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+    run: RunDir | None = None  # the source directory, when it was one
+
+
+def is_run_dir(source: Any) -> bool:
+    return isinstance(source, (str, os.PathLike)) and (Path(source).expanduser() / PAIRS).is_file()
+
+
+def resolve_pairs(source: Any, *, limit: int | None = None, with_scores: bool = False,
+                  **load_kwargs: Any) -> ResolvedPairs:
+    """Pairs from ``source``: a pair DataFrame, a directory holding ``pairs.parquet``, or anything
+    :func:`curate.data.load_pairs` reads (loaded and validated, refused rows in ``quarantine``).
+
+    ``with_scores`` joins a directory's score columns in (what curation, training and eval read).
+    """
+    if isinstance(source, pl.DataFrame):
+        pairs, quarantine, info, run = source, pl.DataFrame(), {"source": "DataFrame"}, None
+    elif is_run_dir(source):
+        run = RunDir(Path(source).expanduser())
+        pairs = run.table() if with_scores else run.pairs()
+        quarantine, info = run.quarantine(), {"source": str(source), "kind": "run or curated directory"}
+    else:
+        from curate.data import load_pairs
+
+        loaded = load_pairs(str(source), limit=limit, **load_kwargs)
+        pairs, quarantine, run = loaded.pairs, loaded.quarantine, None
+        info = {"source": str(source), "kind": "dataset", "quarantined": loaded.quarantine.height, **loaded.info}
+    if limit is not None:
+        pairs = pairs.head(limit)
+    return ResolvedPairs(pairs, quarantine, info, run)

@@ -45,14 +45,13 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
-from curate.rundir import PAIRS, RunDir, write_json, write_parquet
+from curate.rundir import POOLED, SHARDS, RunDir, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import EncodedPair, probe_layer, resolve_prefix_sharing, score_batches
+from curate.lm import EncodedPair, encode_pairs, probe_layer
+from curate.scores.engine import resolve_prefix_sharing, score_batches
 
 MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
-SHARD_DIR = "shards"
-POOLED = "pooled.npz"
 POOLED_COLUMNS = ["pooled_chosen", "pooled_rejected"]
 DEFAULT_SHARD_SIZE = 512
 ENGINES = ("local", "ray")
@@ -69,16 +68,7 @@ def parse_scores(scores: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# ------------------------------------------------------------------ encoding
-def encode_pair(encoder, prompt, chosen: str, rejected: str) -> tuple[EncodedPair, int]:
-    """Token ids of a pair under the shared-prompt truncation rule, and the prompt tokens cut."""
-    prompt_ids = encoder.prompt_ids(prompt)
-    chosen_ids, rejected_ids = encoder.reply_ids(chosen), encoder.reply_ids(rejected)
-    longer = chosen_ids if len(chosen_ids) >= len(rejected_ids) else rejected_ids
-    kept = encoder.truncate(prompt_ids, longer)  # raises ReplyTooLong
-    return EncodedPair(kept.prompt_ids, chosen_ids, rejected_ids), kept.prompt_truncated
-
-
+# ------------------------------------------------------------------ one shard
 def pair_columns(encoded: Sequence[EncodedPair], out: dict[str, torch.Tensor], scores: Sequence[str]) -> dict[str, Any]:
     """Per-pair score columns from the engine outputs of ``encoded`` (same order)."""
     n_chosen = torch.tensor([len(p.chosen) for p in encoded], dtype=torch.float64)
@@ -125,21 +115,12 @@ def _shard_frame(pair_ids: list[str], cols: dict[str, Any], truncated: list[int]
 
 def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batch_size: int | None,
                 token_budget: int | None, prefix_sharing: bool | None, on_batch=None) -> pl.DataFrame:
-    """Encode and score one slice of the pair table; pairs that cannot be encoded get a skip reason."""
-    from curate.data.chat import ReplyTooLong
-
-    encoded, truncated, skipped = [], [], {}
-    for i, row in enumerate(pairs.iter_rows(named=True)):
-        try:
-            pair, cut = encode_pair(encoder, row["prompt"], row["chosen"], row["rejected"])
-        except ReplyTooLong as exc:
-            skipped[i] = f"reply_over_context: {exc}"
-            continue
-        except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing this conversation
-            skipped[i] = f"cannot_encode: {type(exc).__name__}: {exc}"
-            continue
-        encoded.append(pair)
-        truncated.append(cut)
+    """Encode and score one slice of the pair table with a loaded model; pairs that cannot be encoded get a
+    skip reason. ``on_batch(pairs, tokens)`` is called after each batch. This is the unit a scale-out engine
+    runs per shard: same rows in, same frame out.
+    """
+    encoding = encode_pairs(pairs, encoder)
+    encoded, skipped = encoding.pairs, encoding.skipped
     if skipped and on_batch is not None:
         on_batch(len(skipped), 0)
     outputs: dict[str, torch.Tensor] = {}
@@ -153,10 +134,10 @@ def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batc
                 outputs.setdefault(name, torch.empty((len(encoded), *value.shape[1:]), dtype=value.dtype))
                 outputs[name][index] = value
             if on_batch is not None:
-                tokens = sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected) for i in indices)
-                on_batch(len(indices), tokens)
+                on_batch(len(indices), sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected)
+                                           for i in indices))
     cols = pair_columns(encoded, outputs, scores) if encoded else {}
-    return _shard_frame(pairs["pair_id"].to_list(), cols, truncated, skipped)
+    return _shard_frame(pairs["pair_id"].to_list(), cols, encoding.cut, skipped)
 
 
 # ------------------------------------------------------------------ run directory plumbing
@@ -166,7 +147,7 @@ def _pairs_digest(pairs: pl.DataFrame) -> str:
 
 def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
     """The shard directory for ``plan``; shards made under other settings are removed."""
-    shard_dir = run / SHARD_DIR
+    shard_dir = run / SHARDS
     plan_path = shard_dir / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in shard_dir.glob("score-*.parquet"):
@@ -178,21 +159,6 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
 
 def _shard_path(shard_dir: Path, k: int) -> Path:
     return shard_dir / f"score-{k:05d}.parquet"
-
-
-def _load_input(dataset_or_run, run: RunDir, *, limit, load_kwargs) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Pairs to score: from a run directory's pairs.parquet, or loaded and validated from a dataset."""
-    source = Path(str(dataset_or_run)).expanduser()
-    if source.is_dir() and (source / PAIRS).exists():
-        src = RunDir(source)
-        pairs, quarantine = src.pairs(), src.quarantine()
-        if limit is not None:
-            pairs = pairs.head(limit)
-        return pairs, quarantine, {"dataset": str(source), "from_run": True}
-    from curate.data.load import load_pairs
-
-    result = load_pairs(str(dataset_or_run), limit=limit, **load_kwargs)
-    return result.pairs, result.quarantine, {"dataset": str(dataset_or_run), **result.info}
 
 
 def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
@@ -208,13 +174,14 @@ def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame
 
 
 def _progress(total: int, done: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     quiet = os.environ.get("CURATE_QUIET") == "1"
     progress = Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} pairs/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=quiet, transient=False,
+        disable=quiet, transient=False, console=Console(stderr=True),  # stdout is for results (--json)
     )
     task = progress.add_task("score", total=total, completed=done, rate="-")
     return progress, task
@@ -281,18 +248,21 @@ def score(
         raise CurateError("engine='ray' loads the model on each worker: pass model=NAME_OR_PATH instead of lm")
     wanted = parse_scores(scores)
     if out is None:
-        source = Path(str(dataset_or_run)).expanduser()
-        if not (source / PAIRS).exists():
+        if not is_run_dir(dataset_or_run):
             raise CurateError("pass --out RUN: the run directory to write pairs, scores and the manifest to")
-        out = source
+        out = Path(dataset_or_run).expanduser()
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise CurateError(f"--batch-size must be a positive integer or 'auto', not {batch_size!r}")
     if shard_size < 1:
         raise CurateError("shard_size must be at least 1")
     run = RunDir(out)
     started = time.time()
-    load_kwargs = dict(subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
-    pairs, quarantine, data_info = _load_input(dataset_or_run, run, limit=limit, load_kwargs=load_kwargs)
+    load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+    resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
+    pairs, quarantine = resolved.pairs, resolved.quarantine
+    data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
+                 **{k: v for k, v in resolved.info.items() if k not in ("source", "kind", "quarantined")}}
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
     run.write_pairs(pairs, quarantine)
@@ -409,13 +379,15 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         score_seconds = time.time() - t_score
 
     shard_paths = [_shard_path(shard_dir, k) for k in range(n_shards)]
-    if "ches" in scores:
-        _write_pooled(run / POOLED, shard_paths)
     shards = pl.concat([pl.read_parquet(p).drop(POOLED_COLUMNS, strict=False) for p in shard_paths],
                        how="diagonal_relaxed")
     skipped = shards.filter(pl.col("skip_reason").is_not_null())
-    scored = shards.filter(pl.col("skip_reason").is_null())
-    table = scored.drop("skip_reason")
+    table = shards.filter(pl.col("skip_reason").is_null()).drop("skip_reason")
+    if table.height == 0:
+        raise CurateError(f"none of the {pairs.height} pairs fits in {effective_max} tokens (first reason: "
+                          f"{skipped['skip_reason'][0]}); raise --max-length or shorten the replies")
+    if "ches" in scores:
+        _write_pooled(run / POOLED, shard_paths)
     if skipped.height:
         run.write_pairs(
             pairs.filter(~pl.col("pair_id").is_in(skipped["pair_id"].to_list())),

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from curate.scores.ches import ches, ches_matrix, hidden_inner, ln_ches, normalized_edit_distance
-from curate.scores.engine import (EncodedPair, attention_cost, batch_cost, forward_batch, plan_batches, probe_layer,
-                                  score_encoded)
-from curate.scores.logps import span_sum, token_logprobs
+from curate.lm import EncodedPair, probe_layer, token_logps
+from curate.scores.engine import attention_cost, batch_cost, forward_batch, plan_batches, score_encoded
+from curate.scores.logps import span_sum
 
 EOS = 5  # pad == eos, as in SmolLM2
 
@@ -69,12 +69,11 @@ def test_span_sum_is_padding_side_agnostic():
     assert torch.allclose(got_left, expected) and torch.allclose(got_right, expected)
 
 
-def test_token_logprobs_chunks_match_log_softmax():
-    head = torch.nn.Linear(6, 11, bias=False)
-    states = torch.randn(10, 6)
-    targets = torch.randint(0, 11, (10,))
-    expected = torch.log_softmax(head(states), -1)[torch.arange(10), targets]
-    assert torch.allclose(token_logprobs(states, targets, head, chunk_size=3), expected, atol=1e-6)
+def test_token_logps_chunks_match_log_softmax_of_the_head(tiny_model):
+    states = torch.randn(10, tiny_model.config.hidden_size)
+    targets = torch.randint(0, tiny_model.config.vocab_size, (10,))
+    expected = torch.log_softmax(tiny_model.lm_head(states), -1)[torch.arange(10), targets]
+    assert torch.allclose(token_logps(tiny_model, states, targets, chunk_size=3), expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------ the engine vs the definition
@@ -223,7 +222,7 @@ def test_other_runtime_errors_are_not_swallowed(tiny_model, monkeypatch):
 
 
 def test_reply_groups_bound_the_padding():
-    from curate.scores.engine import reply_groups
+    from curate.lm import reply_groups
 
     # sorted: 10, 9, 7 (>= 0.7 * 10), then 3 starts a group, 2 < 0.7 * 3 starts another; 0 is skipped
     assert reply_groups([10, 9, 3, 0, 7, 2]) == [[0, 1, 4], [2], [5]]

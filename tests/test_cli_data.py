@@ -13,16 +13,16 @@ def test_inspect_hh_sample_json_and_out(hh_path, tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(hh_path), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert (summary["rows"], summary["pairs"], summary["quarantined"]) == (1800, 1794, 6)
-    assert summary["quarantine_reasons"] == {"empty_reply": 4, "prompt_mismatch": 2}
-    assert pl.read_parquet(out / "pairs.parquet").height == 1794
+    assert (summary["rows"], summary["pairs"], summary["quarantined"]) == (1800, 1796, 4)
+    assert summary["quarantine_reasons"] == {"empty_reply": 4}
+    assert pl.read_parquet(out / "pairs.parquet").height == 1796
     assert pl.read_parquet(out / "quarantine.parquet")["reason"].to_list().count("empty_reply") == 4
 
 
 def test_inspect_human_output_lists_quarantined_rows(hh_path):
     result = runner.invoke(app, ["data", "inspect", str(hh_path)])
     assert result.exit_code == 0, result.output
-    assert "1794 pairs" in result.output and "prompt_mismatch" in result.output
+    assert "1796 pairs" in result.output and "empty_reply" in result.output
 
 
 def test_bad_input_is_one_clear_sentence(tmp_path):
@@ -35,4 +35,4 @@ def test_overlap(hh_path, tmp_path):
     result = runner.invoke(app, ["data", "overlap", str(hh_path), str(hh_path), "--json"])
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
-    assert stats["shared_pairs"] == 1794
+    assert stats["shared_pairs"] == 1796

@@ -20,10 +20,15 @@ def write_jsonl(path, rows):
 def test_hh_sample_counts(hh_path):
     result = load_pairs(str(hh_path))
     assert result.info["format"] == "hh"
-    assert result.pairs.height == 1794
+    # rows 1254 and 1688 have a chosen reply that contains its own "\n\nAssistant:" turn: split by the
+    # transcripts' common prefix they are pairs (they were quarantined as prompt_mismatch before)
+    assert result.pairs.height == 1796
+    assert result.info["rows"] == result.pairs.height + result.quarantine.height
     q = {(row["source"].rsplit(":", 1)[1], row["reason"]) for row in result.quarantine.to_dicts()}
-    assert q == {("86", "empty_reply"), ("516", "empty_reply"), ("925", "empty_reply"), ("1103", "empty_reply"),
-                 ("1254", "prompt_mismatch"), ("1688", "prompt_mismatch")}
+    assert q == {("86", "empty_reply"), ("516", "empty_reply"), ("925", "empty_reply"), ("1103", "empty_reply")}
+    inline = result.pairs.filter(pl.col("source").str.ends_with(":1254"))
+    assert inline["chosen"][0].startswith("No. Men who impersonate") and "\n\nAssistant:" in inline["chosen"][0]
+    assert inline["prompt"][0].to_list()[-1]["content"].endswith("Isn't that drag kings?")
     assert result.pairs["pair_id"].n_unique() == result.pairs.height
     # every prompt ends with a user turn and has no consecutive same-role turns
     for prompt in result.pairs["prompt"].to_list():
@@ -34,8 +39,8 @@ def test_hh_sample_counts(hh_path):
 
 def test_hh_keep_empty(hh_path):
     result = load_pairs(str(hh_path), keep_empty=True)
-    assert result.pairs.height == 1798
-    assert set(result.quarantine["reason"]) == {"prompt_mismatch"}
+    assert result.pairs.height == 1800
+    assert result.quarantine.height == 0
 
 
 def test_hh_consecutive_assistant_turns_are_merged():

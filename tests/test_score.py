@@ -16,8 +16,9 @@ import torch
 from curate.data.chat import ChatEncoder
 from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
-from curate.score import encode_pair, parse_scores, score
-from curate.scores.engine import probe_layer
+from curate.lm import encode_pair
+from curate.score import parse_scores, score
+from curate.lm import probe_layer
 from curate.errors import CurateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,9 +148,9 @@ def test_overlong_reply_is_quarantined_and_prompts_are_cut_from_the_left(tmp_pat
 
 
 def test_a_pair_that_cannot_be_encoded_is_quarantined_not_fatal(tmp_path, tiny, monkeypatch):
-    import curate.score as score_module
+    import curate.lm.encode as encode_module
 
-    real = score_module.encode_pair
+    real = encode_module.encode_pair
 
     def refuse_second(encoder, prompt, chosen, rejected):
         if chosen == first_rows[1]["chosen"]:
@@ -160,7 +161,7 @@ def test_a_pair_that_cannot_be_encoded_is_quarantined_not_fatal(tmp_path, tiny, 
     from curate.data.load import load_pairs
 
     first_rows = load_pairs(str(data)).pairs.to_dicts()
-    monkeypatch.setattr(score_module, "encode_pair", refuse_second)
+    monkeypatch.setattr(encode_module, "encode_pair", refuse_second)
     result = score(data, out=tmp_path / "run", lm=tiny)
     quarantine = RunDir(tmp_path / "run").quarantine()
     assert result.height == 2 and "cannot_encode" in quarantine["reason"].to_list()
@@ -214,6 +215,12 @@ def test_resume_after_sigkill_recomputes_nothing_and_gives_the_same_table(tmp_pa
     assert resumed_run.scores().equals(fresh_run.scores())
     a, b = np.load(resumed_run / "pooled.npz"), np.load(fresh_run / "pooled.npz")
     assert all(np.array_equal(a[k], b[k]) for k in ("pair_id", "mean_chosen", "mean_rejected"))
+
+
+def test_all_pairs_over_max_length_is_one_sentence(tmp_path, tiny):
+    data = write_hh_sample(tmp_path / "hh.jsonl.gz", 3)
+    with pytest.raises(CurateError, match="none of the 3 pairs fits in 8 tokens.*raise --max-length"):
+        score(data, out=tmp_path / "run", lm=tiny, max_length=8)
 
 
 def test_changed_settings_start_the_shards_afresh(tmp_path, tiny):

@@ -8,8 +8,6 @@ because many chat models pad with their end-of-turn token.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 
@@ -29,22 +27,3 @@ def span_sum(values: torch.Tensor, start: torch.Tensor, length: torch.Tensor) ->
     if values.dim() == 3:
         mask = mask.unsqueeze(-1)
     return torch.where(mask, values.float(), 0.0).sum(dim=1)
-
-
-def token_logprobs(
-    states: torch.Tensor,
-    targets: torch.Tensor,
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """log p(target | state) for ``states [M, d]`` and ``targets [M]``, as fp32 ``[M]``.
-
-    The vocabulary projection runs in chunks of positions so that a large
-    batch never materialises an ``[M, vocab]`` fp32 matrix at once.
-    """
-    out = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)
-    for lo in range(0, states.shape[0], chunk_size):
-        logits = lm_head(states[lo : lo + chunk_size]).float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        out[lo : lo + chunk_size] = log_probs.gather(1, targets[lo : lo + chunk_size, None]).squeeze(1)
-    return out
