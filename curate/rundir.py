@@ -158,7 +158,7 @@ class ScoreSection(Section):
     timings: dict[str, Any] = field(default_factory=dict)
     seconds_total: float | None = None
     engine: str = "local"  # local | ray
-    workers: list[dict[str, Any]] = field(default_factory=list)  # per worker: pairs, seconds, pairs/s
+    workers: dict[str, Any] = field(default_factory=dict)  # num_workers, per-worker throughput (ray)
 
     def __post_init__(self) -> None:
         if isinstance(self.truncation, Mapping):
