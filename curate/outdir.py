@@ -130,7 +130,7 @@ def _publish(stage: Path, target: Path) -> None:
         return
     # no atomic swap: two renames; a kill between them leaves no target (the next run writes it anew)
     retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=_RETIRED.format(name=target.name) + f"{os.getpid()}-"))
-    os.rmdir(retired)  # only the unique name is wanted
+    remove_inside(retired, target.parent)  # only the unique name is wanted
     os.rename(target, retired)
     os.rename(stage, target)
     remove_inside(retired, target.parent)
