@@ -264,8 +264,9 @@ def test_reference_logps_reused_from_scores_when_they_match(tmp_path, lm, tiny_l
     chosen, rejected = ref[:, 0].copy(), ref[:, 1].copy()
     chosen[0], rejected[0] = ref[0, 1], ref[0, 0]
     run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen, "logp_rejected": rejected}))
-    run.update_manifest("score", {"model": {"name": first.info["model"]["name"]}, "system_prompt": "default",
-                                  "max_length": 1024})
+    from curate.rundir import ScoreSection, Truncation
+
+    run.write_section(ScoreSection(model={"name": first.info["model"]["name"]}, truncation=Truncation(max_length=1024)))
 
     def fresh():
         model = copy.copy(tiny_lm)
