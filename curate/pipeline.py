@@ -22,6 +22,13 @@ and the fingerprint of the step before it. A step whose fingerprint matches
 the one recorded in ``pipeline.json`` and whose outputs exist is skipped; a
 changed step reruns, and so does every step after it. A training run killed
 half way resumes from its last checkpoint. The report is always rewritten.
+
+Checking: before any step runs, every section's keys and values are checked
+against what they feed (``TrainConfig``, ``FeatureSettings``, the step
+functions' parameters), and right after loading, before any model, against
+the number of pairs; errors name the recipe key. ``train.runs`` names are
+slugs (they become directories), and every delete goes through
+:func:`curate.fsutil.remove_inside`.
 """
 
 from __future__ import annotations

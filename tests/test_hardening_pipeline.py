@@ -209,9 +209,9 @@ def test_every_entry_point_configures(tmp_path, monkeypatch):
 def test_deletes_in_the_package_go_through_remove_inside():
     import re
 
-    # modules another engineer is rewriting this round; each moves to remove_inside with that rewrite
-    pending = {"curate/score.py", "curate/rundir.py", "curate/export.py", "curate/curation.py"}
-    raw = re.compile(r"rmtree\(|\.unlink\(|shutil\.move\(|os\.remove\(|os\.rmdir\(")
+    # modules of other engineers (lm: score, rundir; pairs: pairs/build) not yet moved to remove_inside
+    pending = {"curate/score.py", "curate/rundir.py", "curate/pairs/build.py"}
+    raw = re.compile(r"rmtree\(|\.unlink\(|shutil\.move\(|os\.remove\(")  # (os.rmdir: empty dirs only)
     offenders = sorted(str(p.relative_to(REPO)) for p in (REPO / "curate").rglob("*.py")
                        if raw.search(p.read_text()) and p.name != "fsutil.py")
     assert set(offenders) <= pending, f"delete through curate.fsutil.remove_inside in {set(offenders) - pending}"
