@@ -9,7 +9,7 @@ starts from the bundled SmolLM2-135M-Instruct):
    engine (:mod:`curate.scores.engine`), and an out-of-fold reward ensemble
    (Bradley-Terry heads on all-MiniLM-L6-v2 reply embeddings and on SmolLM2's
    mean last-layer reply states, 5-fold cross-fitting x 3 split seeds) whose
-   margin feeds the default noise estimator, ``auto`` (``flip_prob``).
+   margin feeds the default noise estimator, ``mixture`` (``flip_prob``).
 1. **The CHES paper's central claim.** DPO on the 64 lowest-LN-CHES pairs and,
    separately, on the 64 highest; per window, the change in chosen log-prob on
    its own training pairs (the paper: the high-CHES window lowers it more).
@@ -65,7 +65,7 @@ def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_len
     from curate.lm import encode_pairs
     from curate.scores.ches import ches, ln_ches
     from curate.scores.engine import score_encoded
-    from curate.scores.noise import auto_estimator
+    from curate.scores.noise import DEFAULT_ESTIMATOR, get_estimator
     from curate.scores.reward import FeatureSet, ensemble_quality, ensemble_stats, head_members, scaled_margins
 
     encoder = ChatEncoder(ref.tokenizer, max_length=max_length)
@@ -88,7 +88,7 @@ def score_pairs(ref, pairs: pl.DataFrame, minilm: dict[str, np.ndarray], max_len
     members = head_members(feature_sets, seeds=seeds, folds=RECIPE["ensemble"]["folds"])
     margins = scaled_margins(members)
     stats = ensemble_stats(margins)
-    noise = auto_estimator(stats["rm_margin_mean"])  # the documented default
+    noise = get_estimator(DEFAULT_ESTIMATOR)(stats["rm_margin_mean"])  # the documented default
     table = pl.DataFrame({
         "pair_id": kept_ids,
         "ln_ches": ln_ches(out["sum_chosen"], out["sum_rejected"], n_c, n_r).numpy(),

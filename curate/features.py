@@ -22,7 +22,6 @@ pipeline on a pair table and :func:`run_features` reads/writes a run directory.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -374,10 +373,6 @@ def _unique_rows(x: np.ndarray, keys: Sequence[str]) -> np.ndarray:
     return x[sorted(seen.values())]
 
 
-def _prompt_key(prompt: Any) -> str:
-    return json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
-
-
 def _check_input(differences: np.ndarray, n_unique_train: int, settings: FeatureSettings) -> None:
     if settings.k < 1 or settings.k > settings.n_features:
         raise CurateError(f"k={settings.k} must be between 1 and the number of features ({settings.n_features}): lower --k")
@@ -441,7 +436,11 @@ def compute_features(
         raise CurateError(f"embeddings must be two [{n}, d] arrays, got {e_chosen.shape} and {e_rejected.shape}")
     differences = e_chosen - e_rejected  # chosen - rejected
 
-    prompt_keys = [_prompt_key(p) for p in pairs["prompt"].to_list()]
+    # pairs sharing a prompt or a reply stay on one side of every split (curate.folds)
+    from curate.folds import pair_groups
+
+    fold_groups, grouping = pair_groups(pairs)
+    prompt_keys = [str(g) for g in fold_groups]
     is_val = split_by_group(prompt_keys, settings.val_fraction, settings.seed)
     reply_keys = ["\x00".join(sorted((c, r))) for c, r in zip(chosen, rejected)]
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -484,7 +483,7 @@ def compute_features(
         "n_pairs": n,
         "n_sae_train_pairs": int(train_idx.size),
         "n_sae_val_pairs": int(val_idx.size),
-        "auc_method": f"{settings.cv_folds}-fold cross-fitted logistic regressions, folds grouped by prompt; "
+        "auc_method": f"{settings.cv_folds}-fold cross-fitted logistic regressions, folds {grouping}; "
         "each pair is scored by a model that never saw its label",
         "n_sae_training_rows": int(2 * len(train_unique)),
         "sae": {

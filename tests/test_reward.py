@@ -303,3 +303,15 @@ def test_decoder_reward_models_with_a_chat_template_read_it(tiny_reward_model):
     expected = _direct_rewards(tiny_reward_model, [(t,) for t in texts], add_special_tokens=False)
     assert np.ptp(expected) > 0
     np.testing.assert_allclose(got, expected, atol=1e-3 * np.ptp(expected))
+
+
+def test_nested_l2_prefers_strong_shrinkage_on_noise_and_weak_on_signal():
+    rng = np.random.default_rng(3)
+    grid = (0.1, 1.0, 10.0, 1000.0)
+    noise_diff = rng.normal(size=(400, 20))  # labels carry nothing: shrink all the way
+    assert reward.nested_l2(noise_diff, grid, seed=0) == 1000.0
+    signal = rng.normal(size=(2000, 2))
+    w = np.array([3.0, -2.0])
+    keep = rng.random(2000) < 1 / (1 + np.exp(-signal @ w))
+    signal_diff = np.where(keep[:, None], signal, -signal)  # chosen-minus-rejected with BT labels
+    assert reward.nested_l2(signal_diff, grid, seed=0) <= 1.0
