@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from curate.data.response_sets import load_response_sets
 from curate.pairs.build import build_pairs
@@ -80,6 +79,11 @@ def test_min_ches_on_nectar_picks_the_lowest_ln_ches_valid_pair_with_k_forwards(
         handle.remove()
     assert rows == [] and again.equals(pairs)
     assert run.manifest()["pairs"]["pool"]["shards_resumed"] == 2
+    # a run killed before its second shard was written pools only that shard's 3 responses
+    (run / "shards" / "pool-00001.npz").unlink()
+    assert build_pairs(str(data), out=run.path, strategy="min-ches", lm=tiny_lm, shard_size=1,
+                       prefix_sharing=False).equals(pairs)
+    assert run.manifest()["pairs"]["pool"]["responses_pooled_this_session"] == 3
 
     # `curate score` accepts the run and computes the same LN-CHES for the chosen pairs
     before = run.scores().sort("pair_id")
