@@ -100,7 +100,7 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tiny_lm, tmp_path):
     cmd = [sys.executable, "-m", "curate.cli", "pairs", str(FIXTURES / "ultrafeedback_raw.jsonl"),
            "--strategy", "max-margin-low-ches", "--model", str(model_dir), "--device", "cpu", "--dtype", "fp32",
            "--out", str(tmp_path / "run"), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["n_pairs"] == 2 and summary["format"] == "ultrafeedback-raw" and summary["n_quarantined"] == 2
@@ -111,7 +111,7 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tiny_lm, tmp_path):
     assert set(run.scores().columns) >= {"pair_id", "ln_ches", "ches"}
 
     bad = subprocess.run(cmd[:5] + ["--strategy", "nope", "--out", str(tmp_path / "x")], capture_output=True,
-                         text=True, env=env, timeout=120)
+                         text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "--strategy must be one of" in bad.stderr
 
 
