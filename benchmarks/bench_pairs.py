@@ -1,6 +1,6 @@
 """Speed of `min-ches` pair building: pool-CHES against scoring every valid pair with the pair scorer.
 
-    python benchmarks/bench_pairs.py [--sets-k4 12] [--sets-k7 6] [--threads 2] [--dtype auto]
+    python benchmarks/bench_pairs.py [--sets-k4 12] [--sets-k7 6] [--chunk 2] [--threads 2] [--dtype auto]
 
 Response sets are built from real HH-RLHF harmless-base pairs: set s takes
 the prompt of pair s and k replies, the chosen and rejected replies of pairs
@@ -18,7 +18,9 @@ bundled SmolLM2-135M-Instruct, same dtype, same tokenisation:
     (``curate.scores.engine.score_encoded``, default settings: prefix sharing
     on CPU, no log-probs), then the argmin per set.
 
-pairs/s counts the chosen pairs (one per set). Also reported: the fraction of
+The variants take turns on chunks of ``--chunk`` sets, rotating which goes
+first, so load from other processes falls on all of them alike. pairs/s
+counts the chosen pairs (one per set). Also reported: the fraction of
 sets where (a) and (b) choose the same pair. The last line holds the ratios.
 """
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk", type=int, default=2, help="Sets per timed turn (variants alternate).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_causal_lm("smollm2-135m-instruct", device=args.device, dtype=args.dtype)
@@ -112,9 +115,25 @@ def main() -> None:
         offset += n_sets
         # warm-up (oneDNN kernels, allocator) on one set, untimed
         run_pool(lm, encoder, sets.filter(pl.col("prompt_id") == sets["prompt_id"][0]))
-        chosen, pool_s = run_pool(lm, encoder, sets)
-        chosen_full, full_s = run_pool(lm, encoder, sets, prefix_sharing=False)
-        baseline, base_s, n_pairs = run_baseline(lm, encoder, sets)
+        # the variants take turns on chunks of sets (rotating who goes first), so load from other
+        # processes on a shared machine falls on all three alike
+        ids = sets["prompt_id"].unique(maintain_order=True).to_list()
+        seconds = {"a": 0.0, "a_full": 0.0, "b": 0.0}
+        chosen_parts, full_parts, baseline, n_pairs = [], [], {}, 0
+        for c, lo in enumerate(range(0, len(ids), args.chunk)):
+            chunk = sets.filter(pl.col("prompt_id").is_in(ids[lo:lo + args.chunk]))
+            turns = ["a", "a_full", "b"]
+            for name in turns[c % 3:] + turns[:c % 3]:
+                if name == "b":
+                    picked, spent, n = run_baseline(lm, encoder, chunk)
+                    baseline.update(picked)
+                    n_pairs += n
+                else:
+                    table, spent = run_pool(lm, encoder, chunk, prefix_sharing=None if name == "a" else False)
+                    (chosen_parts if name == "a" else full_parts).append(table)
+                seconds[name] += spent
+        chosen, chosen_full = pl.concat(chosen_parts), pl.concat(full_parts)
+        pool_s, full_s, base_s = seconds["a"], seconds["a_full"], seconds["b"]
         same = np.mean([baseline[r["prompt_id"]] == (r["chosen"], r["rejected"]) for r in chosen.iter_rows(named=True)])
         print(f"{'(a) pool-CHES, one forward per response':40s} {k:2d} {n_sets:5d} {sets.height:7d} {pool_s:8.2f} "
               f"{n_sets / pool_s:8.3f}")

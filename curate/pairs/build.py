@@ -94,7 +94,7 @@ def _encode(encoder, sets: pl.DataFrame) -> tuple[list, list[dict[str, Any]], in
 
 
 def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: int, token_budget: int | None,
-               prefix_sharing: bool | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+               prefix_sharing: bool | None) -> tuple[np.ndarray, dict[str, Any]]:
     """Pooled sums ``[n, d]`` per row of ``sets`` (NaN rows for refused responses), by resumable shards."""
     prompt_ids = sets[GROUP_COLUMN].unique(maintain_order=True).to_list()
     shard_of = {pid: i // shard_size for i, pid in enumerate(prompt_ids)}
@@ -102,28 +102,51 @@ def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: i
     n_shards = -(-len(prompt_ids) // shard_size)
     sums: np.ndarray | None = None
     pooled_now = resumed = 0
-    for k in range(n_shards):
-        rows = np.flatnonzero(row_shard == k)
-        path = _shard_path(run, k)
-        if path.exists():
-            block = np.load(path)["sums"]
-            resumed += 1
-        else:
-            todo = [i for i in rows if encoded[i] is not None]
-            block = np.full((len(rows), lm.model.config.hidden_size), np.nan, dtype=np.float32)
-            if todo:
-                pooled = pool_response_sets(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
-                                      prefix_sharing=prefix_sharing).numpy()
-                position = {row: n for n, row in enumerate(rows)}
-                block[[position[i] for i in todo]] = pooled
-                pooled_now += len(todo)
-            buffer = io.BytesIO()
-            np.savez(buffer, sums=block)
-            atomic_write_bytes(path, buffer.getvalue())
-        if sums is None:
-            sums = np.full((sets.height, block.shape[1]), np.nan, dtype=np.float32)
-        sums[rows] = block
+    progress, task = _progress(len(encoded))
+    with progress:
+        for k in range(n_shards):
+            sums, pooled, was_resumed = _pool_shard(run, lm, encoded, sets, np.flatnonzero(row_shard == k), k, sums,
+                                                    token_budget, prefix_sharing)
+            pooled_now += pooled
+            resumed += was_resumed
+            progress.update(task, advance=int((row_shard == k).sum()))
     return sums, {"n_shards": n_shards, "shards_resumed": resumed, "responses_pooled_this_session": pooled_now}
+
+
+def _progress(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]pooling responses"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=Console(stderr=True),
+                        disable=os.environ.get("CURATE_QUIET") == "1")
+    return progress, progress.add_task("pool", total=total)
+
+
+def _pool_shard(run: RunDir, lm, encoded: list, sets: pl.DataFrame, rows: np.ndarray, k: int,
+                sums: np.ndarray | None, token_budget: int | None, prefix_sharing: bool | None):
+    """Pool (or read back) shard ``k`` into ``sums``; returns (sums, responses pooled now, 1 if resumed)."""
+    path = _shard_path(run, k)
+    pooled_now = resumed = 0
+    if path.exists():
+        block = np.load(path)["sums"]
+        resumed = 1
+    else:
+        todo = [i for i in rows if encoded[i] is not None]
+        block = np.full((len(rows), lm.model.config.hidden_size), np.nan, dtype=np.float32)
+        if todo:
+            pooled = pool_response_sets(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
+                                        prefix_sharing=prefix_sharing).numpy()
+            position = {row: n for n, row in enumerate(rows)}
+            block[[position[i] for i in todo]] = pooled
+            pooled_now = len(todo)
+        buffer = io.BytesIO()
+        np.savez(buffer, sums=block)
+        atomic_write_bytes(path, buffer.getvalue())
+    if sums is None:
+        sums = np.full((sets.height, block.shape[1]), np.nan, dtype=np.float32)
+    sums[rows] = block
+    return sums, pooled_now, resumed
 
 
 def ches_matrices(sets: pl.DataFrame, sums: np.ndarray, n_tokens: np.ndarray) -> tuple[dict, dict]:

@@ -53,8 +53,9 @@ def _sums(model, prompts, replies, owner, shared: bool) -> torch.Tensor:
     return span_sum(out.states, torch.zeros_like(out.lengths), out.lengths).cpu()
 
 
-def pool_response_sets(model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *, token_budget: int | None = None,
-                 prefix_sharing: bool | None = None, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+def pool_response_sets(model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                       token_budget: int | None = None, prefix_sharing: bool | None = None,
+                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """fp32 ``[N, d]`` sums of the last-layer states predicting each reply, in input order.
 
     ``encoded``: ``(prompt ids, reply ids)`` per response, each reply ending
