@@ -102,7 +102,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from curate.data.chat import ChatEncoder
-    from curate.eval import encode_for_engine, reply_logps, spearman
+    from curate.eval import reply_logps, spearman
+    from curate.lm import encode_pairs
     from curate.models import load_causal_lm
     from curate.train import train
 
@@ -136,7 +137,8 @@ def main() -> None:
         for k, ids in enumerate(wins):
             frame = pairs[[by_id[i] for i in ids]]
             window_scores = scores.filter(pl.col("pair_id").is_in(ids))
-            encoded, kept, _ = encode_for_engine(frame, encoder)
+            encoding = encode_pairs(frame, encoder)
+            encoded, kept = encoding.pairs, encoding.kept
             ref_c, ref_r = reply_logps(ref.model, encoded)
             n_c = np.array([len(e.chosen) for e in encoded], dtype=np.float64)
             entry = {"ranking": column, "percentile": PERCENTILES[k], "pairs": len(kept),

@@ -137,7 +137,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from curate.data.chat import ChatEncoder
-    from curate.eval import encode_for_engine, reply_logps
+    from curate.eval import reply_logps
+    from curate.lm import encode_pairs
     from curate.models import load_causal_lm
     from curate.train import train
 
@@ -150,7 +151,7 @@ def main() -> None:
     encoder = ChatEncoder(ref.tokenizer, max_length=args.max_length)
     sets = {}
     for name, frame in (("train", train_pairs), ("heldout", held_pairs)):
-        encoded, _, _ = encode_for_engine(frame, encoder)
+        encoded = encode_pairs(frame, encoder).pairs
         sets[name] = (encoded, *reply_logps(ref.model, encoded))
     chunks = reference_states(ref.model, train_pairs, ref.tokenizer, args.max_length)
 
@@ -160,21 +161,39 @@ def main() -> None:
             "sparsepo_torch_init": {"loss": "sparsepo", "mask_init": "torch"},
             "sparsepo_unit_init": {"loss": "sparsepo", "mask_init": "unit"}}
     runs: list[dict[str, Any]] = []
-    rhos = None
+    rhos, inits = None, []
+
+    def write() -> dict[str, Any]:  # after every run, so a stopped run keeps what it finished
+        result = {
+            "command": "python benchmarks/exp_sparsepo_masks.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items() if k != "data"),
+            "model": ref.info, "data": str(args.data.name), "torch_threads": args.threads,
+            "pairs": {"train": train_pairs.height, "heldout": held_pairs.height,
+                      "rule": f"the first pairs in file order whose prompt + longer reply fit in {args.max_length} tokens",
+                      "reply_tokens_train": int(sum(int(b.valid.sum()) for b, _, _ in chunks))},
+            "train_settings": settings, "init": inits, "runs": runs,
+            "summary": summarise(inits, runs),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     for seed in args.seeds:
         for arm, overrides in arms.items():
             work = Path(tempfile.mkdtemp(prefix="exp_masks."))
             policy = load_causal_lm(MODEL, device="cpu", dtype="fp32")
             t0 = time.perf_counter()
-            result = train(train_pairs, out=work, model=policy, progress=False, seed=seed, **settings, **overrides)
+            trained = train(train_pairs, out=work, model=policy, progress=False, seed=seed, **settings, **overrides)
             seconds = time.perf_counter() - t0
             steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
             shutil.rmtree(work, ignore_errors=True)
             policy.model.eval()
             if arm == "dpo" and rhos is None:
                 rhos = token_logratios(policy.model, chunks)
-            run = {"arm": arm, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
-                   "final_train_loss": result.final_loss,
+                inits = init_stats(config, chunks, rhos, inits=("torch", "reference", "unit"), seeds=args.seeds)
+            run = {"arm": arm, "seed": seed, "steps": trained.steps, "train_seconds": round(seconds, 1),
+                   "final_train_loss": trained.final_loss,
                    "per_step": [{k: s.get(k) for k in ("step", "loss", "reward_accuracy", "mask_mean", "mask_sparsity")}
                                 for s in steps]}
             for name, (encoded, ref_c, ref_r) in sets.items():
@@ -182,22 +201,8 @@ def main() -> None:
             runs.append(run)
             print(json.dumps({k: run[k] for k in ("arm", "seed", "train_seconds", "train", "heldout")}), flush=True)
             del policy
+            result = write()
 
-    inits = init_stats(config, chunks, rhos, inits=("torch", "reference", "unit"), seeds=args.seeds)
-    result = {
-        "command": "python benchmarks/exp_sparsepo_masks.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "data"),
-        "model": ref.info, "data": str(args.data.name), "torch_threads": args.threads,
-        "pairs": {"train": train_pairs.height, "heldout": held_pairs.height,
-                  "rule": f"the first pairs in file order whose prompt + longer reply fit in {args.max_length} tokens",
-                  "reply_tokens_train": int(sum(int(b.valid.sum()) for b, _, _ in chunks))},
-        "train_settings": settings, "init": inits, "runs": runs,
-        "summary": summarise(inits, runs),
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 
 
