@@ -74,6 +74,9 @@ def ray_session(address: str | None) -> Iterator[Any]:
                 ray.init(include_dashboard=False)
         except ConnectionError as exc:
             raise CurateError(f"cannot reach the Ray cluster at {address!r} ({exc}); check --ray-address") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. a local raylet that did not start in time on a busy machine
+            raise CurateError(f"Ray did not start ({type(exc).__name__}: {exc}); retry, or start it with "
+                              "`ray start --head` and pass --ray-address auto") from None
         started = True
     try:
         yield ray
