@@ -99,6 +99,15 @@ def emit_json(obj) -> None:
 
 
 # ---------------------------------------------------------------- data
+# The dataset options `data inspect` and `score` share (the format names come from curate.data.formats).
+FORMAT_HELP = ("Row format: auto (detected from the first record), hh, hh-prompt, prompt-chosen-rejected, messages, "
+               "implicit-prompt, openai-dpo, sharegpt, orca-dpo, shp, pku-saferlhf, helpsteer2, stack-exchange, "
+               "ultrafeedback-raw, nectar, kto (unpaired data, refused), columns (--columns a=,b=,label=).")
+COLUMNS_HELP = ("Column mapping KEY=COL,...: prompt, chosen, rejected, system, a, b, label, label_means "
+                "(a-preferred|b-preferred|index|sign), keep (an extra column to keep; repeatable); COL may be a dotted "
+                "path like input.messages.")
+LABEL_COLUMN_HELP = "Label that chooses the side: pku-saferlhf better_response_id (default) or safer_response_id."
+STRATEGY_HELP = "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."
 @data_app.command("inspect")
 @handle_errors
 def data_inspect(
@@ -106,13 +115,16 @@ def data_inspect(
     subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
     split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    fmt: str = typer.Option("auto", "--format", help="auto|hh|prompt-chosen-rejected|messages|columns"),
-    columns: Optional[str] = typer.Option(None, help="Column mapping, e.g. prompt=question,chosen=good,rejected=bad"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
     keep_empty: bool = typer.Option(False, help="Keep pairs whose reply is empty instead of quarantining them."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many rows."),
     streaming: bool = typer.Option(False, help="Stream hub data instead of downloading it whole (use with --limit)."),
     model: Optional[str] = typer.Option(None, help="Also report token lengths under this model's tokenizer."),
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    max_length: Optional[int] = typer.Option(None, help="With --model: count pairs whose reply alone exceeds this."),
     out: Optional[Path] = typer.Option(None, help="Write pairs.parquet and quarantine.parquet here."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -121,8 +133,9 @@ def data_inspect(
     from curate.data.inspect import inspect_dataset, render_inspection
 
     summary = inspect_dataset(
-        dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns,
-        keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt, out=out,
+        dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns, label_column=label_column,
+        strategy=strategy, keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt,
+        max_length=max_length, out=out,
     )
     if as_json:
         emit_json(summary)
@@ -171,7 +184,10 @@ def score_cmd(
     shard_size: int = typer.Option(512, help="Pairs per resumable shard."),
     subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
     split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
-    fmt: str = typer.Option("auto", "--format", help="auto|hh|prompt-chosen-rejected|messages|columns"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -196,7 +212,7 @@ def score_cmd(
         dataset, out=out, model=model, scores=scores, limit=limit, batch_size=batch_size, token_budget=token_budget,
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
-        revision=revision, reward_options=reward_options,
+        columns=columns, label_column=label_column, strategy=strategy, revision=revision, reward_options=reward_options,
         engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
     )
     summary = score_summary(out or dataset)
@@ -204,6 +220,58 @@ def score_cmd(
         emit_json(summary)
     elif not _state["quiet"]:
         render_score_summary(summary, Console())
+
+
+# issue 17: `curate pairs` (pairs from response sets, optionally by pool-CHES)
+@app.command("pairs")
+@handle_errors
+def pairs_cmd(
+    data: str = typer.Argument(..., help="Response sets: UltraFeedback raw, Nectar, or a long prompt/response/score table."),
+    out: Path = typer.Option(..., help="Run directory to write pairs, quarantine, scores and the manifest to."),
+    strategy: str = typer.Option("best-random-lower",
+                                 help="best-random-lower | best-worst | all | min-ches | max-margin-low-ches"),
+    model: Optional[str] = typer.Option(None, help="Causal LM for LN-CHES (default for CHES strategies: smollm2-135m-instruct)."),
+    min_margin: float = typer.Option(0.0, help="Pair only replies whose ratings differ by at least this (ties never)."),
+    max_pairs_per_prompt: Optional[int] = typer.Option(None, help="Pairs per prompt (default 1; 'all': every valid pair)."),
+    seed: int = typer.Option(0, help="Seed of the random choices (best-random-lower)."),
+    fmt: str = typer.Option("auto", "--format", help="auto | ultrafeedback-raw | nectar | long"),
+    columns: Optional[str] = typer.Option(None, help="Long table columns: prompt=COL,response=COL,score=COL."),
+    rating: str = typer.Option("mean", help="UltraFeedback rating: mean, overall_score, fine-grained_score or an aspect."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many records."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    token_budget: Optional[int] = typer.Option(None, help="Padded tokens per forward batch."),
+    shard_size: int = typer.Option(256, help="Prompts per resumable shard."),
+    prefix_sharing: Optional[bool] = typer.Option(
+        None, "--prefix-sharing/--no-prefix-sharing",
+        help="Run each prompt once for all its replies (default: on CPU yes, on GPU no)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build preference pairs from response sets (k rated replies per prompt) into a run directory."""
+    from curate.pairs.strategies import STRATEGIES
+
+    validate.choice("--strategy", strategy, STRATEGIES)
+    validate.number("--min-margin", min_margin, low=0, example="1")
+    validate.integer("--max-pairs-per-prompt", max_pairs_per_prompt, example="2")
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--token-budget", token_budget, example="4096")
+    validate.integer("--shard-size", shard_size, example="256")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    from curate.pairs.build import build_pairs, pairs_summary, render_pairs_summary
+
+    build_pairs(data, out=out, strategy=strategy, model=model, min_margin=min_margin,
+                max_pairs_per_prompt=max_pairs_per_prompt, seed=seed, fmt=fmt, columns=columns, rating=rating,
+                limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
+                token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
+    summary = pairs_summary(out)
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render_pairs_summary(summary, Console())
 
 
 # issue 4: `curate bench noise` (planted-flip validation of the noise estimators)

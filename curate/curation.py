@@ -879,9 +879,10 @@ def filter_run(
     scores = run_dir.scores()
     manifest = run_dir.manifest()
     with staged_dir(out) as stage:
-        files = [PAIRS, CURATION]
-        write_parquet(result.pairs, stage / PAIRS)
+        files = [CURATION, PAIRS]
+        # the audit first: a staging directory with any pairs in it is already marked as a curated one
         write_parquet(result.audit, stage / CURATION)
+        write_parquet(result.pairs, stage / PAIRS)
         if holdout:
             write_parquet(result.holdout, stage / HOLDOUT)
             files.append(HOLDOUT)

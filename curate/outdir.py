@@ -4,17 +4,20 @@ A step that writes a whole directory (``curate filter --out``, ``curate
 export --out``) builds it in a hidden staging directory beside the target
 (``.NAME.partial-PID-XXXX``) and renames it into place when every file is
 written. A killed or failed step leaves the target as it was (absent, or the
-previous complete output); the next run removes stale staging directories of
-dead processes. ``--force`` replaces an earlier output of the same step, and
+previous complete output; an existing target is swapped with the new one in
+one atomic step where Linux allows it); the next run removes stale staging
+directories of dead processes. ``--force`` replaces an earlier output of the same step, and
 refuses a directory holding anything that step does not write, so it never
 deletes a user's files.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fnmatch
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,19 +88,49 @@ def staged_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         _publish(stage, target)
     except BaseException as exc:
         remove_inside(stage, target.parent)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _disk_full(exc):
             raise CurateError(
                 f"the disk holding {target.parent} is full; nothing was written to {target}: free space and rerun"
             ) from None
         raise
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """True for an out-of-space error, raised by Python (OSError) or by polars' writers (os error 28)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, Exception) and "No space left on device" in str(exc)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _publish(stage: Path, target: Path) -> None:
     if not target.exists():
         os.rename(stage, target)
         return
+    if _exchange(stage, target):  # target is now the new output; stage holds the old one
+        remove_inside(stage, target.parent)
+        return
+    # no atomic swap: two renames; a kill between them leaves no target (the next run writes it anew)
     retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=_RETIRED.format(name=target.name) + f"{os.getpid()}-"))
-    remove_inside(retired, target.parent)  # only the unique name is wanted
+    os.rmdir(retired)  # only the unique name is wanted
     os.rename(target, retired)
     os.rename(stage, target)
     remove_inside(retired, target.parent)

@@ -10,7 +10,14 @@ Layout (each file optional, written by the step that owns it)::
     RUN/...                step outputs (features, curated sets, checkpoints)
 
 All writes are atomic (temp file + rename) so a killed run never leaves a
-half-written file that a later run would read as done.
+half-written file that a later run would read as done. Every file name is a
+constant below, defined once; each manifest section a producer writes and a
+consumer reads is a dataclass (:class:`LoadSection`, :class:`ScoreSection`),
+written and read through :meth:`RunDir.write_section` / :meth:`RunDir.section`.
+
+A run holds one dataset: :meth:`RunDir.adopt_pairs` records its fingerprint
+(a digest of every pair's id and texts) and refuses pairs of another dataset
+unless ``force``, which first removes every output made from the old pairs.
 """
 
 from __future__ import annotations
@@ -18,11 +25,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping, TypeVar
 
 import polars as pl
+
+from curate.errors import CurateError
 
 PAIRS = "pairs.parquet"
 QUARANTINE = "quarantine.parquet"
@@ -38,6 +49,8 @@ HOLDOUT = "holdout.parquet"
 EVAL_SUMMARY = "eval.json"
 EVAL_TABLE = "eval.parquet"
 METRICS = "metrics.jsonl"
+# what `adopt_pairs(force=True)` removes: everything computed from the pairs of a run
+DERIVED = (SCORES, POOLED, SHARDS, FEATURES_TABLE, FEATURES_SUMMARY, SAE_DIR)
 
 
 def _umask_mode() -> int:
@@ -79,6 +92,85 @@ def write_parquet(df: pl.DataFrame, path: Path) -> None:
 def write_json(obj: Any, path: Path) -> None:
     text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
     atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
+
+
+# ------------------------------------------------------------------ manifest sections
+S = TypeVar("S", bound="Section")
+
+
+@dataclass
+class Section:
+    """One manifest section. Keys a reader does not know are kept in ``extra`` and written back."""
+
+    name: ClassVar[str]
+    extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = json.loads(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
+                                     for k, v in out.items()}, default=str))
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+@dataclass
+class LoadSection(Section):
+    """Where the run's pairs came from, and the dataset's fingerprint (:func:`dataset_fingerprint`)."""
+
+    name: ClassVar[str] = "load"
+    dataset: str = ""
+    fingerprint: str | None = None
+    pairs: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class Truncation:
+    rule: str = "keep replies whole; cut the prompt from the left so prompt + longer reply fit"
+    max_length: int | None = None
+    pairs_with_prompt_cut: int = 0
+    pairs_quarantined_reply_over_context: int = 0
+    pairs_quarantined_cannot_encode: int = 0
+
+
+@dataclass
+class ScoreSection(Section):
+    """What `curate score` did: model, tokenisation (``truncation.max_length``), batching, counts, timings."""
+
+    name: ClassVar[str] = "score"
+    data: dict[str, Any] = field(default_factory=dict)
+    n_pairs: int = 0
+    scores: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    device: str | None = None
+    dtype: str | None = None
+    pooled_layer: int | None = None
+    batch: dict[str, Any] = field(default_factory=dict)
+    truncation: Truncation | None = None
+    system_prompt: str = "default"
+    n_scored: int | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    seconds_total: float | None = None
+    engine: str = "local"  # local | ray
+    workers: dict[str, Any] = field(default_factory=dict)  # num_workers, per-worker throughput (ray)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.truncation, Mapping):
+            self.truncation = Truncation(**self.truncation)
+
+
+def dataset_fingerprint(pairs: pl.DataFrame) -> str:
+    """A digest of every pair's id, prompt and replies, in order."""
+    digest = hashlib.sha256()
+    for pair_id, prompt, chosen, rejected in pairs.select("pair_id", "prompt", "chosen", "rejected").iter_rows():
+        digest.update(json.dumps([pair_id, prompt, chosen, rejected], ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
 
 
 class RunDir:
@@ -149,6 +241,41 @@ class RunDir:
         manifest[section] = info
         write_json(manifest, self.path / MANIFEST)
         return manifest
+
+    def section(self, cls: type[S]) -> S | None:
+        data = self.manifest().get(cls.name)
+        return cls.from_dict(data) if data is not None else None
+
+    def write_section(self, section: Section) -> None:
+        self.update_manifest(section.name, section.to_dict())
+
+    # -- one dataset per run -------------------------------------------
+    def adopt_pairs(self, pairs: pl.DataFrame, quarantine: pl.DataFrame, *, source: str,
+                    force: bool = False) -> None:
+        """Write pairs loaded from ``source``; refuse a run that holds another dataset unless ``force``."""
+        fingerprint = dataset_fingerprint(pairs)
+        load = self.section(LoadSection)
+        held = load.fingerprint if load is not None else (
+            dataset_fingerprint(self.pairs()) if self.exists(PAIRS) else None)
+        if held is not None and held != fingerprint:
+            if not force:
+                raise CurateError(
+                    f"{self.path} already holds another dataset (fingerprint {held}; these pairs are {fingerprint}): "
+                    "pass --force to replace it and its scores, or pick a new --out")
+            self.remove_derived()
+        self.write_pairs(pairs, quarantine)
+        self.write_section(LoadSection(dataset=source, fingerprint=fingerprint, pairs=pairs.height,
+                                       quarantined=quarantine.height))
+
+    def remove_derived(self) -> None:
+        """Delete every output computed from the run's pairs, and the manifest that describes them."""
+        for name in DERIVED:
+            path = self.path / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
 
 
 @dataclass

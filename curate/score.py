@@ -45,7 +45,7 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
-from curate.rundir import POOLED, SHARDS, RunDir, is_run_dir, resolve_pairs, write_json, write_parquet
+from curate.rundir import POOLED, SHARDS, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
 from curate.scores.engine import resolve_prefix_sharing, score_batches
@@ -217,6 +217,8 @@ def score(
     split: str | None = None,
     fmt: str = "auto",
     columns=None,
+    label_column: str | None = None,
+    strategy: str = "best-random-lower",
     keep_empty: bool = False,
     lm=None,
     reward_options: dict[str, Any] | None = None,
@@ -224,6 +226,7 @@ def score(
     ray_address: str | None = None,
     num_workers: int = 1,
     gpus_per_worker: float = 0,
+    force: bool = False,
 ) -> pl.DataFrame:
     """Score pairs with a causal LM into ``out`` (a run directory); returns the run's score table.
 
@@ -241,6 +244,8 @@ def score(
     ``gpus_per_worker`` GPUs each (0: one CPU core each), on the cluster at
     ``ray_address`` (default: ``RAY_ADDRESS``, else a local Ray runtime). Every
     other option means the same under both engines.
+    A run directory holds one dataset: scoring other pairs into it is refused
+    unless ``force`` (which removes the old pairs' scores and features first).
     """
     if engine not in ENGINES:
         raise CurateError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -258,14 +263,18 @@ def score(
     run = RunDir(out)
     started = time.time()
     load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
-        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty, label_column=label_column,
+        strategy=strategy)
     resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
     pairs, quarantine = resolved.pairs, resolved.quarantine
     data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
                  **{k: v for k, v in resolved.info.items() if k not in ("source", "kind", "quarantined")}}
     if pairs.height == 0:
         raise CurateError(f"{dataset_or_run} has no valid pairs to score (see its quarantine table)")
-    run.write_pairs(pairs, quarantine)
+    if resolved.run is not None and resolved.run.path.resolve() == run.path.resolve():
+        run.write_pairs(pairs, quarantine)  # scoring a run in place (``limit`` may shorten it)
+    else:
+        run.adopt_pairs(pairs, quarantine, source=str(resolved.info["source"]), force=force)
     manifest: dict[str, Any] = {"data": data_info, "n_pairs": pairs.height, "scores": list(wanted),
                                 "versions": _versions()}
     result = run.scores()
@@ -281,7 +290,7 @@ def score(
         ))
         result = run.scores()
     manifest["seconds_total"] = round(time.time() - started, 3)
-    run.update_manifest("score", manifest)
+    run.write_section(ScoreSection(**manifest))
 
     delegated = [s for s in wanted if s in DELEGATED_SCORES]
     if delegated:
@@ -404,8 +413,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},
-        "truncation": {"rule": "keep replies whole; cut the prompt from the left so prompt + longer reply fit",
-                       "max_length": effective_max,
+        "truncation": {"max_length": effective_max,
                        "pairs_with_prompt_cut": int((table["n_prompt_tokens_cut"] > 0).sum()),
                        "pairs_quarantined_reply_over_context": int(skipped["skip_reason"].str.starts_with("reply_over_context").sum()),
                        "pairs_quarantined_cannot_encode": int(skipped["skip_reason"].str.starts_with("cannot_encode").sum())},
@@ -452,15 +460,19 @@ SUMMARY_COLUMNS = ("ln_ches", "ches", "logp_mean_chosen", "logp_mean_rejected")
 def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the last `curate score` did to ``run_path``: counts, settings, timings, quantiles."""
     run = RunDir(run_path)
-    manifest = run.manifest().get("score", {})
+    section = run.section(ScoreSection) or ScoreSection()
     scores = run.scores()
-    summary = {key: manifest.get(key) for key in ("scores", "n_pairs", "n_scored", "device", "dtype", "timings")}
-    summary.update({"run": str(run.path), "model": (manifest.get("model") or {}).get("name"),
-                    "quarantined": run.quarantine().height, "truncation": manifest.get("truncation")})
+    summary = {key: getattr(section, key) for key in ("scores", "n_pairs", "n_scored", "device", "dtype", "timings")}
+    summary.update({"run": str(run.path), "model": (section.model or {}).get("name"),
+                    "quarantined": run.quarantine().height,
+                    "truncation": section.to_dict()["truncation"]})
     summary["quantiles"] = {
         name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
         for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
     }
+    noise_info = run.manifest().get("noise") or {}
+    if noise_info.get("summary"):  # the flip rate, its interval, and whether the data identify it
+        summary["noise"] = noise_info["summary"]
     return summary
 
 
@@ -478,3 +490,11 @@ def render_score_summary(summary: dict[str, Any], console) -> None:
         for name, q in summary["quantiles"].items():
             table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
         console.print(table)
+    if summary.get("noise"):
+        console.print(f"noise: {summary['noise']}")
+
+
+# `from curate import score` gives this module; calling it calls score().
+from curate import callable_module  # noqa: E402
+
+callable_module(__name__, "score")

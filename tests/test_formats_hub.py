@@ -70,3 +70,52 @@ def test_response_set_aliases_are_detected(fake_hub, alias, hub_id, fixture, fmt
     else:
         assert result.info["format"] == fmt and result.info["strategy"] == "best-random-lower"
     assert calls[-1][0] == (hub_id,)
+
+
+def test_response_sets_go_through_curate_pairs_with_the_strategy(monkeypatch):
+    """The call into curate.pairs, against a stand-in of its interface (prompt_id/prompt/response/score...)."""
+    import sys
+    import types
+
+    import polars as pl
+
+    calls = {}
+
+    def parse_records(records, layout):
+        calls["layout"], calls["n"] = layout, len(records)
+        rows = [{"prompt_id": "p0", "prompt": [{"role": "user", "content": "Name a prime number."}],
+                 "response": r, "score": s, "response_index": i, "source": "f:0", "meta": "{}"}
+                for i, (r, s) in enumerate([("7", 9.0), ("8", 3.0)])]
+        return pl.DataFrame(rows), []
+
+    def select_pairs(sets, strategy, *, min_margin=0.0, max_pairs_per_prompt=None, seed=0):
+        calls["strategy"], calls["seed"] = strategy, seed
+        return pl.DataFrame({"pair_id": ["x"], "prompt_id": ["p0"], "rating_margin": [6.0]})
+
+    sets_module = types.ModuleType("curate.data.response_sets")
+    sets_module.parse_records = parse_records
+    strategies = types.ModuleType("curate.pairs.strategies")
+    strategies.select_pairs = select_pairs
+    import curate.data
+
+    monkeypatch.setitem(sys.modules, "curate.data.response_sets", sets_module)
+    monkeypatch.setattr(curate.data, "response_sets", sets_module, raising=False)
+    monkeypatch.setitem(sys.modules, "curate.pairs", types.ModuleType("curate.pairs"))
+    monkeypatch.setitem(sys.modules, "curate.pairs.strategies", strategies)
+    result = load_pairs(str(FIXTURES / "ultrafeedback_raw.jsonl"), strategy="best-worst", seed=3)
+    assert calls == {"layout": "ultrafeedback-raw", "n": 1, "strategy": "best-worst", "seed": 3}
+    assert (result.info["format"], result.info["strategy"], result.info["pairs"]) == ("ultrafeedback-raw",
+                                                                                     "best-worst", 1)
+    assert (result.info["response_sets"], result.info["responses"]) == (1, 2)
+
+
+def test_response_sets_become_pairs_by_strategy():
+    pytest.importorskip("curate.pairs.strategies")
+    best_worst = load_pairs(str(FIXTURES / "nectar.jsonl"), strategy="best-worst")
+    assert best_worst.pairs.select("chosen", "rejected", "rating_margin").rows() == [("7", "8", 2.0)]
+    assert best_worst.info["strategy"] == "best-worst" and best_worst.info["format"] == "nectar"
+    every = load_pairs(str(FIXTURES / "ultrafeedback_raw.jsonl"), strategy="all")
+    # 4 completions rated (mean of the aspects) 5, 2, 4.75, 2: the two 2s are never paired
+    assert every.pairs.height == 5
+    assert ("8", "9") not in every.pairs.select("chosen", "rejected").rows()
+    assert every.pairs["prompt_id"].n_unique() == 1

@@ -76,5 +76,10 @@ def test_generic_label_mapping_states_its_meaning(tmp_path):
     assert a_pref.pairs["chosen"].to_list() == ["left", "down"]
     with pytest.raises(CurateError, match="label_means"):
         load_pairs(str(path), columns=base)
-    with pytest.raises(CurateError, match="mapping yields no pairs.*missing_field"):
+    with pytest.raises(CurateError, match="--columns mapping yields no pairs.*missing_field"):
         load_pairs(str(path), columns="prompt=q,a=x,b=nope,label=pref,label_means=index")
+
+
+def test_a_forced_format_that_fits_no_row_says_why():
+    with pytest.raises(CurateError, match="--format shp yields no pairs: all 2 rows were quarantined, 2 as missing_field"):
+        load("pku_saferlhf.jsonl", fmt="shp")

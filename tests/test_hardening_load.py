@@ -106,3 +106,28 @@ def test_corrupt_parquet_is_refused(tmp_path):
     pl.DataFrame([GOOD]).write_parquet(path)
     path.write_bytes(path.read_bytes()[:40])
     refused(path, "not a readable parquet file")
+
+
+def test_inspect_says_when_every_reply_is_over_max_length(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "formats" / "hh_transcripts.jsonl"
+    out = CliRunner().invoke(app, ["data", "inspect", str(fixture), "--model", "smollm2-135m-instruct",
+                                   "--max-length", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["over_max_length"] == {"max_length": 4, "pairs": 2}
+    human = CliRunner().invoke(app, ["data", "inspect", str(fixture), "--model", "smollm2-135m-instruct",
+                                     "--max-length", "4"])
+    assert "would skip every pair; raise --max-length" in " ".join(human.output.split())
+    alone = CliRunner().invoke(app, ["data", "inspect", str(fixture), "--max-length", "4"])
+    assert alone.exit_code == 2 and "--max-length needs --model" in alone.output
+
+
+def test_score_refuses_when_every_pair_is_over_max_length(tmp_path, tiny_lm, single_torch_thread):
+    from pathlib import Path
+
+    from curate import score
+
+    fixture = Path(__file__).parent / "fixtures" / "formats" / "hh_transcripts.jsonl"
+    with pytest.raises(CurateError, match="none of the 2 pairs fits in 4 tokens.*raise --max-length"):
+        score(str(fixture), out=tmp_path / "run", lm=tiny_lm, max_length=4, scores="ches")

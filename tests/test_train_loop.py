@@ -135,13 +135,11 @@ def test_lora_and_gradient_checkpointing(tmp_path, lm):
 def test_nan_stops_with_last_good_checkpoint(tmp_path, lm, monkeypatch):
     from curate.train import loop
 
-    calls = {"n": 0}
     original = loop.pair_losses
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
+    def poisoned(*args, **kwargs):  # NaN from the first step after the step-2 checkpoint
         out = original(*args, **kwargs)
-        return out * float("nan") if calls["n"] > 2 else out
+        return out * float("nan") if (tmp_path / "checkpoints" / "step-000002").exists() else out
 
     monkeypatch.setattr(loop, "pair_losses", poisoned)
     with pytest.raises(CurateError, match="step 3.*step-000002"):
@@ -266,8 +264,9 @@ def test_reference_logps_reused_from_scores_when_they_match(tmp_path, lm, tiny_l
     chosen, rejected = ref[:, 0].copy(), ref[:, 1].copy()
     chosen[0], rejected[0] = ref[0, 1], ref[0, 0]
     run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen, "logp_rejected": rejected}))
-    run.update_manifest("score", {"model": {"name": first.info["model"]["name"]}, "system_prompt": "default",
-                                  "max_length": 1024})
+    from curate.rundir import ScoreSection, Truncation
+
+    run.write_section(ScoreSection(model={"name": first.info["model"]["name"]}, truncation=Truncation(max_length=1024)))
 
     def fresh():
         model = copy.copy(tiny_lm)

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import polars as pl
 
 from curate.data.columns import ColumnMap, apply_columns, parse_columns
-from curate.data.formats import (BY_NAME, FORMAT_NAMES, RESPONSE_SET_FORMATS, Options, RowError, detect_format,
+from curate.data.formats import (FORMAT_NAMES, RESPONSE_SET_FORMATS, Options, RowError, detect_format,
                                  parse_record)
 from curate.data.readers import LOCAL_SUFFIXES, local_records, table_records
 from curate.data.schema import (GROUP_COLUMN, make_pair_id, make_prompt_id, pairs_frame, quarantine_frame,
@@ -103,16 +103,27 @@ def _raw_text(record: Any, limit: int = 2000) -> str:
     try:
         text = json.dumps(record, ensure_ascii=False, default=str)
         text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
-        text = ascii(record)[:limit] if not isinstance(record, (dict, list)) else "(not representable as UTF-8 JSON)"
+    except (TypeError, ValueError, UnicodeEncodeError):
+        text = ascii(record)  # escapes what UTF-8 cannot hold (lone surrogates)
+    except RecursionError:
+        text = "(nested too deep to show)"
     return text[:limit]
+
+
+def _strategies() -> tuple[str, ...]:
+    try:
+        from curate.pairs.strategies import STRATEGIES as pair_strategies
+    except ImportError:
+        return STRATEGIES
+    return tuple(pair_strategies)
 
 
 def _check_options(fmt: str, mapping: ColumnMap, label_column: str | None, strategy: str) -> None:
     if fmt not in FORMAT_CHOICES:
         raise CurateError(f"unknown --format {fmt!r}; use one of {', '.join(FORMAT_CHOICES)}")
-    if strategy not in STRATEGIES:
-        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    strategies = _strategies()
+    if strategy not in strategies:
+        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(strategies)}")
     if mapping.labelled and fmt not in ("auto", "columns"):
         raise CurateError(f"--columns a=,b=,label= is its own format; drop --format {fmt} (or pass --format columns)")
     if fmt == "columns" and not mapping.labelled:
@@ -157,8 +168,13 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
     """Validate raw ``(location, record)`` items into pairs and quarantine."""
     mapping = parse_columns(columns)
     _check_options(fmt, mapping, label_column, strategy)
+    chosen_by_user = [what for what, given in (("the --columns mapping", mapping.describe()),
+                                               (f"--label-column {label_column}", label_column),
+                                               (f"--format {fmt}", fmt != "auto")) if given]
     if mapping.labelled:
         fmt = "columns"
+    if fmt != "auto":
+        _check_label_column(fmt, label_column, mapping)
     options = Options(label_column=label_column, label_means=mapping.label_means)
     pairs, extras, quarantined, seen = [], [], [], {}
     n_rows = 0
@@ -193,14 +209,12 @@ def normalise(records: Iterable[tuple[str, Any]], *, fmt: str = "auto", columns=
         except RowError as err:
             quarantined.append({"source": location, "reason": err.reason, "detail": err.detail,
                                 "raw": _raw_text(record)})
-    if fmt != "auto":
-        _check_label_column(fmt, label_column, mapping)
     info = {"dataset": source_name, "format": fmt, "rows": n_rows, "pairs": len(pairs),
             "quarantined": len(quarantined), "columns": mapping.describe(), "keep_empty": keep_empty,
             "label_column": _label_used(fmt, label_column, mapping)}
     result = LoadResult(_frame(pairs, extras), quarantine_frame(quarantined), info)
-    if not pairs and quarantined and (mapping.describe() or label_column):
-        raise CurateError(f"the mapping yields no pairs: {_why(result.quarantine)}")
+    if not pairs and quarantined and chosen_by_user:
+        raise CurateError(f"{' with '.join(chosen_by_user)} yields no pairs: {_why(result.quarantine)}")
     return result
 
 

@@ -77,10 +77,13 @@ class NoiseEstimate:
     interval: tuple[float, float] | None = None  # 90% interval for the rate, where the estimator gives one
     identifiable: bool | None = None  # whether the data pin the rate down (None: the estimator cannot tell)
     rate_used: float | None = None  # the rate flip_prob is computed at (default: rate)
+    flip_prob_mle: np.ndarray | None = None  # the posterior at the point estimate (default: flip_prob)
 
     def __post_init__(self) -> None:
         if self.rate_used is None:
             self.rate_used = self.rate
+        if self.flip_prob_mle is None:
+            self.flip_prob_mle = self.flip_prob
 
 
 ESTIMATORS: dict[str, Callable[..., NoiseEstimate]] = {}
@@ -206,18 +209,22 @@ def mixture_mle(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
     wide. ``flip_prob`` is the posterior P(flipped | m) =
     eps (1 - p) / (eps (1 - p) + (1 - eps) p), p = sigmoid(a m), under the fit
     at ``rate_used``: the MLE when identifiable, else the interval's lower end
-    (with the slope profiled there), the rate the data support. At the MLE the
-    mean flip_prob equals eps (the likelihood's stationarity condition).
+    (with the slope profiled there), the rate the data support: what
+    curation and ``--epsilon auto`` read. ``flip_prob_mle`` is the posterior
+    at the MLE, calibrated where the model holds; its mean equals eps (the
+    likelihood's stationarity condition).
     """
     fit = fit_noisy_logistic_profile(margin)
     identifiable = fit.width <= IDENTIFIABLE_WIDTH
     used = fit.eps if identifiable else fit.interval[0]
     slope = fit.slope if identifiable else profile_nll(np.asarray(margin, dtype=float), used)[1]
     p = expit(slope * np.asarray(margin, dtype=float))
+    p_mle = expit(fit.slope * np.asarray(margin, dtype=float))
     return NoiseEstimate(
         name="mixture",
         rate=fit.eps,
         flip_prob=flip_posterior(p, used),
+        flip_prob_mle=flip_posterior(p_mle, fit.eps),
         p_clean=p,
         assumption=(
             "symmetric noise independent of the pair, and a clean posterior that is logistic "

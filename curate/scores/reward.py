@@ -144,7 +144,26 @@ def fit_bt_head(diff: np.ndarray, *, l2: float = DEFAULT_L2) -> np.ndarray:
     return res.x
 
 
-def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAULT_L2) -> tuple[np.ndarray, np.ndarray]:
+def nested_l2(diff: np.ndarray, grid: Sequence[float], *, inner_folds: int = 3, seed: int = 0,
+              groups: np.ndarray | None = None) -> float:
+    """The L2 of ``grid`` with the best inner cross-validated log-likelihood on ``diff`` (training pairs only).
+
+    Called on the training folds of one outer split, so the pairs a head
+    scores never take part in choosing its L2 (nested cross-validation).
+    """
+    inner = fold_ids(len(diff), inner_folds, seed, groups)
+    scores = []
+    for l2 in grid:
+        loglik = 0.0
+        for k in range(inner_folds):
+            w = fit_bt_head(diff[inner != k], l2=l2)
+            loglik += float(log_expit(diff[inner == k] @ w).sum())
+        scores.append(loglik)
+    return float(grid[int(np.argmax(scores))])
+
+
+def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float | Sequence[float] = DEFAULT_L2,
+                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold rewards of every reply: each pair scored by the head that did not train on it.
 
     Features are standardised with the training folds' reply statistics and
@@ -152,6 +171,8 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAUL
     total variance and one fixed ``l2`` suits a 1-dim length feature and a
     576-dim hidden state alike, also side by side in one head
     (:func:`concat_feature_sets`). The reward of a reply is w . standardised(features).
+    A sequence ``l2`` is a grid: each outer training set picks its own value
+    by :func:`nested_l2` (inner folds keep ``groups`` whole).
     """
     reward_c = np.empty(len(fold))
     reward_r = np.empty(len(fold))
@@ -162,7 +183,10 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAUL
         mean = (c.sum(axis=0) + r.sum(axis=0)) / (2 * len(c))
         var = ((c * c).sum(axis=0) + (r * r).sum(axis=0)) / (2 * len(c)) - mean**2
         std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(features.column_block_width())
-        w = fit_bt_head(diff[train] / std, l2=l2) / std  # weights on the raw features
+        scaled = diff[train] / std
+        lam = l2 if np.isscalar(l2) else nested_l2(
+            scaled, l2, seed=int(k), groups=None if groups is None else np.asarray(groups)[train])
+        w = fit_bt_head(scaled, l2=lam) / std  # weights on the raw features
         reward_c[test] = (features.chosen[test] - mean) @ w
         reward_r[test] = (features.rejected[test] - mean) @ w
     return reward_c, reward_r
@@ -198,10 +222,11 @@ def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Mem
         for fs in feature_sets:
             if len(fs.chosen) != n:
                 raise CurateError(f"feature set {fs.name!r} has {len(fs.chosen)} rows, expected {n}")
-            rc, rr = cross_fit_head(fs, fold, l2=l2)
+            rc, rr = cross_fit_head(fs, fold, l2=l2, groups=groups)
             members.append(Member(
                 f"{fs.name}_s{seed}", "head", rc, rr, True,
-                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds, "l2": l2,
+                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
+                 "l2": l2 if np.isscalar(l2) else list(l2),
                  "grouped_folds": groups is not None},
             ))
     return members
@@ -473,7 +498,8 @@ def reward_and_noise(
     the chosen reply is better), ``p_label`` (its probability that the label
     says chosen: q = eps + (1 - 2 eps) p_chosen), ``rm_out_of_fold`` and
     ``flip_prob`` (computed at the rate the data support: the estimate's
-    ``rate_used``). ``info`` holds the ensemble's OOF AUC/accuracy and every
+    ``rate_used``; what curation and training read) and ``flip_prob_mle``
+    (the posterior at the point estimate, calibrated where the model holds). ``info`` holds the ensemble's OOF AUC/accuracy and every
     estimator's rate (what the manifest records). ``groups`` keeps pairs that
     share a prompt or a reply in one fold (:func:`curate.folds.pair_groups`).
     """
@@ -492,6 +518,7 @@ def reward_and_noise(
     columns["p_label"] = noise.noisy_posterior(chosen.p_clean, chosen.rate_used)
     columns["rm_out_of_fold"] = np.full(margins.shape[0], all(m.out_of_fold for m in members))
     columns["flip_prob"] = chosen.flip_prob
+    columns["flip_prob_mle"] = chosen.flip_prob_mle
     quality = ensemble_quality(members, margins, seeds)
     single = {}
     if len(feature_sets) > 1:  # which features carry the signal: one head per block, first seed
@@ -513,10 +540,11 @@ def reward_and_noise(
             "warnings": notes,
             "members": [{"name": m.name, "kind": m.kind, "out_of_fold": m.out_of_fold, **m.info} for m in members],
             "feature_sets": {fs.name: fs.dim for fs in feature_sets},
-            "folds": folds, "seeds": list(seeds), "l2": l2,
+            "folds": folds, "seeds": list(seeds), "l2": l2 if np.isscalar(l2) else list(l2),
             "fold_grouping": grouping or ("grouped" if groups is not None else "none (random per pair)"),
             "n_fold_groups": None if groups is None else int(len(np.unique(groups))),
-            "hyperparameters": "fixed (not tuned on the scored folds)",
+            "hyperparameters": ("fixed (not tuned on the scored folds)" if np.isscalar(l2) else
+                                "L2 chosen per outer training set by inner 3-fold CV (nested)"),
             "out_of_fold": bool(all(m.out_of_fold for m in members)),
             "oof_auc": quality.get("auc"), "oof_accuracy": quality.get("accuracy"),
             "auc_per_seed": quality.get("auc_per_seed"), "auc_all_members": quality["auc_all_members"],

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import polars as pl
 
 from curate.errors import CurateError
+
+if TYPE_CHECKING:
+    from curate.rundir import ScoreSection
 
 MAX_EPSILON = 0.5
 
@@ -99,7 +102,8 @@ def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
-def scored_reference_logps(pairs: pl.DataFrame, score_manifest: dict[str, Any], *, model_info: dict[str, Any],
+def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | Mapping[str, Any] | None", *,
+                           model_info: dict[str, Any],
                            system_prompt: str, max_length: int,
                            truncated_any: bool) -> tuple[np.ndarray | None, str]:
     """Reference log-probs ``[N, 2]`` (chosen, rejected) from a scoring run, or None and why not.
@@ -110,15 +114,18 @@ def scored_reference_logps(pairs: pl.DataFrame, score_manifest: dict[str, Any], 
     values (scores stay in the original orientation). The caller still checks
     them against a forward of the policy at step 0.
     """
+    from curate.rundir import ScoreSection
+
     if not {"logp_chosen", "logp_rejected"} <= set(pairs.columns):
         return None, "no logp_chosen/logp_rejected scores"
-    scored_model = score_manifest.get("model") or {}
+    section = score_manifest if isinstance(score_manifest, ScoreSection) else ScoreSection.from_dict(score_manifest or {})
+    scored_model = section.model or {}
     for key in ("name", "file_sha256"):
         if scored_model.get(key) != model_info.get(key):
             return None, f"scored with another model ({key} {scored_model.get(key)!r})"
-    if score_manifest.get("system_prompt", "default") != system_prompt:
+    if section.system_prompt != system_prompt:
         return None, "scored with another system prompt"
-    scored_max = score_manifest.get("max_length")
+    scored_max = section.truncation.max_length if section.truncation else None
     if scored_max != max_length and (truncated_any or scored_max is None or scored_max < max_length):
         return None, f"scored with max_length {scored_max}, training uses {max_length}"
     columns = [pl.col("logp_chosen").cast(pl.Float64), pl.col("logp_rejected").cast(pl.Float64)]

@@ -1,0 +1,41 @@
+"""Training reads the reference log-probs `curate score` wrote, through the typed score manifest."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from curate.models import tiny_causal_lm
+from curate.rundir import RunDir, ScoreSection
+from curate.score import score
+from curate.train import train
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def _copy(lm):
+    out = copy.copy(lm)
+    out.model = copy.deepcopy(lm.model)
+    return out
+
+
+def test_train_reuses_the_reference_logps_curate_score_wrote(tmp_path, hh_path):
+    lm = tiny_causal_lm(seed=0)
+    run = tmp_path / "run"
+    score(hh_path, out=run, lm=_copy(lm), scores="logps", limit=8)
+    assert RunDir(run).section(ScoreSection).truncation.max_length == 2048
+    result = train(run, out=tmp_path / "train", model=_copy(lm), max_steps=1, batch_size=4, bf16=False,
+                   save_every=0, progress=False)
+    assert result.info["reference"].startswith("reused from the scoring run"), result.info["reference"]
+    assert result.info["step0_max_abs_logratio"] <= 1e-3
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_under_bf16_policy_and_reference_start_equal(tmp_path, hh_path, loss):
+    lm = tiny_causal_lm(seed=0)
+    run = tmp_path / "run"
+    score(hh_path, out=run, lm=_copy(lm), scores="logps", limit=12)
+    result = train(run, out=tmp_path / "train", model=_copy(lm), loss=loss, max_steps=1, batch_size=4,
+                   grad_accum=2, bf16=True, save_every=0, progress=False)
+    assert result.info["step0_max_abs_logratio"] <= 1e-3, result.info["reference"]
