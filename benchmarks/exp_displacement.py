@@ -48,6 +48,7 @@ RANKINGS = {  # score column -> what it is
     "hidden_inner": "inner product of the last hidden states of y+ and y-",
 }
 PERCENTILES = (0, 25, 50, 75, 100)
+RUN_ORDER = (0, 4, 2, 1, 3)  # indices into PERCENTILES
 PAPER = {"optimizer": "rmsprop", "lr": 1e-7, "epochs": 1, "batch_size": 32, "beta": 0.1, "warmup_ratio": 0.0,
          "loss": "dpo"}
 FULL = {"pairs_per_file": None, "window": 512, "seeds": [0, 1, 2], "max_length": 512, "device": "cuda"}
@@ -75,8 +76,9 @@ def score_pairs(lm, pairs_per_file: int | None, max_length: int, work: Path, dev
         run = work / name.split(".")[0]
         table = score(str(DATA / name), scores="ches,logps", out=run, lm=lm, limit=pairs_per_file,
                       max_length=max_length, device=device)
-        tables.append(table.filter(pl.col("skip_reason").is_null())
-                      .select("pair_id", *RANKINGS, "n_tokens_chosen", "n_tokens_rejected"))
+        if "skip_reason" in table.columns:  # present only when some pair was skipped
+            table = table.filter(pl.col("skip_reason").is_null())
+        tables.append(table.select("pair_id", *RANKINGS, "n_tokens_chosen", "n_tokens_rejected"))
         pairs.append(pl.read_parquet(run / "pairs.parquet").select("pair_id", "prompt", "chosen", "rejected")
                      .with_columns(pl.lit(name.split("-")[0]).alias("file")))
     scores = pl.concat(tables).unique("pair_id", keep="first", maintain_order=True)
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=PAPER["batch_size"], help="the paper's 32 unless smoke-testing")
     ap.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS))
+    ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a new temp dir); an earlier "
+                    "run's dir reuses its finished score shards")
     ap.add_argument("--full", action="store_true", help="the paper's size: " + json.dumps(FULL))
     args = ap.parse_args()
     if args.full:
@@ -108,7 +112,7 @@ def main() -> None:
     from curate.train import train
 
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="exp_displacement."))
+    work = args.work or Path(tempfile.mkdtemp(prefix="exp_displacement."))
     ref = load_causal_lm(MODEL, device=args.device, dtype="fp32")
     ref.model.eval()
     scores, pairs = score_pairs(ref, args.pairs_per_file, args.max_length, work, args.device)
@@ -121,7 +125,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": "python benchmarks/exp_displacement.py " + ("--full " if args.full else "") + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("out", "full")) + f" --out {args.out}",
+            for k, v in vars(args).items() if k not in ("out", "full", "work")) + f" --out {args.out}",
         "model": ref.info, "device": args.device, "torch_threads": args.threads,
         "data": {"files": list(FILES), "pairs_per_file": args.pairs_per_file, "pairs_scored": scores.height,
                  "by_file": scores.join(pairs.select("pair_id", "file"), on="pair_id")["file"].value_counts()
@@ -134,7 +138,8 @@ def main() -> None:
     }
     cache: dict[tuple, dict] = {}  # identical windows (another ranking's) are trained once per seed
     for column, wins in plan.items():
-        for k, ids in enumerate(wins):
+        for k in RUN_ORDER:  # the extremes first, so a stopped run has the widest contrast
+            ids = wins[k]
             frame = pairs[[by_id[i] for i in ids]]
             window_scores = scores.filter(pl.col("pair_id").is_in(ids))
             encoding = encode_pairs(frame, encoder)

@@ -32,6 +32,9 @@ import torch
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-dev.jsonl.gz"
 MODEL = "smollm2-135m-instruct"
+ARMS = {"dpo": {"loss": "dpo"},
+        "sparsepo_torch_init": {"loss": "sparsepo", "mask_init": "torch"},
+        "sparsepo_unit_init": {"loss": "sparsepo", "mask_init": "unit"}}
 
 
 def short_pairs(path: Path, tokenizer, *, max_length: int, n: int):
@@ -133,6 +136,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,9 +161,7 @@ def main() -> None:
 
     settings = {"lr": args.lr, "beta": args.beta, "batch_size": args.batch_size, "epochs": args.epochs,
                 "max_length": args.max_length, "warmup_ratio": 0.0, "bf16": True, "save_every": 0}
-    arms = {"dpo": {"loss": "dpo"},
-            "sparsepo_torch_init": {"loss": "sparsepo", "mask_init": "torch"},
-            "sparsepo_unit_init": {"loss": "sparsepo", "mask_init": "unit"}}
+    arms = {name: ARMS[name] for name in args.arms}
     runs: list[dict[str, Any]] = []
     rhos, inits = None, []
 
@@ -189,7 +191,7 @@ def main() -> None:
             steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
             shutil.rmtree(work, ignore_errors=True)
             policy.model.eval()
-            if arm == "dpo" and rhos is None:
+            if arm == "dpo" and rhos is None:  # the init statistics need a DPO displacement
                 rhos = token_logratios(policy.model, chunks)
                 inits = init_stats(config, chunks, rhos, inits=("torch", "reference", "unit"), seeds=args.seeds)
             run = {"arm": arm, "seed": seed, "steps": trained.steps, "train_seconds": round(seconds, 1),
