@@ -38,6 +38,7 @@ import torch
 from curate.data.response_sets import read_response_sets
 from curate.data.schema import GROUP_COLUMN, quarantine_frame
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 from curate.pairs.pooling import pool_response_sets
 from curate.pairs.strategies import CHES_STRATEGIES, DEFAULT_STRATEGY, STRATEGIES, select_pairs
 from curate.rundir import SCORES, RunDir, atomic_write_bytes, write_json, write_parquet
@@ -59,7 +60,7 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> None:
     plan_path = run / SHARD_DIR / PLAN
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in (run / SHARD_DIR).glob("pool-*.npz"):
-            old.unlink()
+            remove_inside(old, run.path)
     write_json(plan, plan_path)
 
 
@@ -202,7 +203,7 @@ def build_pairs(data, *, out: str | os.PathLike[str], strategy: str = DEFAULT_ST
     if ln_by is not None:
         write_parquet(_pair_scores(pairs, sets, ches_by, n_tokens), run / SCORES)
     elif (run / SCORES).exists():
-        (run / SCORES).unlink()  # scores of an earlier pairing would not match these pairs
+        remove_inside(run / SCORES, run.path)  # scores of an earlier pairing would not match these pairs
     n_sets = sets[GROUP_COLUMN].n_unique()
     manifest.update({"n_response_sets": n_sets, "n_responses": sets.height, "n_pairs": pairs.height,
                      "sets_without_a_valid_pair": n_sets - pairs[GROUP_COLUMN].n_unique(),
