@@ -137,6 +137,7 @@ def score_cmd(
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace a run directory that holds another dataset (and its scores)."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
     # Before torch loads: oneDNN keeps a compiled kernel per matmul shape (1,024 by default), and
@@ -151,7 +152,7 @@ def score_cmd(
         dataset, out=out, model=model, scores=scores, limit=limit, batch_size=batch_size, token_budget=token_budget,
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
-        revision=revision, reward_options=reward_options,
+        revision=revision, reward_options=reward_options, force=force,
     )
     summary = score_summary(out or dataset)
     if as_json:
