@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from curate import validate
+from curate.config import cli_options
 from curate.errors import CurateError
+from curate.train.config import TrainConfig
 
 app = typer.Typer(
     name="curate",
@@ -35,6 +39,9 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
 ) -> None:
+    from curate.env import configure
+
+    configure()  # before any command imports torch (oneDNN cache, quiet libraries)
     _state["debug"] = debug
     _state["quiet"] = quiet
     if quiet:
@@ -42,26 +49,65 @@ def main(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn CurateError (and missing files) into one red sentence and exit code 2."""
+    """Turn CurateError (and missing files) into one red sentence and exit code 2.
+
+    With ``--json`` progress bars are off for the command (CURATE_QUIET), so
+    stdout holds only the JSON document; errors and logs go to stderr.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        json_mode = kwargs.get("as_json") is True
+        before = os.environ.get("CURATE_QUIET")
+        if json_mode:
+            os.environ["CURATE_QUIET"] = "1"
         try:
             return fn(*args, **kwargs)
         except (CurateError, FileNotFoundError, FileExistsError) as exc:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}")
+            from rich.markup import escape  # messages may hold brackets: pip install 'curate[ray]', ['a']
+
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
+        finally:
+            if json_mode and before is None:
+                os.environ.pop("CURATE_QUIET", None)
 
     return wrapper
 
 
+def json_safe(obj):
+    """``obj`` with NaN / infinities as null and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
 def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print exactly one strict JSON document on stdout."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- data
+# The dataset options `data inspect` and `score` share (the format names come from curate.data.formats).
+FORMAT_HELP = ("Row format: auto (detected from the first record), hh, hh-prompt, prompt-chosen-rejected, messages, "
+               "implicit-prompt, openai-dpo, sharegpt, orca-dpo, shp, pku-saferlhf, helpsteer2, stack-exchange, "
+               "ultrafeedback-raw, nectar, kto (unpaired data, refused), columns (--columns a=,b=,label=).")
+COLUMNS_HELP = ("Column mapping KEY=COL,...: prompt, chosen, rejected, system, a, b, label, label_means "
+                "(a-preferred|b-preferred|index|sign), keep (an extra column to keep; repeatable); COL may be a dotted "
+                "path like input.messages.")
+LABEL_COLUMN_HELP = "Label that chooses the side: pku-saferlhf better_response_id (default) or safer_response_id."
+STRATEGY_HELP = "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."
 @data_app.command("inspect")
 @handle_errors
 def data_inspect(
@@ -69,22 +115,27 @@ def data_inspect(
     subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
     split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    fmt: str = typer.Option("auto", "--format", help="auto|hh|prompt-chosen-rejected|messages|columns"),
-    columns: Optional[str] = typer.Option(None, help="Column mapping, e.g. prompt=question,chosen=good,rejected=bad"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
     keep_empty: bool = typer.Option(False, help="Keep pairs whose reply is empty instead of quarantining them."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many rows."),
     streaming: bool = typer.Option(False, help="Stream hub data instead of downloading it whole (use with --limit)."),
     model: Optional[str] = typer.Option(None, help="Also report token lengths under this model's tokenizer."),
     system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    max_length: Optional[int] = typer.Option(None, help="With --model: count pairs whose reply alone exceeds this."),
     out: Optional[Path] = typer.Option(None, help="Write pairs.parquet and quarantine.parquet here."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Count pairs, list quarantined rows with reasons, and show length statistics."""
+    validate.integer("--limit", limit, example="100")
     from curate.data.inspect import inspect_dataset, render_inspection
 
     summary = inspect_dataset(
-        dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns,
-        keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt, out=out,
+        dataset, subset=subset, split=split, revision=revision, fmt=fmt, columns=columns, label_column=label_column,
+        strategy=strategy, keep_empty=keep_empty, limit=limit, streaming=streaming, model=model, system_prompt=system_prompt,
+        max_length=max_length, out=out,
     )
     if as_json:
         emit_json(summary)
@@ -133,18 +184,28 @@ def score_cmd(
     shard_size: int = typer.Option(512, help="Pairs per resumable shard."),
     subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
     split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
-    fmt: str = typer.Option("auto", "--format", help="auto|hh|prompt-chosen-rejected|messages|columns"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace a run directory that holds another dataset (and its scores)."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    num_workers: int = typer.Option(1, help="--engine ray: scorer workers, each loading the model once."),
+    gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs per worker (0: CPU workers, one core each)."),
 ) -> None:
     """Score pairs with a causal LM: CHES, LN-CHES, log-probs (resumable; writes RUN/scores.parquet)."""
-    # Before torch loads: oneDNN keeps a compiled kernel per matmul shape (1,024 by default), and
-    # batches of ever new shapes made that cache the part of CPU scoring whose memory grew with
-    # the dataset (+300 MiB from 100 to 600 HH pairs); with 8 entries it stayed flat, at no
-    # measured speed cost (benchmarks/bench_ches.py --memory-only).
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--token-budget", token_budget, example="16384")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--shard-size", shard_size, example="512")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+        raise CurateError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     from curate.score import render_score_summary, score, score_summary
 
     reward_options = {"reward_models": reward_model} if reward_model else None
@@ -152,13 +213,66 @@ def score_cmd(
         dataset, out=out, model=model, scores=scores, limit=limit, batch_size=batch_size, token_budget=token_budget,
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,
         prefix_sharing=prefix_sharing, shard_size=shard_size, subset=subset, split=split, fmt=fmt,
-        revision=revision, reward_options=reward_options, force=force,
+        columns=columns, label_column=label_column, strategy=strategy, revision=revision, reward_options=reward_options,
+        engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, force=force,
     )
     summary = score_summary(out or dataset)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:
         render_score_summary(summary, Console())
+
+
+# issue 17: `curate pairs` (pairs from response sets, optionally by pool-CHES)
+@app.command("pairs")
+@handle_errors
+def pairs_cmd(
+    data: str = typer.Argument(..., help="Response sets: UltraFeedback raw, Nectar, or a long prompt/response/score table."),
+    out: Path = typer.Option(..., help="Run directory to write pairs, quarantine, scores and the manifest to."),
+    strategy: str = typer.Option("best-random-lower",
+                                 help="best-random-lower | best-worst | all | min-ches | max-margin-low-ches"),
+    model: Optional[str] = typer.Option(None, help="Causal LM for LN-CHES (default for CHES strategies: smollm2-135m-instruct)."),
+    min_margin: float = typer.Option(0.0, help="Pair only replies whose ratings differ by at least this (ties never)."),
+    max_pairs_per_prompt: Optional[int] = typer.Option(None, help="Pairs per prompt (default 1; 'all': every valid pair)."),
+    seed: int = typer.Option(0, help="Seed of the random choices (best-random-lower)."),
+    fmt: str = typer.Option("auto", "--format", help="auto | ultrafeedback-raw | nectar | long"),
+    columns: Optional[str] = typer.Option(None, help="Long table columns: prompt=COL,response=COL,score=COL."),
+    rating: str = typer.Option("mean", help="UltraFeedback rating: mean, overall_score, fine-grained_score or an aspect."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many records."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
+    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    token_budget: Optional[int] = typer.Option(None, help="Padded tokens per forward batch."),
+    shard_size: int = typer.Option(256, help="Prompts per resumable shard."),
+    prefix_sharing: Optional[bool] = typer.Option(
+        None, "--prefix-sharing/--no-prefix-sharing",
+        help="Run each prompt once for all its replies (default: on CPU yes, on GPU no)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build preference pairs from response sets (k rated replies per prompt) into a run directory."""
+    from curate.pairs.strategies import STRATEGIES
+
+    validate.choice("--strategy", strategy, STRATEGIES)
+    validate.number("--min-margin", min_margin, low=0, example="1")
+    validate.integer("--max-pairs-per-prompt", max_pairs_per_prompt, example="2")
+    validate.integer("--limit", limit, example="100")
+    validate.integer("--max-length", max_length, example="1024")
+    validate.integer("--token-budget", token_budget, example="4096")
+    validate.integer("--shard-size", shard_size, example="256")
+    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.device(device)
+    from curate.pairs.build import build_pairs, pairs_summary, render_pairs_summary
+
+    build_pairs(data, out=out, strategy=strategy, model=model, min_margin=min_margin,
+                max_pairs_per_prompt=max_pairs_per_prompt, seed=seed, fmt=fmt, columns=columns, rating=rating,
+                limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
+                token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
+    summary = pairs_summary(out)
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render_pairs_summary(summary, Console())
 
 
 # issue 4: `curate bench noise` (planted-flip validation of the noise estimators)
@@ -185,11 +299,14 @@ def bench_noise_cmd(
     from curate.bench_noise import benchmark_dataset
     from curate.rundir import write_json
 
+    rates = validate.numbers("--flip-rates", flip_rates, low=0.0, high=0.5, high_open=True)
     try:
-        rates = [float(r) for r in flip_rates.split(",") if r.strip()]
         seeds = [int(s) for s in split_seeds.split(",") if s.strip()]
     except ValueError:
-        raise CurateError("--flip-rates and --split-seeds take comma-separated numbers, e.g. 0,0.1,0.2,0.3") from None
+        raise CurateError("--split-seeds takes comma-separated whole numbers, e.g. 0,1,2") from None
+    validate.integer("--folds", folds, low=2, example="5")
+    validate.integer("--limit", limit, example="200")
+    validate.device(device)
     result = benchmark_dataset(
         dataset, run=str(run) if run else None, flip_rates=rates, seed=seed,
         embedder=None if embedder.lower() == "none" else embedder, text_stats=text_stats,
@@ -208,10 +325,18 @@ def bench_noise_cmd(
         table.add_row(name, fmt(r["planted_rate"]), fmt(r["estimated_rate"]), fmt(r["natural_rate"]),
                       fmt(r.get("true_rate")), fmt(r["auroc"]))
     Console().print(table)
-    c = result["consistency"].get(result["default_estimator"])
-    if c:
-        console.print(f"default {result['default_estimator']}: increase {c['increase']:.3f} vs "
-                      f"delta(1-2 eps0) = {c['expected_increase']:.3f} (eps0 {c['eps0']:.3f})")
+    truth = result.get("known_truth")
+    if truth:
+        table = Table(title=f"known truth: labels resampled from a BT model on these features "
+                            f"(Bayes AUC {truth['bayes_auc']:.3f}), flipped at known rates")
+        for col in ("estimator", "true rate", "estimated", "90% interval", "flip_prob ECE", "AUROC"):
+            table.add_column(col, justify="left" if col == "estimator" else "right")
+        for r in truth["results"]:
+            interval = "-" if "interval" not in r else f"{r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+            name = r["estimator"] + (" (default)" if r["estimator"] == result["default_estimator"] else "")
+            table.add_row(name, fmt(r["true_rate"]), fmt(r["estimated_rate"]), interval, fmt(r["ece"]),
+                          fmt(r["auroc_wrong_label"]))
+        Console().print(table)
 
 
 # ---------------------------------------------------------------- features
@@ -249,6 +374,18 @@ def features_cmd(
     target = run if run is not None else out
     if target is None:
         raise CurateError("name a run directory: `curate features RUN` or `curate features --dataset D --out RUN`")
+    validate.integer("--n-features", n_features, example="32")
+    validate.integer("--k", k, example="4")
+    if k > n_features:
+        raise CurateError(f"--k {k} is more than --n-features {n_features}: K active features must fit in the dictionary")
+    validate.integer("--epochs", epochs, example="50")
+    validate.number("--lr", lr, low=0.0, low_open=True, example="2e-3")
+    validate.integer("--batch-size", batch_size, example="256")
+    validate.fraction("--val-fraction", val_fraction, allow_zero=False, example="0.2")
+    validate.integer("--cv-folds", cv_folds, low=2, example="5")
+    validate.integer("--limit", limit, example="1000")
+    validate.integer("--top", top, low=0, example="10")
+    validate.device(device)
     try:
         widths = tuple(int(p) for p in prefixes.split(",") if p.strip())
     except ValueError:
@@ -335,8 +472,10 @@ def filter_cmd(
     flips at most once, reweight factors multiply. The audit trail goes to
     OUT/curation.parquet.
     """
-    from curate.curation import filter_run, rules_from_options
+    from curate.curation import WEIGHT_SCHEMES, filter_run, rules_from_options
 
+    validate.fraction("--holdout", holdout, example="0.1")
+    validate.choice("--weights", weights, WEIGHT_SCHEMES)
     rules = rules_from_options(
         ches_threshold=ches_threshold, ches_column=ches_column, ches_drop_top=ches_drop_top,
         ches_keep_lowest=ches_keep_lowest, min_strength=min_strength, max_margin_std=max_margin_std,
@@ -391,11 +530,18 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ref_logps: Optional[bool] = typer.Option(
+        None, "--ref-logps/--no-ref-logps",
+        help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
 ) -> None:
     """Write curated pairs as parquet, jsonl, a datasets dir or TRL's format, with a data card."""
-    from curate.export import export_curated
+    from curate.export import FORMATS, SPLITS, export_curated
 
-    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub)
+    validate.choice("--format", fmt, FORMATS)
+    validate.choice("--split", split, SPLITS)
+
+    summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
+                             ref_logps=ref_logps)
     if as_json:
         emit_json(summary)
     elif not _state["quiet"]:
@@ -408,60 +554,26 @@ def export_cmd(
 # (issue 7: `curate train` goes here)
 @app.command("train")
 @handle_errors
+@cli_options(TrainConfig)
 def train_cmd(
     data: str = typer.Argument(..., help="Curated/run directory (pairs.parquet), a local file, or a hub dataset name."),
     model: str = typer.Option("smollm2-135m-instruct", help="Policy (and reference) model: bundled alias, local path or hub id."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: DATA/train for a directory, else runs/train)."),
-    loss: str = typer.Option("dpo", help="dpo | ipo | cdpo | rdpo | hinge | tdpo1 | tdpo2 | sparsepo"),
-    beta: float = typer.Option(0.1, help="KL strength beta."),
-    epsilon: str = typer.Option("0", help="Flip rate for cdpo/rdpo, or 'auto' (mean flip_prob of the kept pairs)."),
-    sft_alpha: float = typer.Option(0.0, help="Add alpha x token-mean NLL of the chosen replies (RPO)."),
-    weights: Optional[str] = typer.Option(None, help="Per-pair weight column, e.g. 'weight' from `curate filter --weights`."),
-    soft_labels: Optional[str] = typer.Option(None, help="Per-pair label-confidence column (dpo only), e.g. 'label_confidence'."),
-    tdpo_alpha: float = typer.Option(0.5, help="TDPO2's alpha."),
-    mask: str = typer.Option("learned", help="SparsePO masks: learned (mask network) or mapo (reference activations)."),
-    mask_mode: str = typer.Option("common", help="Learned masks: common (one network for reward and KL) or independent."),
-    mask_l1: float = typer.Option(0.0, help="L1 penalty on learned masks (0.001 on HH in the paper)."),
-    lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW, linear warmup then cosine)."),
-    batch_size: int = typer.Option(8, help="Pairs per optimizer step, over all processes."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    epochs: int = typer.Option(1, help="Passes over the data."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps of linear warmup."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
-    max_length: int = typer.Option(1024, help="Max tokens per sequence; longer prompts are cut from the left."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
-    bf16: str = typer.Option("auto", help="bf16 autocast: auto | on | off."),
-    lora_r: int = typer.Option(0, help="Train a LoRA adapter of this rank instead of all weights (0 = full)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    save_every: int = typer.Option(50, help="Checkpoint every N steps (and at the end)."),
-    seed: int = typer.Option(0, help="Seed for data order and mask initialisation."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N pairs only."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (--lr may change)."),
+    force: bool = typer.Option(False, "--force", help="Replace the training run already in --out."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    config: TrainConfig = None,
 ) -> None:
     """Train DPO-family or SparsePO losses on curated pairs, using their weights and soft labels."""
     from curate.train import train
 
     if out is None:
         out = Path(data) / "train" if Path(data).is_dir() else Path("runs") / "train"
-    bf16_setting = {"auto": "auto", "on": True, "off": False}.get(bf16)
-    if bf16_setting is None:
-        raise CurateError(f"--bf16 must be auto, on or off, got {bf16!r}")
-    try:
-        epsilon_value = epsilon if epsilon == "auto" else float(epsilon)
-    except ValueError:
-        raise CurateError(f"--epsilon must be a number in [0, 0.5) or 'auto', got {epsilon!r}") from None
-    result = train(
-        data, out=out, model=model, resume=resume, device=device, progress=not (_state["quiet"] or as_json),
-        loss=loss, beta=beta, epsilon=epsilon_value, sft_alpha=sft_alpha,
-        weights=weights, soft_labels=soft_labels, tdpo_alpha=tdpo_alpha, mask=mask, mask_mode=mask_mode,
-        mask_l1=mask_l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_length=max_length, system_prompt=system_prompt,
-        bf16=bf16_setting, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-        seed=seed, limit=limit,
-    )
+    validate.device(device)
+    result = train(data, out=out, model=model, resume=resume, force=force, device=device,
+                   progress=not (_state["quiet"] or as_json), config=config)
+    loss = config.loss
     summary = {"out": str(result.out), "final_model": str(result.final_dir), "steps": result.steps,
                "final_loss": result.final_loss, "epsilon": result.info["epsilon"], "pairs": result.info["pairs"],
                "prompt_truncated": result.info["prompt_truncated"],
@@ -510,10 +622,16 @@ def eval_cmd(
     """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
     from curate.eval import evaluate, summary_rows
 
-    try:
-        beta_sweep = [float(b) for b in betas.split(",") if b.strip()]
-    except ValueError:
-        raise CurateError(f"--betas must be comma-separated numbers, got {betas!r}") from None
+    validate.number("--beta", beta, low=0.0, low_open=True, example="0.1")
+    beta_sweep = validate.numbers("--betas", betas, low=0.0, low_open=True)
+    validate.number("--alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, example="0.999")
+    validate.integer("--generate", generate, low=0, example="32")
+    validate.integer("--max-new-tokens", max_new_tokens, example="128")
+    validate.number("--temperature", temperature, low=0.0, example="0.7")
+    validate.integer("--max-length", max_length, low=2, example="1024")
+    validate.integer("--batch-size", batch_size, example="8")
+    validate.device(device)
+    validate.dtype(dtype, ("fp32", "bf16"))
     summary = evaluate(
         model, ref, data, out=out, beta=beta, betas=beta_sweep, alpha=alpha, scores=scores, generate=generate,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system_prompt=system_prompt,

@@ -36,21 +36,22 @@ the final orientation of each pair:
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import polars as pl
 from scipy.special import expit
 
+from curate import where as where_lang
 from curate.data.schema import PAIR_SCHEMA
 from curate.errors import CurateError
+from curate.outdir import check_target, staged_dir
 from curate.rundir import MANIFEST, PAIRS, SCORES, RunDir, write_json, write_parquet
 
 ACTIONS = ("drop", "flip", "reweight")
@@ -226,161 +227,278 @@ def _ches_action(text: str, rule: str) -> tuple[str, Action]:
     return value, action
 
 
-def _number(text: str, rule: str) -> float:
+def _number(text: str, rule: str, low: float = -math.inf, high: float = math.inf, what: str = "a finite number") -> float:
+    """A finite number in [low, high] (NaN and infinities are refused: no threshold means nothing)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise CurateError(f"{rule}: cannot read {text!r} as a number") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise CurateError(f"{rule}: {text!r} is not {what}; give e.g. {rule} {_EXAMPLES.get(rule, '1')}")
+    return value
 
 
-def ches_threshold_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+_EXAMPLES = {"--max-flip-prob": "0.9", "--max-margin-std": "2", "--ches-drop-top": "10", "--ches-keep-lowest": "15",
+             "--min-strength": "0", "--ches-threshold": "5"}
+_PERCENT = "a percentage in (0, 100]"
+
+
+# ----------------------------------------------------------------- rule specs: one class per rule, a registry by name
+class RuleSpec:
+    """A curation rule as data: what the CLI flag or the recipe key means.
+
+    Each subclass is a frozen dataclass registered under its ``option`` (the
+    recipe key; the CLI flag is ``--`` + option with dashes). ``parse`` reads
+    the flag's text, ``rule`` gives the :class:`Rule` that curation applies.
+    The CLI and recipes both go through :func:`rules_from_options`, so they
+    cannot drift.
+    """
+
+    option: ClassVar[str]
+    repeatable: ClassVar[bool] = False
+
+    @classmethod
+    def parse(cls, text: str, *, ches_column: str = "ln_ches", noise_action: str = "drop") -> "RuleSpec":
+        raise NotImplementedError
+
+    def rule(self) -> Rule:
+        raise NotImplementedError
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
+RULE_SPECS: dict[str, type[RuleSpec]] = {}
+
+
+def register(cls: type[RuleSpec]) -> type[RuleSpec]:
+    """Add a rule spec to the registry; the registry's order is the order rules are applied in."""
+    RULE_SPECS[cls.option] = cls
+    return cls
+
+
+@register
+@dataclass(frozen=True)
+class ChesThreshold(RuleSpec):
     """Pairs with CHES above an absolute value (model-specific: compare with the column's quantiles)."""
-    value, action = _ches_action(str(spec), "--ches-threshold")
-    return Rule(f"ches-threshold {column} > {value}", "above", column, _number(value, "--ches-threshold"), action)
+
+    option: ClassVar[str] = "ches_threshold"
+    value: float
+    action: Action = field(default_factory=Action)
+    column: str = "ln_ches"
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        value, action = _ches_action(str(text), "--ches-threshold")
+        return cls(_number(value, "--ches-threshold"), action, ches_column)
+
+    def rule(self):
+        return Rule(f"ches-threshold {self.column} > {self.value:g}", "above", self.column, self.value, self.action)
 
 
-def ches_drop_top_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+@register
+@dataclass(frozen=True)
+class ChesDropTop(RuleSpec):
     """The highest PCT percent of pairs by CHES (the most likelihood displacement)."""
-    value, action = _ches_action(str(spec), "--ches-drop-top")
-    return Rule(f"ches-drop-top {value}% {column}", "top", column, _number(value, "--ches-drop-top"), action, percent=True)
+
+    option: ClassVar[str] = "ches_drop_top"
+    percent: float
+    action: Action = field(default_factory=Action)
+    column: str = "ln_ches"
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        value, action = _ches_action(str(text), "--ches-drop-top")
+        return cls(_number(value, "--ches-drop-top", 1e-12, 100, _PERCENT), action, ches_column)
+
+    def rule(self):
+        return Rule(f"ches-drop-top {self.percent:g}% {self.column}", "top", self.column, self.percent, self.action,
+                    percent=True)
 
 
-def ches_keep_lowest_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    """Every pair except the lowest PCT percent by CHES (the paper kept ~5-15% on refusal data)."""
-    value, action = _ches_action(str(spec), "--ches-keep-lowest")
-    return Rule(
-        f"ches-keep-lowest {value}% {column}", "outside-bottom", column,
-        _number(value, "--ches-keep-lowest"), action, percent=True,
-    )
+@register
+@dataclass(frozen=True)
+class ChesKeepLowest(RuleSpec):
+    """Every pair except the lowest PCT percent by CHES (the paper kept ~5-15% on refusal data).
+
+    A keep-style rule: unscored pairs are never among the kept ones, so they
+    are selected (dropped, or reweighted) with the rest.
+    """
+
+    option: ClassVar[str] = "ches_keep_lowest"
+    percent: float
+    action: Action = field(default_factory=Action)
+    column: str = "ln_ches"
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        value, action = _ches_action(str(text), "--ches-keep-lowest")
+        return cls(_number(value, "--ches-keep-lowest", 1e-12, 100, _PERCENT), action, ches_column)
+
+    def rule(self):
+        return Rule(f"ches-keep-lowest {self.percent:g}% {self.column}", "outside-bottom", self.column, self.percent,
+                    self.action, percent=True)
 
 
-def min_strength_rule(spec: str | float, default_action: str = "drop", column: str = STRENGTH_COLUMN) -> Rule:
+@dataclass(frozen=True)
+class _Threshold(RuleSpec):
+    """A strength / noise rule: pairs on the wrong side of a threshold on one column."""
+
+    value: float
+    action: Action = field(default_factory=Action)
+    column: ClassVar[str]
+    select: ClassVar[str]
+    bounds: ClassVar[tuple[float, float, str]] = (-math.inf, math.inf, "a finite number")
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        value, action = split_action(str(text), noise_action)
+        return cls(_number(value, "--" + cls.option.replace("_", "-"), *cls.bounds), action)
+
+    def rule(self):
+        sign = ">" if self.select == "above" else "<"
+        name = self.option.replace("_", "-")
+        return Rule(f"{name} {self.column} {sign} {self.value:g}", self.select, self.column, self.value, self.action)
+
+
+@register
+@dataclass(frozen=True)
+class MinStrength(_Threshold):
     """Pairs whose reward-ensemble mean margin is below X (weak or reversed preferences)."""
-    value, action = split_action(str(spec), default_action)
-    return Rule(f"min-strength {column} < {value}", "below", column, _number(value, "--min-strength"), action)
+
+    option: ClassVar[str] = "min_strength"
+    column: ClassVar[str] = STRENGTH_COLUMN
+    select: ClassVar[str] = "below"
 
 
-def max_margin_std_rule(spec: str | float, default_action: str = "drop", column: str = "rm_margin_std") -> Rule:
-    """Pairs whose reward-ensemble members disagree: margin std above X."""
-    value, action = split_action(str(spec), default_action)
-    return Rule(f"max-margin-std {column} > {value}", "above", column, _number(value, "--max-margin-std"), action)
+@register
+@dataclass(frozen=True)
+class MaxMarginStd(_Threshold):
+    """Pairs whose reward-ensemble members disagree: margin std above X (X >= 0)."""
+
+    option: ClassVar[str] = "max_margin_std"
+    column: ClassVar[str] = "rm_margin_std"
+    select: ClassVar[str] = "above"
+    bounds: ClassVar[tuple[float, float, str]] = (0.0, math.inf, "a finite number >= 0")
 
 
-def max_flip_prob_rule(spec: str | float, default_action: str = "drop", column: str = FLIP_PROB_COLUMN) -> Rule:
-    """Pairs whose estimated probability of a wrong label is above X."""
-    value, action = split_action(str(spec), default_action)
-    return Rule(f"max-flip-prob {column} > {value}", "above", column, _number(value, "--max-flip-prob"), action)
+@register
+@dataclass(frozen=True)
+class MaxFlipProb(_Threshold):
+    """Pairs whose estimated probability of a wrong label is above X (X in [0, 1])."""
+
+    option: ClassVar[str] = "max_flip_prob"
+    column: ClassVar[str] = FLIP_PROB_COLUMN
+    select: ClassVar[str] = "above"
+    bounds: ClassVar[tuple[float, float, str]] = (0.0, 1.0, "a probability in [0, 1]")
 
 
 _FEATURE_SPEC = re.compile(r"^\s*([^:\s]+)\s*:\s*(drop|flip|reweight(?:=[-+0-9.eE]+)?)-(top|bottom)\s*=\s*([0-9.]+)(%?)\s*$")
 
 
-def feature_rule(spec: str) -> Rule:
+@register
+@dataclass(frozen=True)
+class Feature(RuleSpec):
     """'FEATURE:ACTION-top=N' or '...-bottom=N' (N a count, or 'N%'), e.g. '7:flip-top=50'.
 
     FEATURE is an SAE feature index (column ``sae_f<index>``) or a column
     name. Activations are signed: top = the pairs with the largest values.
     """
-    match = _FEATURE_SPEC.match(spec)
-    if not match:
-        raise CurateError(
-            f"cannot read --feature {spec!r}: write FEATURE:ACTION-top=N, e.g. 7:drop-top=100, 7:flip-top=50 or 7:drop-top=5%"
-        )
-    feature, action, side, count, pct = match.groups()
-    column = f"sae_f{feature}" if feature.isdigit() else feature
-    return Rule(
-        f"feature {column} {action}-{side}={count}{pct}", side, column,
-        float(count), Action.parse(action), percent=bool(pct),
-    )
+
+    option: ClassVar[str] = "features"
+    repeatable: ClassVar[bool] = True
+    column: str
+    side: str
+    count: float
+    action: Action = field(default_factory=Action)
+    percent: bool = False
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        match = _FEATURE_SPEC.match(str(text))
+        if not match:
+            raise CurateError(
+                f"cannot read --feature {text!r}: write FEATURE:ACTION-top=N, e.g. 7:drop-top=100, 7:flip-top=50 or 7:drop-top=5%"
+            )
+        feature, action, side, count, pct = match.groups()
+        if pct:
+            value = _number(count, "--feature", 1e-12, 100, _PERCENT)
+        else:
+            value = _number(count, "--feature", 1, math.inf, "a whole count >= 1")
+            if value != int(value):
+                raise CurateError(f"--feature {text!r}: the count {count} is not a whole number; write N or N%")
+        column = f"sae_f{feature}" if feature.isdigit() else feature
+        return cls(column, side, value, Action.parse(action), bool(pct))
+
+    def rule(self):
+        count = f"{self.count:g}{'%' if self.percent else ''}"
+        return Rule(f"feature {self.column} {self.action}-{self.side}={count}", self.side, self.column, self.count, self.action, percent=self.percent)
+
+
+@register
+@dataclass(frozen=True)
+class Where(RuleSpec):
+    """A ``--where`` expression (see :mod:`curate.where`), optionally ending in ':ACTION'."""
+
+    option: ClassVar[str] = "where"
+    repeatable: ClassVar[bool] = True
+    expr: str
+    action: Action = field(default_factory=Action)
+
+    @classmethod
+    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
+        expr, action = split_action(str(text), "drop")
+        where_lang.parse(expr)  # refuse a bad expression now, before any work
+        return cls(expr, action)
+
+    def rule(self):
+        return Rule(f"where {self.expr}", "where", None, self.expr, self.action)
+
+
+def ches_threshold_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    return ChesThreshold.parse(spec, ches_column=column).rule()
+
+
+def ches_drop_top_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    return ChesDropTop.parse(spec, ches_column=column).rule()
+
+
+def ches_keep_lowest_rule(spec: str | float, column: str = "ln_ches") -> Rule:
+    return ChesKeepLowest.parse(spec, ches_column=column).rule()
+
+
+def min_strength_rule(spec: str | float, default_action: str = "drop") -> Rule:
+    return MinStrength.parse(spec, noise_action=default_action).rule()
+
+
+def max_margin_std_rule(spec: str | float, default_action: str = "drop") -> Rule:
+    return MaxMarginStd.parse(spec, noise_action=default_action).rule()
+
+
+def max_flip_prob_rule(spec: str | float, default_action: str = "drop") -> Rule:
+    return MaxFlipProb.parse(spec, noise_action=default_action).rule()
+
+
+def feature_rule(spec: str) -> Rule:
+    return Feature.parse(spec).rule()
 
 
 def where_rule(spec: str, default_action: str = "drop") -> Rule:
-    """A polars expression over the columns, optionally ending in ':ACTION'."""
     expr, action = split_action(spec, default_action)
-    where_columns(expr)  # parse now so a bad expression fails before any work
-    return Rule(f"where {expr}", "where", None, expr, action)
+    return Where.parse(f"{expr}:{action}").rule()
 
 
-# ----------------------------------------------------------------- safe --where expressions
-_WHERE_PL_FUNCTIONS = {
-    "col", "lit", "when", "all_horizontal", "any_horizontal", "sum_horizontal",
-    "max_horizontal", "min_horizontal", "mean_horizontal", "len", "element",
-}
-_WHERE_FORBIDDEN = ("write", "sink", "read", "scan", "map", "pipe", "apply", "register", "plugin", "eval", "sql")
-_WHERE_NODES = (
-    ast.Expression, ast.Call, ast.Attribute, ast.Name, ast.Load, ast.Constant, ast.Compare,
-    ast.BinOp, ast.UnaryOp, ast.List, ast.Tuple, ast.keyword,
-    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
-    ast.BitAnd, ast.BitOr, ast.BitXor, ast.Invert, ast.USub, ast.UAdd, ast.Not,
-)
-
-
-def _parse_where(expr: str) -> ast.Expression:
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError as exc:
-        raise CurateError(f"--where {expr!r} is not a valid expression ({exc.msg}); e.g. \"pl.col('rm_margin_std') > 2\"") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _WHERE_NODES):
-            raise CurateError(
-                f"--where {expr!r} uses {type(node).__name__}, which is not allowed: use pl.col(...), "
-                "comparisons, arithmetic and & | ~ (not 'and'/'or')"
-            )
-        if isinstance(node, ast.Attribute):
-            if node.attr.startswith("_") or any(word in node.attr for word in _WHERE_FORBIDDEN):
-                raise CurateError(f"--where {expr!r}: attribute {node.attr!r} is not allowed")
-            if isinstance(node.value, ast.Name) and node.value.id == "pl" and node.attr not in _WHERE_PL_FUNCTIONS:
-                raise CurateError(
-                    f"--where {expr!r}: pl.{node.attr} is not allowed; use one of "
-                    + ", ".join(f"pl.{f}" for f in sorted(_WHERE_PL_FUNCTIONS))
-                )
-        if isinstance(node, ast.Name) and node.id.startswith("_"):
-            raise CurateError(f"--where {expr!r}: name {node.id!r} is not allowed")
-    return tree
-
-
+# ----------------------------------------------------------------- --where expressions
 def where_columns(expr: str) -> list[str]:
-    """Columns an expression reads: pl.col('name') arguments and bare names (other than pl)."""
-    tree = _parse_where(expr)
-    names: list[str] = []
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "col"
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id == "pl"
-        ):
-            names += [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-        elif isinstance(node, ast.Name) and node.id != "pl":
-            names.append(node.id)
-    return list(dict.fromkeys(names))
+    """Columns a --where expression reads (it is validated too)."""
+    return where_lang.columns(expr)
 
 
 def parse_where(expr: str) -> pl.Expr:
-    """Evaluate a --where expression safely into a polars expression.
+    """A --where text as a polars expression, built from an allowlist (see :mod:`curate.where`)."""
+    return where_lang.parse(expr)[0]
 
-    Only ``pl`` (restricted to ``pl.col``, ``pl.lit``, ``pl.when`` and the
-    ``*_horizontal`` helpers) and column names (a bare name ``x`` means
-    ``pl.col('x')``) are in scope; no builtins, no private attributes, no
-    I/O or Python-callback methods. Combine conditions with ``&``, ``|``,
-    ``~``. Examples::
-
-        pl.col('rm_margin_std') > 2
-        (pl.col('flip_prob') > 0.6) & (rm_vote_share < 0.3)
-        pl.col('ln_ches').is_between(-50, 0)
-    """
-    tree = _parse_where(expr)
-    scope: dict[str, Any] = {name: pl.col(name) for name in where_columns(expr)}
-    scope["pl"] = pl
-    try:
-        result = eval(compile(tree, "<--where>", "eval"), {"__builtins__": {}}, scope)  # noqa: S307 (AST checked above)
-    except Exception as exc:
-        raise CurateError(f"--where {expr!r} failed: {exc}") from None
-    if not isinstance(result, pl.Expr):
-        raise CurateError(f"--where {expr!r} must give a polars expression, e.g. \"pl.col('rm_margin_std') > 2\"")
-    return result
 
 
 # ----------------------------------------------------------------- selection
@@ -408,8 +526,8 @@ def select(pool: pl.DataFrame, rule: Rule) -> tuple[np.ndarray, int]:
     if rule.select == "where":
         try:
             values = pool.select(parse_where(rule.value).alias("_m"))["_m"]
-        except pl.exceptions.PolarsError as exc:
-            raise CurateError(f"{rule.name} failed: {exc}") from None
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+            raise CurateError(f"{rule.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if values.dtype != pl.Boolean:
             raise CurateError(f"{rule.name} must give True/False per pair, got {values.dtype}; e.g. add '> 0'")
         missing = values.is_null().sum()
@@ -429,7 +547,8 @@ def select(pool: pl.DataFrame, rule: Rule) -> tuple[np.ndarray, int]:
         return _rank_mask(values, pair_ids, k, highest=True), missing
     if rule.select == "bottom":
         return _rank_mask(values, pair_ids, k, highest=False), missing
-    return valued & ~_rank_mask(values, pair_ids, k, highest=False), missing  # outside-bottom
+    # outside-bottom is keep-style: only the lowest valued pairs are kept, so unscored pairs are selected too
+    return ~_rank_mask(values, pair_ids, k, highest=False), missing
 
 
 def column_quantiles(values: pl.Series) -> dict[str, float]:
@@ -440,13 +559,34 @@ def column_quantiles(values: pl.Series) -> dict[str, float]:
     return {f"q{round(q * 100):02d}": float(np.quantile(arr, q)) for q in QUANTILES}
 
 
+# Which command writes a score column, so a rule that needs a missing one can name the fix.
+_PRODUCERS = (
+    (("flip_prob",), "curate score --scores noise"),
+    (("ln_ches", "ches"), "curate score --scores ches"),
+    (("rm_", "p_chosen"), "curate score --scores reward"),
+    (("logp",), "curate score --scores logps"),
+    (("sae_f",), "curate features"),
+)
+
+
+def producing_step(column: str) -> str | None:
+    """The command that writes ``column`` (by exact name or prefix), or None if curate does not make it."""
+    for names, step in _PRODUCERS:
+        if column in names or any(column.startswith(n) for n in names if n.endswith("_") or n in ("logp", "sae_f")):
+            return step
+    return None
+
+
 def check_columns(table: pl.DataFrame, needed: dict[str, str], where: str = "the run") -> None:
     """Raise one CurateError naming every missing column and listing the ones the table has."""
     missing = {col: who for col, who in needed.items() if col not in table.columns}
     if not missing:
         return
     have = [c for c in table.columns if c not in PAIR_SCHEMA]
-    wanted = "; ".join(f"{who} needs column {col!r}" for col, who in missing.items())
+    wanted = "; ".join(
+        f"{who} needs column {col!r}" + (f" (made by `{step}`)" if (step := producing_step(col)) else "")
+        for col, who in missing.items()
+    )
     listing = ", ".join(have) if have else "(none: run `curate score` first)"
     raise CurateError(f"{wanted}, which {where} does not have; its score columns are: {listing}")
 
@@ -510,7 +650,10 @@ def _rule_report(pool: pl.DataFrame, rule: Rule, step: int, mask: np.ndarray, ch
         warnings.append(f"{rule.name} matches every pair it can judge ({n - missing})")
     elif n and row["matched"] == 0:
         warnings.append(f"{rule.name} matches no pair")
-    if missing:
+    if missing and rule.select == "outside-bottom":
+        warnings.append(f"{rule.name}: {missing} pairs have no value in its column; unscored pairs are never kept, "
+                        f"so they were selected ({rule.action})")
+    elif missing:
         warnings.append(f"{rule.name}: {missing} pairs have no value in its column and were not selected")
     return row, warnings
 
@@ -663,48 +806,40 @@ HOLDOUT = "holdout.parquet"
 SECTION = "curation"
 
 
-def rules_from_options(
-    *,
-    ches_threshold: str | None = None,
-    ches_column: str = "ln_ches",
-    ches_drop_top: str | None = None,
-    ches_keep_lowest: str | None = None,
-    min_strength: str | None = None,
-    max_margin_std: str | None = None,
-    max_flip_prob: str | None = None,
-    noise_action: str = "drop",
-    features: Sequence[str] = (),
-    where: Sequence[str] = (),
-) -> list[Rule]:
+FILTER_OWNED = (PAIRS, CURATION, HOLDOUT, SCORES, MANIFEST, ".*.tmp")
+
+
+def rule_specs_from_options(
+    *, ches_column: str = "ln_ches", noise_action: str = "drop", **options: Any
+) -> list[RuleSpec]:
+    """Rule specs from CLI options or a recipe's ``filter`` keys, in the registry's order.
+
+    ``options`` maps a registry name (``ches_drop_top``, ``max_flip_prob``,
+    ``features``, ``where``, ...) to its text, or a list of texts for the
+    repeatable ones; None means not given.
+    """
+    unknown = sorted(set(options) - set(RULE_SPECS))
+    if unknown:
+        raise CurateError(f"unknown curation rule {', '.join(unknown)}: use {', '.join(RULE_SPECS)}")
+    noise_action = str(Action.parse(str(noise_action)))  # refuse a bad --noise-action even if no rule uses it
+    specs: list[RuleSpec] = []
+    for name, spec_class in RULE_SPECS.items():
+        given = options.get(name)
+        if given is None:
+            continue
+        texts = ([given] if isinstance(given, (str, int, float)) else list(given)) if spec_class.repeatable else [given]
+        specs += [spec_class.parse(str(t), ches_column=ches_column, noise_action=noise_action) for t in texts]
+    return specs
+
+
+def rules_from_options(**options: Any) -> list[Rule]:
     """The CLI's rules in their documented order: CHES, strength and noise, features, --where."""
-    rules: list[Rule] = []
-    if ches_threshold is not None:
-        rules.append(ches_threshold_rule(ches_threshold, ches_column))
-    if ches_drop_top is not None:
-        rules.append(ches_drop_top_rule(ches_drop_top, ches_column))
-    if ches_keep_lowest is not None:
-        rules.append(ches_keep_lowest_rule(ches_keep_lowest, ches_column))
-    if min_strength is not None:
-        rules.append(min_strength_rule(min_strength, noise_action))
-    if max_margin_std is not None:
-        rules.append(max_margin_std_rule(max_margin_std, noise_action))
-    if max_flip_prob is not None:
-        rules.append(max_flip_prob_rule(max_flip_prob, noise_action))
-    rules += [feature_rule(spec) for spec in features]
-    rules += [where_rule(expr) for expr in where]
-    return rules
-
-
-def _prepare_out(out: Path, run: Path, force: bool) -> None:
-    if out.resolve() == run.resolve():
-        raise CurateError(f"--out {out} is the run directory itself: choose a new directory for the curated set")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CurateError(f"{out} already exists and is not empty: choose another --out or pass --force to overwrite")
+    return [spec.rule() for spec in rule_specs_from_options(**options)]
 
 
 def filter_run(
     run: str | Path,
-    rules: Sequence[Rule],
+    rules: Sequence[Rule] | None = None,
     out: str | Path | None = None,
     *,
     weights: str = "none",
@@ -712,42 +847,67 @@ def filter_run(
     holdout: float = 0.0,
     dry_run: bool = False,
     force: bool = False,
+    **rule_options: Any,
 ) -> dict[str, Any]:
     """Curate a run directory's pairs into ``out`` and return the summary.
 
+    Rules are given as :class:`Rule` objects, or as options (``ches_drop_top=10``,
+    ``where=[...]``, see :func:`rules_from_options`), or both (rules first).
     Writes ``out/pairs.parquet`` (kept pairs, flips applied, + ``weight`` /
     ``label_confidence`` when asked), ``out/curation.parquet`` (the audit
     trail), ``out/holdout.parquet`` (when ``holdout`` > 0), a copy of the
-    run's ``scores.parquet`` and ``manifest.json`` with a ``curation``
-    section, so ``out`` is itself a run directory that ``export`` reads.
-    With ``dry_run`` nothing is written.
+    run's ``scores.parquet`` and, last, ``manifest.json`` with a ``curation``
+    section listing the files, so ``out`` is itself a run directory that
+    ``export`` reads. The directory appears complete or not at all (see
+    :mod:`curate.outdir`). With ``dry_run`` nothing is written.
     """
+    rules = list(rules or ()) + (rules_from_options(**rule_options) if rule_options else [])
     run_dir = RunDir(run)
     if not (run_dir / PAIRS).exists():
         raise CurateError(f"{run_dir.path} is not a run directory (no pairs.parquet): run `curate score` first")
     if not dry_run:
         if out is None:
             raise CurateError("curate filter needs --out DIR (or --dry-run)")
-        _prepare_out(Path(out), run_dir.path, force)
+        if Path(out).resolve() == run_dir.path.resolve():
+            raise CurateError(f"--out {out} is the run directory itself: choose a new directory for the curated set")
+        check_target(Path(out), force=force, owned=FILTER_OWNED, step="curate filter")
     result = curate_pairs(run_dir.table(), rules, weights=weights, soft_labels=soft_labels, holdout=holdout)
     summary = dict(result.summary, run=str(run_dir.path), out=None if dry_run else str(out), dry_run=dry_run)
     if dry_run:
         return summary
 
-    out_dir = RunDir(out)
-    write_parquet(result.pairs, out_dir / PAIRS)
-    write_parquet(result.audit, out_dir / CURATION)
-    if holdout:
-        write_parquet(result.holdout, out_dir / HOLDOUT)
-    else:
-        (out_dir / HOLDOUT).unlink(missing_ok=True)
     scores = run_dir.scores()
-    if scores.width > 1:
-        write_parquet(scores, out_dir / SCORES)
-    else:
-        (out_dir / SCORES).unlink(missing_ok=True)
     manifest = run_dir.manifest()
-    manifest[SECTION] = {k: v for k, v in summary.items() if k != "dry_run"}
-    manifest[SECTION]["note"] = "scores.parquet is the source run's, in its orientation; flipped pairs have meta.flipped"
-    write_json(manifest, out_dir / MANIFEST)
+    with staged_dir(out) as stage:
+        files = [CURATION, PAIRS]
+        # the audit first: a staging directory with any pairs in it is already marked as a curated one
+        write_parquet(result.audit, stage / CURATION)
+        write_parquet(result.pairs, stage / PAIRS)
+        if holdout:
+            write_parquet(result.holdout, stage / HOLDOUT)
+            files.append(HOLDOUT)
+        if scores.width > 1:
+            write_parquet(scores, stage / SCORES)
+            files.append(SCORES)
+        manifest[SECTION] = {k: v for k, v in summary.items() if k != "dry_run"} | {"files": files}
+        manifest[SECTION]["note"] = "scores.parquet is the source run's, in its orientation; flipped pairs have meta.flipped"
+        write_json(manifest, stage / MANIFEST)
     return summary
+
+
+def incomplete_curation(path: str | Path) -> str | None:
+    """Why ``path`` is an incomplete curated directory, or None (complete, or never curated).
+
+    A curated directory is one with ``curation.parquet`` or a ``curation``
+    manifest section; it is complete when the manifest lists its files and
+    they all exist.
+    """
+    run = RunDir(path)
+    try:
+        section = run.manifest().get(SECTION)
+    except (ValueError, OSError):
+        return f"its {MANIFEST} cannot be read"
+    if section is None:
+        return f"it has {CURATION} but no curation section in {MANIFEST}" if (run / CURATION).exists() else None
+    absent = [name for name in section.get("files", [PAIRS]) if not (run / name).exists()]
+    return f"its manifest lists {', '.join(absent)}, which are missing" if absent else None

@@ -115,9 +115,10 @@ def encode_batched(
 def _progress(iterable, show: bool, description: str):
     if not show:
         return iterable
+    from rich.console import Console
     from rich.progress import track
 
-    return track(iterable, description=description, transient=True)
+    return track(iterable, description=description, transient=True, console=Console(stderr=True))
 
 
 class EmbeddingCache:

@@ -11,12 +11,20 @@ Formats (``out`` is always a directory; ``SPLIT`` is ``train`` or ``holdout``):
 - ``trl``: ``out/SPLIT.parquet`` in TRL's conversational preference format:
   ``prompt`` (list of messages), ``chosen`` and ``rejected`` (each a one-message
   list ``[{"role": "assistant", "content": ...}]``), plus ``pair_id`` and, when
-  available, ``weight``, ``label_confidence``, ``margin`` and ``flip_prob``.
+  available, ``weight``, ``label_confidence``, ``curate_margin`` and ``flip_prob``.
+  When the run was scored with ``--scores logps`` (and ``ref_logps`` is not
+  False), the rows are instead TRL's text format rendered exactly as curate
+  scored them, with ``ref_chosen_logps`` / ``ref_rejected_logps``, the
+  reference log-probs ``DPOTrainer(precompute_ref_log_probs=True)`` consumes
+  (:mod:`curate.trl_reference` says why and how).
 
-``margin`` and ``flip_prob`` in the trl export are oriented to the exported
+``curate_margin`` and ``flip_prob`` in the trl export are oriented to the exported
 labels: for a pair curation flipped, the margin is negated and the flip
-probability mirrored. ``margin`` is logit(``p_chosen``) when the run has
-``p_chosen`` (a Bradley-Terry logit margin), else ``rm_margin_mean``.
+probability mirrored (and the reference log-probs swapped). ``curate_margin`` is
+logit(``p_chosen``) when the run has ``p_chosen`` (a Bradley-Terry logit margin),
+else ``rm_margin_mean``. It is not called ``margin``: TRL's RewardTrainer
+subtracts a ``margin`` column inside its loss, which would shift a reward model
+trained on the export by curate's own estimate.
 
 Every export writes ``out/README.md``: the source dataset, the models and
 settings of each score (from the manifest), the rules applied with counts,
@@ -32,9 +40,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from curate.curation import CURATION, HOLDOUT, SECTION, logit
+from curate.curation import CURATION, HOLDOUT, SECTION, incomplete_curation, logit
 from curate.data.schema import PAIR_SCHEMA, meta_of
 from curate.errors import CurateError
+from curate.outdir import check_target, staged_dir
 from curate.rundir import RunDir, atomic_write_bytes, write_parquet
 
 FORMATS = ("parquet", "jsonl", "hf", "trl")
@@ -69,15 +78,44 @@ def oriented_scores(pairs: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     return joined.with_columns(fixes) if fixes else joined
 
 
-def trl_frame(pairs: pl.DataFrame, scores: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str]]:
-    """TRL's conversational preference columns (+ signals); returns (frame, column notes)."""
-    assistant = lambda col: pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(col)))  # noqa: E731
-    frame = pairs.select("pair_id", "prompt", assistant("chosen").alias("chosen"), assistant("rejected").alias("rejected"))
-    notes = {
-        "prompt": "the conversation before the reply: a list of {role, content} messages",
-        "chosen": "the preferred reply as [{role: assistant, content}]",
-        "rejected": "the other reply as [{role: assistant, content}]",
-    }
+LOGP_COLUMNS = ("logp_chosen", "logp_rejected")
+
+
+def has_logps(scores: pl.DataFrame) -> bool:
+    return all(c in scores.columns for c in LOGP_COLUMNS)
+
+
+def oriented_logps(pairs: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """``pair_id``, ``logp_chosen``, ``logp_rejected`` of ``pairs``, swapped for the pairs curation flipped."""
+    joined = pairs.select("pair_id").join(scores.select("pair_id", *LOGP_COLUMNS), on="pair_id", how="left",
+                                          maintain_order="left")
+    flip = flipped_mask(pairs)
+    return joined.with_columns(
+        logp_chosen=pl.when(flip).then(pl.col("logp_rejected")).otherwise(pl.col("logp_chosen")),
+        logp_rejected=pl.when(flip).then(pl.col("logp_chosen")).otherwise(pl.col("logp_rejected")),
+    )
+
+
+def trl_frame(pairs: pl.DataFrame, scores: pl.DataFrame, *, manifest: dict[str, Any] | None = None,
+              ref_logps: bool | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+    """TRL's preference columns (+ signals); returns (frame, column notes).
+
+    ``ref_logps`` None: reference columns (and text rows) when the run has
+    ``logp_*`` scores; True: required; False: conversational rows, no reference.
+    """
+    if ref_logps is None:
+        ref_logps = has_logps(scores)
+    if ref_logps:
+        frame, notes = _trl_reference_frame(pairs, scores, manifest or {})
+    else:
+        assistant = lambda col: pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(col)))  # noqa: E731
+        frame = pairs.select("pair_id", "prompt", assistant("chosen").alias("chosen"),
+                             assistant("rejected").alias("rejected"))
+        notes = {
+            "prompt": "the conversation before the reply: a list of {role, content} messages",
+            "chosen": "the preferred reply as [{role: assistant, content}]",
+            "rejected": "the other reply as [{role: assistant, content}]",
+        }
     for col in TRAINING_SIGNALS:
         if col in pairs.columns:
             frame = frame.with_columns(pairs[col])
@@ -85,14 +123,39 @@ def trl_frame(pairs: pl.DataFrame, scores: pl.DataFrame) -> tuple[pl.DataFrame, 
     oriented = oriented_scores(pairs, scores)
     if "p_chosen" in oriented.columns:
         p = oriented["p_chosen"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        frame = frame.with_columns(margin=pl.Series(logit(p)).fill_nan(None))
-        notes["margin"] = "logit(p_chosen): Bradley-Terry logit margin of the exported label"
+        frame = frame.with_columns(curate_margin=pl.Series(logit(p)).fill_nan(None))
+        notes["curate_margin"] = "logit(p_chosen): Bradley-Terry logit margin of the exported label"
     elif "rm_margin_mean" in oriented.columns:
-        frame = frame.with_columns(margin=oriented["rm_margin_mean"])
-        notes["margin"] = "rm_margin_mean: reward-ensemble mean margin of the exported label"
+        frame = frame.with_columns(curate_margin=oriented["rm_margin_mean"])
+        notes["curate_margin"] = "rm_margin_mean: reward-ensemble mean margin of the exported label"
     if "flip_prob" in oriented.columns:
         frame = frame.with_columns(flip_prob=oriented["flip_prob"])
         notes["flip_prob"] = "estimated probability that the exported label is wrong"
+    return frame, notes
+
+
+def _trl_reference_frame(pairs: pl.DataFrame, scores: pl.DataFrame,
+                         manifest: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, str]]:
+    from curate.trl_reference import reference_rows, scoring_tokenizer
+
+    scored = manifest.get("score", {})
+    if not has_logps(scores) or not scored.get("model"):
+        raise CurateError("the reference columns need a run scored with --scores logps; "
+                          "score it first, or export with --no-ref-logps")
+    rows = reference_rows(
+        pairs, oriented_logps(pairs, scores), tokenizer=scoring_tokenizer(scored["model"]),
+        system_prompt=scored.get("system_prompt", "default"),
+        max_length=(scored.get("truncation") or {}).get("max_length"),
+    )
+    frame = pl.concat([pairs.select("pair_id"), rows], how="horizontal")
+    model = scored["model"].get("name")
+    notes = {
+        "prompt": f"the prompt as curate rendered it for {model} (chat template, generation prompt), as text",
+        "chosen": "the preferred reply followed by the end-of-turn token, as text",
+        "rejected": "the other reply followed by the end-of-turn token, as text",
+        "ref_chosen_logps": f"log pi_ref(chosen | prompt) under {model}, summed over the reply tokens (TRL's reference)",
+        "ref_rejected_logps": f"log pi_ref(rejected | prompt) under {model} (TRL's reference)",
+    }
     return frame, notes
 
 
@@ -276,11 +339,7 @@ _PAIR_NOTES = {
 }
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CurateError(f"--out {out} is a file: give a directory for the export")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CurateError(f"{out} already exists and is not empty: choose another --out or pass --force to overwrite")
+EXPORT_OWNED = (CARD, "train.*", "holdout.*", "data-*.arrow", "dataset_info.json", "state.json", ".*.tmp")
 
 
 def export_curated(
@@ -291,13 +350,21 @@ def export_curated(
     split: str = "train",
     force: bool = False,
     push_to_hub: str | None = None,
+    ref_logps: bool | None = None,
 ) -> dict[str, Any]:
-    """Export a curated run directory (``curate filter --out``) and write its data card; returns a summary."""
+    """Export a curated run directory (``curate filter --out``) and write its data card; returns a summary.
+
+    ``ref_logps`` (trl format only): None adds TRL's reference columns when the
+    run has log-prob scores, True requires them, False leaves them out.
+    """
     if fmt not in FORMATS:
         raise CurateError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if split not in SPLITS:
         raise CurateError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     run = RunDir(curated)
+    problem = incomplete_curation(run.path)
+    if problem:
+        raise CurateError(f"{run.path} is an incomplete curated directory ({problem}): rerun `curate filter` with --force")
     source = run / ("pairs.parquet" if split == "train" else HOLDOUT)
     if not source.exists():
         hint = "run `curate filter RUN --out DIR` first" if split == "train" else "run `curate filter` with --holdout"
@@ -305,7 +372,7 @@ def export_curated(
     out = Path(out)
     if out.resolve() == run.path.resolve():
         raise CurateError("--out must not be the curated directory itself: choose a new directory")
-    _prepare_out(out, force)
+    check_target(out, force=force, owned=EXPORT_OWNED, step="curate export")
 
     pairs = pl.read_parquet(source)
     scores = run.scores()
@@ -314,40 +381,49 @@ def export_curated(
     data = pairs.select([*PAIR_SCHEMA, *signal_cols])
     notes = {c: _PAIR_NOTES[c] for c in PAIR_SCHEMA} | {c: _SIGNAL_NOTES[c] for c in signal_cols}
 
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "trl":
-        data, notes = trl_frame(pairs, scores)
-        notes = {"pair_id": _PAIR_NOTES["pair_id"]} | notes
-        files = [f"{split}.parquet"]
-        write_parquet(data, out / files[0])
-    elif fmt == "parquet":
-        files = [f"{split}.parquet"]
-        write_parquet(data, out / files[0])
-    elif fmt == "jsonl":
-        files = [f"{split}.jsonl"]
-        atomic_write_bytes(out / files[0], data.write_ndjson().encode("utf-8"))
-    else:
-        files = _save_hf(data, out, force)
-
-    card = data_card(manifest=manifest, pairs=pairs, scores=scores, fmt=fmt, split=split, files=files, column_notes=notes)
-    atomic_write_bytes(out / CARD, card.encode("utf-8"))
+    extra: dict[str, Any] = {}
+    with staged_dir(out) as stage:
+        if fmt == "trl":
+            data, notes = trl_frame(pairs, scores, manifest=manifest, ref_logps=ref_logps)
+            notes = {"pair_id": _PAIR_NOTES["pair_id"]} | notes
+            if "ref_chosen_logps" in data.columns:
+                extra["trl_max_length_needed"] = _longest_sequence(pairs, scores)
+            files = [f"{split}.parquet"]
+            write_parquet(data, stage / files[0])
+        elif fmt == "parquet":
+            files = [f"{split}.parquet"]
+            write_parquet(data, stage / files[0])
+        elif fmt == "jsonl":
+            files = [f"{split}.jsonl"]
+            atomic_write_bytes(stage / files[0], data.write_ndjson().encode("utf-8"))
+        else:
+            files = _save_hf(data, stage)
+        card = data_card(manifest=manifest, pairs=pairs, scores=scores, fmt=fmt, split=split, files=files,
+                         column_notes=notes)
+        atomic_write_bytes(stage / CARD, card.encode("utf-8"))  # the card last: a directory with it is complete
     if push_to_hub:
         _push_to_hub(data, out / CARD, push_to_hub, split)
     return {
         "curated": str(run.path), "format": fmt, "split": split, "out": str(out), "files": [*files, CARD],
         "pairs": data.height, "columns": data.columns, "flipped": int(flipped_mask(pairs).sum()),
-        "pushed_to": push_to_hub,
+        "pushed_to": push_to_hub, **extra,
     }
 
 
-def _save_hf(data: pl.DataFrame, out: Path, force: bool) -> list[str]:
+def _longest_sequence(pairs: pl.DataFrame, scores: pl.DataFrame) -> int | None:
+    """Longest prompt + reply (tokens) curate scored among ``pairs``: the DPOConfig.max_length TRL needs."""
+    needed = ("n_tokens_prompt", "n_tokens_chosen", "n_tokens_rejected")
+    if not all(c in scores.columns for c in needed):
+        return None
+    lengths = pairs.select("pair_id").join(scores.select("pair_id", *needed), on="pair_id", how="left").select(
+        pl.col("n_tokens_prompt") + pl.max_horizontal("n_tokens_chosen", "n_tokens_rejected"))
+    return int(lengths.to_series().max())
+
+
+def _save_hf(data: pl.DataFrame, out: Path) -> list[str]:
     import datasets
 
-    dataset = datasets.Dataset.from_polars(data)
-    if force:  # save_to_disk refuses to mix with an older dataset's shards
-        for old in list(out.glob("data-*.arrow")) + [out / "dataset_info.json", out / "state.json"]:
-            old.unlink(missing_ok=True)
-    dataset.save_to_disk(str(out))
+    datasets.Dataset.from_polars(data).save_to_disk(str(out))
     return sorted(p.name for p in out.iterdir() if p.name != CARD)
 
 
@@ -362,3 +438,9 @@ def _push_to_hub(data: pl.DataFrame, card: Path, repo: str, split: str) -> None:
         HfApi().upload_file(path_or_fileobj=str(card), path_in_repo=CARD, repo_id=repo, repo_type="dataset")
     except Exception as exc:  # network, auth, permissions: one sentence, the local export is kept
         raise CurateError(f"push to {repo} failed ({type(exc).__name__}: {exc}); the local export is complete") from None
+
+
+# `from curate import export` gives this module; calling it calls export_curated().
+from curate import callable_module  # noqa: E402
+
+callable_module(__name__, "export_curated")

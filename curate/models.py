@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -137,9 +137,9 @@ def _atomic_dir(target: Path, build) -> Path:
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_inside(tmp, target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_inside(tmp, target.parent)
         raise
     return target
 

@@ -27,6 +27,7 @@ half way resumes from its last checkpoint. The report is always rewritten.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from curate.errors import CurateError
+from curate.fsutil import check_slug, remove_inside
 
 STEPS = ("score", "features", "filter", "export", "train", "eval", "report")
 GLOBAL_KEYS = ("name", "description", "run_dir", "dataset", "load", "model", "device", "seed", "steps")
@@ -134,6 +136,11 @@ def check_recipe(recipe: dict[str, Any], path: Path | str = "the recipe") -> Non
     for step in steps:
         if not isinstance(recipe.get(step) or {}, dict):
             raise CurateError(f"{path}: the '{step}' section must be a mapping of settings")
+    runs = (recipe.get("train") or {}).get("runs") if isinstance(recipe.get("train"), dict) else None
+    if runs is not None and not isinstance(runs, dict):
+        raise CurateError(f"{path}: train.runs must map a run name to its settings, e.g. {{dpo: {{loss: dpo}}}}")
+    for name in runs or {}:  # each becomes RUN/train/NAME and RUN/eval/NAME
+        check_slug(name, f"{path}: train.runs key")
 
 
 def fingerprint(previous: str, step: str, recipe: dict[str, Any]) -> str:
@@ -182,9 +189,11 @@ class Step:
 
 
 def check_settings(step: str, settings: dict[str, Any], allowed: Any) -> None:
-    """Refuse a misspelt setting with one sentence, instead of a TypeError deep in a library call."""
+    """Refuse a misspelt setting with one sentence naming the recipe key, instead of a TypeError deep in a call."""
     import dataclasses
     import inspect
+
+    from curate.config import unknown_key_error
 
     if isinstance(allowed, (set, frozenset, tuple)):
         names = set(allowed)
@@ -192,17 +201,54 @@ def check_settings(step: str, settings: dict[str, Any], allowed: Any) -> None:
         names = {f.name for f in dataclasses.fields(allowed)}
     else:
         names = set(inspect.signature(allowed).parameters)
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        raise CurateError(f"{step}: unknown settings {unknown}; it takes {', '.join(sorted(names))}")
+    error = unknown_key_error(settings, names, lambda key: f"{step}.{key}")
+    if error is not None:
+        raise error
+
+
+TRAIN_KEYS = ("data", "common", "runs", "max_train_pairs")
+EXPORT_KEYS = ("format", "split")
+REPORT_KEYS = ("out", "title")
+EVAL_OWN_KEYS = ("data", "max_pairs")
+
+
+def train_configs(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Each train run's TrainConfig (common settings under its own), checked: errors name the recipe key."""
+    from curate.config import from_mapping
+    from curate.train.config import TrainConfig
+
+    train = dict(recipe.get("train") or {})
+    common = train.get("common") or {}
+    if not isinstance(common, dict):
+        raise CurateError("train.common must be a mapping of training settings, e.g. {lr: 1.0e-6, batch_size: 8}")
+    configs = {}
+    for name, options in _runs_of(train).items():
+        options = options or {}
+        if not isinstance(options, dict):
+            raise CurateError(f"train.runs.{name} must be a mapping of training settings, e.g. {{loss: dpo}}")
+
+        def key(field: str, options=options, name=name) -> str:
+            return f"train.runs.{name}.{field}" if field in options else f"train.common.{field}"
+
+        cfg = from_mapping(TrainConfig, {"seed": int(recipe.get("seed", 0)), **common, **options}, key)
+        cfg.validate(key)
+        configs[name] = cfg
+    return configs
+
+
+def _runs_of(train: dict[str, Any]) -> dict[str, Any]:
+    runs = train.get("runs") or {"dpo": {"loss": "dpo"}}
+    if not isinstance(runs, dict):
+        raise CurateError("train.runs must map a run name to its settings, e.g. {dpo: {loss: dpo}}")
+    return runs
 
 
 def check_all_settings(recipe: dict[str, Any]) -> None:
-    """Check every listed step's settings before the first one runs (a typo in eval must not wait for scoring)."""
+    """Check every listed step's keys and values before the first one runs (a typo in eval must not wait for scoring)."""
+    from curate.config import from_mapping
     from curate.eval import evaluate
     from curate.features import FeatureSettings
-    from curate.score import score
-    from curate.train.loop import TrainConfig
+    from curate.score import parse_scores, score
 
     steps = recipe["steps"]
     section = lambda name: dict(recipe.get(name) or {})  # noqa: E731
@@ -213,32 +259,106 @@ def check_all_settings(recipe: dict[str, Any]) -> None:
 
     if "score" in steps:
         check_settings("score", section("score"), parameters(score, "dataset_or_run", "out", "model", "device", "lm"))
+        try:
+            parse_scores(section("score").get("scores", ("ches", "logps")))
+        except CurateError as exc:
+            raise CurateError(f"score.scores: {exc}") from None
     if "features" in steps:
-        check_settings("features", section("features"), FeatureSettings)
+        cfg = from_mapping(FeatureSettings, section("features"), lambda key: f"features.{key}")
+        if not 1 <= cfg.k <= cfg.n_features:
+            raise CurateError(f"features.k must be between 1 and features.n_features ({cfg.n_features}), got {cfg.k}")
     if "filter" in steps:
         check_settings("filter", section("filter"), FILTER_KEYS)
+        _check_filter_inputs(recipe)
     if "export" in steps:
-        check_settings("export", section("export"), {"format", "split"})
+        check_settings("export", section("export"), EXPORT_KEYS)
     if "train" in steps:
-        train = section("train")
-        check_settings("train", train, {"data", "common", "runs", "max_train_pairs"})
-        runs = train.get("runs") or {}
-        if not isinstance(runs, dict):
-            raise CurateError("train.runs must map a run name to its settings, e.g. {dpo: {loss: dpo}}")
-        for name, options in [("common", train.get("common"))] + [(f"runs.{k}", v) for k, v in runs.items()]:
-            check_settings(f"train.{name}", dict(options or {}), TrainConfig)
+        check_settings("train", section("train"), TRAIN_KEYS)
+        if section("train").get("data", "curated") not in ("curated", "all"):
+            raise CurateError(f"train.data must be 'curated' or 'all', got {section('train')['data']!r}")
+        _max_train_pairs_setting(section("train").get("max_train_pairs"))
+        train_configs(recipe)
     if "eval" in steps:
         check_settings("eval", section("eval"),
-                       parameters(evaluate, "model", "ref", "data", "out", "scores", "device") | {"data", "max_pairs"})
+                       parameters(evaluate, "model", "ref", "data", "out", "scores", "device") | set(EVAL_OWN_KEYS))
+        if section("eval").get("data", "train") not in ("train", "holdout"):
+            raise CurateError(f"eval.data must be 'train' or 'holdout', got {section('eval')['data']!r}")
     if "report" in steps:
-        check_settings("report", section("report"), {"out", "title"})
+        check_settings("report", section("report"), REPORT_KEYS)
+
+
+# which score (score.scores) or step makes the column each filter setting reads
+SCORE_COLUMNS = {"ches": ("ln_ches", "ches"), "logps": ("logp_chosen", "logp_rejected"),
+                 "reward": ("rm_margin_mean", "rm_margin_std"), "noise": ("flip_prob",)}
+FILTER_NEEDS = {"ches_threshold": "ln_ches", "ches_drop_top": "ln_ches", "ches_keep_lowest": "ln_ches",
+                "min_strength": "rm_margin_mean", "max_margin_std": "rm_margin_std", "max_flip_prob": "flip_prob",
+                "soft_labels": "flip_prob"}
+
+
+def _scores_making(column: str) -> list[str]:
+    """The score names that make ``column``, the one it belongs to first."""
+    makers = [name for name, columns in SCORE_COLUMNS.items() if column in columns]
+    if set(makers) & {"reward", "noise"}:  # the ensemble and the noise estimates are computed together
+        makers += [name for name in ("reward", "noise") if name not in makers]
+    return makers
+
+
+def _check_filter_inputs(recipe: dict[str, Any]) -> None:
+    """A filter setting whose column the recipe's score step will not make names the score to add."""
+    if "score" not in recipe["steps"]:
+        return  # the columns may already be in the run directory; curation names what is missing
+    from curate.score import parse_scores
+
+    scores = set(parse_scores((recipe.get("score") or {}).get("scores", ("ches", "logps"))))
+    settings = dict(recipe.get("filter") or {})
+    needs = {key: FILTER_NEEDS[key] for key in settings if key in FILTER_NEEDS and settings[key] not in (None, False)}
+    if settings.get("ches_column"):
+        needs = {k: (settings["ches_column"] if v == "ln_ches" else v) for k, v in needs.items()}
+    if settings.get("weights") in ("strength", "madpo"):
+        needs["weights"] = "rm_margin_mean"
+    for key, column in needs.items():
+        makers = _scores_making(column)
+        if makers and not scores & set(makers):
+            raise CurateError(f"filter.{key} needs the {column} column, which score.scores {sorted(scores)} does "
+                              f"not make: add {makers[0]} to score.scores")
+    if settings.get("features") and "features" not in recipe["steps"]:
+        raise CurateError("filter.features needs SAE features: add features to steps (before filter)")
+
+
+def check_against_data(recipe: dict[str, Any], n_pairs: int, device_type: str) -> None:
+    """Settings that only the loaded pairs can rule out, checked before the first model loads."""
+    steps = recipe["steps"]
+    if "features" in steps:
+        from curate.config import from_mapping
+        from curate.features import FeatureSettings
+
+        cfg = from_mapping(FeatureSettings, dict(recipe.get("features") or {}), lambda key: f"features.{key}")
+        available = int(n_pairs * (1 - cfg.val_fraction))  # at most this many pairs train the SAE
+        if available < 2 * cfg.n_features:
+            raise CurateError(
+                f"features.n_features is {cfg.n_features} but only about {available} of the {n_pairs} pairs train "
+                f"the SAE (it needs 2 x n_features): set features.n_features to at most {max(1, available // 2)}")
+    if "train" in steps:
+        check_train_pairs(recipe, n_pairs, device_type, f"{n_pairs} pairs loaded")
+
+
+def check_train_pairs(recipe: dict[str, Any], n_pairs: int, device_type: str, source: str) -> None:
+    """Every train run's batch size against the pairs that can reach it (``source`` says where they come from)."""
+    max_pairs = dict(recipe.get("train") or {}).get("max_train_pairs")
+    limit = _max_train_pairs_value(max_pairs, device_type)
+    reach = min(n_pairs, limit) if limit else n_pairs
+    for name, cfg in train_configs(recipe).items():
+        options = ((recipe.get("train") or {}).get("runs") or {}).get(name) or {}
+        pairs = min(reach, cfg.limit) if cfg.limit else reach
+        if cfg.batch_size > pairs:
+            key = f"train.runs.{name}.batch_size" if "batch_size" in options else "train.common.batch_size"
+            raise CurateError(f"{key} is {cfg.batch_size} but at most {pairs} pairs reach train run {name} "
+                              f"({source}, train.max_train_pairs {max_pairs if max_pairs is not None else 'all'}): "
+                              f"lower {key}")
 
 
 def _train_runs(ctx: Context) -> dict[str, dict[str, Any]]:
-    runs = ctx.settings("train").get("runs") or {"dpo": {"loss": "dpo"}}
-    if not isinstance(runs, dict):
-        raise CurateError("train.runs must map a run name to its settings, e.g. {dpo: {loss: dpo}}")
-    return runs
+    return _runs_of(ctx.settings("train"))
 
 
 def load_step(ctx: Context) -> dict[str, Any]:
@@ -250,7 +370,7 @@ def load_step(ctx: Context) -> dict[str, Any]:
     loaded = load_pairs(str(ctx.recipe["dataset"]), **options)
     run = RunDir(ctx.run)
     if ctx.fresh:  # other data: scores of the old pairs must not linger in the join
-        (ctx.run / "scores.parquet").unlink(missing_ok=True)
+        remove_inside(ctx.run / "scores.parquet", ctx.run)
     run.write_pairs(loaded.pairs, loaded.quarantine)
     run.update_manifest("load", {"dataset": str(ctx.recipe["dataset"]), "options": options, **loaded.info,
                                  "pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height})
@@ -265,7 +385,7 @@ def score_step(ctx: Context) -> dict[str, Any]:
     # the reward ensemble and the features step embed the same replies: one cache for both
     cfg["reward_options"] = {"cache_dir": ctx.run / "cache", **(cfg.get("reward_options") or {})}
     if ctx.fresh:  # columns of other settings (or of the features step) must not outlive them
-        (ctx.run / "scores.parquet").unlink(missing_ok=True)
+        remove_inside(ctx.run / "scores.parquet", ctx.run)
     table = score(ctx.run, out=ctx.run, model=ctx.model, device=ctx.device, **cfg)
     out: dict[str, Any] = {"pairs": table.height}
     for name in ("ln_ches", "rm_margin_mean", "flip_prob"):
@@ -275,9 +395,21 @@ def score_step(ctx: Context) -> dict[str, Any]:
 
 
 def _score_done(ctx: Context) -> bool:
+    """Every requested score's columns exist for every pair, and the manifest lists those scores."""
     from curate.rundir import RunDir
+    from curate.score import parse_scores
 
-    return "ln_ches" in RunDir(ctx.run).scores().columns
+    run = RunDir(ctx.run)
+    wanted = parse_scores(ctx.settings("score").get("scores", ("ches", "logps")))
+    recorded = set((run.manifest().get("score") or {}).get("scores") or ())
+    if not set(wanted) <= recorded:
+        return False
+    scores = run.scores()
+    columns = [c for name in wanted for c in SCORE_COLUMNS[name][:1]]
+    if any(c not in scores.columns for c in columns):
+        return False
+    pair_ids = set(run.pairs()["pair_id"].to_list())
+    return pair_ids <= set(scores["pair_id"].to_list())
 
 
 def features_step(ctx: Context) -> dict[str, Any]:
@@ -327,40 +459,50 @@ def _training_data(ctx: Context) -> Path:
 CPU_TRAIN_PAIRS = 64  # max_train_pairs "auto" on a CPU: SmolLM2-135M trains at well under 1 pair/s there
 
 
-def max_train_pairs(ctx: Context) -> int | None:
-    """train.max_train_pairs as a limit: a number, 'all' / null (no limit), or 'auto' (64 on a CPU, all on a GPU)."""
-    value = ctx.settings("train").get("max_train_pairs")
-    if value in (None, "all"):
-        return None
-    if value == "auto":
-        from curate.models import resolve_device
-
-        return None if resolve_device(ctx.device).type != "cpu" else CPU_TRAIN_PAIRS
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+def _max_train_pairs_setting(value: Any) -> Any:
+    if value in (None, "all", "auto") or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return value
     raise CurateError(f"train.max_train_pairs must be a positive number, 'all' or 'auto', got {value!r}")
 
 
+def _max_train_pairs_value(value: Any, device_type: str) -> int | None:
+    value = _max_train_pairs_setting(value)
+    if value in (None, "all"):
+        return None
+    if value == "auto":
+        return None if device_type != "cpu" else CPU_TRAIN_PAIRS
+    return value
+
+
+def max_train_pairs(ctx: Context) -> int | None:
+    """train.max_train_pairs as a limit: a number, 'all' / null (no limit), or 'auto' (64 on a CPU, all on a GPU)."""
+    value = ctx.settings("train").get("max_train_pairs")
+    if value == "auto":
+        from curate.models import resolve_device
+
+        return _max_train_pairs_value(value, resolve_device(ctx.device).type)
+    return _max_train_pairs_value(value, "cpu")
+
+
 def train_step(ctx: Context) -> dict[str, Any]:
     """Each entry of train.runs, on the first max_train_pairs pairs; finished runs are kept, killed ones resume."""
-    import shutil
-
     from curate.train.loop import train
 
-    cfg = ctx.settings("train")
-    common = dict(cfg.get("common") or {})
     limit = max_train_pairs(ctx)
     out: dict[str, Any] = {}
-    for name, options in _train_runs(ctx).items():
-        target = ctx.run / TRAIN / name
-        if ctx.fresh and target.exists():
-            shutil.rmtree(target)
+    for name, config in train_configs(ctx.recipe).items():
+        target = ctx.run / TRAIN / check_slug(name, "train.runs key")
+        if ctx.fresh:
+            remove_inside(target, ctx.run)
         if (target / "final").is_dir():
             out[name] = {"skipped": "already trained"}
             continue
-        resume = (target / "checkpoints").is_dir() and any((target / "checkpoints").iterdir())
+        # a run dir left by a killed run of the same settings resumes (from step 0 if no checkpoint was written)
+        resume = target.is_dir() and any(target.iterdir())
+        if config.limit is None:
+            config = dataclasses.replace(config, limit=limit)
         result = train(_training_data(ctx), out=target, model=ctx.model, resume=resume, progress=not ctx.quiet,
-                       device=ctx.device, **{"seed": ctx.seed, "limit": limit, **common, **(options or {})})
+                       device=ctx.device, config=config)
         out[name] = {"steps": result.steps, "final_loss": result.final_loss,
                      "reward_accuracy": result.last_metrics.get("reward_accuracy")}
     return out
@@ -462,6 +604,9 @@ def run_pipeline(
     (tests use it). Progress and a summary go to ``console`` (a rich Console)
     unless ``quiet``.
     """
+    from curate.env import configure
+
+    configure()
     recipe = load_recipe(recipe_path, overrides)
     if steps is None:
         check_all_settings(recipe)
@@ -480,7 +625,11 @@ def run_pipeline(
     order = ["load"] + list(recipe["steps"])
     upstream_ran = False
     for i, name in enumerate(order):
+        if name != "load" and order[i - 1] == "load" and (run / "pairs.parquet").is_file():
+            _check_loaded_pairs(recipe, run)
         step = table[name]
+        if name == "train" and step is STEP_TABLE["train"]:
+            _check_curated_pairs(recipe, run)
         fp = fingerprint(previous, name, recipe)
         previous = fp
         recorded = state.steps.get(name, {})
@@ -509,6 +658,31 @@ def run_pipeline(
         "headline": report["headline"] if report else {},
     }
     return out
+
+
+def _check_loaded_pairs(recipe: dict[str, Any], run: Path) -> None:
+    """After the load step, before any model: the settings the number of pairs can rule out."""
+    import polars as pl
+
+    from curate.models import resolve_device
+    from curate.rundir import PAIRS
+
+    n_pairs = pl.scan_parquet(run / PAIRS).select(pl.len()).collect().item()
+    check_against_data(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type)
+
+
+def _check_curated_pairs(recipe: dict[str, Any], run: Path) -> None:
+    """Before training (after the filter): the batch sizes against the pairs the filter kept."""
+    import polars as pl
+
+    from curate.models import resolve_device
+    from curate.rundir import PAIRS
+
+    data = _training_data(Context(recipe, run))
+    if (data / PAIRS).is_file():
+        n_pairs = pl.scan_parquet(data / PAIRS).select(pl.len()).collect().item()
+        what = "pairs kept by the filter" if data != run else "pairs in the run"
+        check_train_pairs(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type, f"{n_pairs} {what}")
 
 
 def _now() -> str:

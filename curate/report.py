@@ -457,10 +457,18 @@ def noise_section(inputs: ReportInputs) -> Section | None:
     parts: list[str | Plot] = []
     if info.get("flip_rate") is not None:
         parts.append(f"<p>Estimated flip rate ({esc(default)}): <b>{fmt(info['flip_rate'])}</b></p>")
+    if info.get("flip_rate_interval"):
+        low, high = info["flip_rate_interval"]
+        parts.append(f"<p>90% interval: {fmt(low)} to {fmt(high)}"
+                     + ("" if info.get("identifiable") is not False else
+                        f". <b>Not identifiable</b>: the ensemble cannot tell ambiguous pairs from flipped ones at "
+                        f"this strength, so flip_prob uses the interval's lower end, {fmt(info.get('flip_prob_rate'))}")
+                     + "</p>")
     parts.append(histogram({"flip_prob": flip}, "Per-pair flip probability", "flip_prob"))
     estimators = info.get("estimators") or {}
     if estimators:
         rows = [{"estimator": name + (" (default)" if name == default else ""), "flip rate": e.get("rate"),
+                 "90% interval": "-" if not e.get("interval") else f"{e['interval'][0]:.3f}-{e['interval'][1]:.3f}",
                  "assumption": e.get("assumption", "")} for name, e in estimators.items()]
         parts.append("<h3>Flip-rate estimates</h3>" + html_table(rows))
     auroc = planted_flip_auroc(table)

@@ -157,6 +157,8 @@ class ScoreSection(Section):
     n_scored: int | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     seconds_total: float | None = None
+    engine: str = "local"  # local | ray
+    workers: dict[str, Any] = field(default_factory=dict)  # num_workers, per-worker throughput (ray)
 
     def __post_init__(self) -> None:
         if isinstance(self.truncation, Mapping):

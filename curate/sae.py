@@ -224,19 +224,19 @@ def save_sae(sae: SAE[Any], path: str | Path) -> Path:
     Written into a sibling temporary directory first and swapped in, so a
     killed run never leaves a half-written SAE behind.
     """
-    import shutil
     import tempfile
+
+    from curate.fsutil import remove_inside
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         sae.save_model(tmp)
-        if path.exists():
-            shutil.rmtree(path)
+        remove_inside(path, path.parent)
         tmp.rename(path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_inside(tmp, path.parent)
         raise
     return path
 

@@ -54,6 +54,7 @@ MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
 POOLED_COLUMNS = ["pooled_chosen", "pooled_rejected"]
 DEFAULT_SHARD_SIZE = 512
+ENGINES = ("local", "ray")
 
 
 def parse_scores(scores: str | Iterable[str]) -> tuple[str, ...]:
@@ -173,13 +174,14 @@ def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame
 
 
 def _progress(total: int, done: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     quiet = os.environ.get("CURATE_QUIET") == "1"
     progress = Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} pairs/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=quiet, transient=False,
+        disable=quiet, transient=False, console=Console(stderr=True),  # stdout is for results (--json)
     )
     task = progress.add_task("score", total=total, completed=done, rate="-")
     return progress, task
@@ -215,9 +217,15 @@ def score(
     split: str | None = None,
     fmt: str = "auto",
     columns=None,
+    label_column: str | None = None,
+    strategy: str = "best-random-lower",
     keep_empty: bool = False,
     lm=None,
     reward_options: dict[str, Any] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_workers: int = 1,
+    gpus_per_worker: float = 0,
     force: bool = False,
 ) -> pl.DataFrame:
     """Score pairs with a causal LM into ``out`` (a run directory); returns the run's score table.
@@ -230,9 +238,19 @@ def score(
     :func:`curate.scores.reward.score_reward_and_noise`). ``batch_size="auto"``
     fills ``token_budget`` padded tokens per batch (halving on GPU
     out-of-memory). ``lm`` takes an already loaded :class:`curate.models.LoadedModel`.
+
+    ``engine="ray"`` scores the same shards on a Ray cluster instead
+    (:mod:`curate.scale.ray_scoring`): ``num_workers`` actors with
+    ``gpus_per_worker`` GPUs each (0: one CPU core each), on the cluster at
+    ``ray_address`` (default: ``RAY_ADDRESS``, else a local Ray runtime). Every
+    other option means the same under both engines.
     A run directory holds one dataset: scoring other pairs into it is refused
     unless ``force`` (which removes the old pairs' scores and features first).
     """
+    if engine not in ENGINES:
+        raise CurateError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "ray" and lm is not None:
+        raise CurateError("engine='ray' loads the model on each worker: pass model=NAME_OR_PATH instead of lm")
     wanted = parse_scores(scores)
     if out is None:
         if not is_run_dir(dataset_or_run):
@@ -245,7 +263,8 @@ def score(
     run = RunDir(out)
     started = time.time()
     load_kwargs = {} if isinstance(dataset_or_run, pl.DataFrame) or is_run_dir(dataset_or_run) else dict(
-        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty)
+        subset=subset, split=split, fmt=fmt, columns=columns, keep_empty=keep_empty, label_column=label_column,
+        strategy=strategy)
     resolved = resolve_pairs(dataset_or_run, limit=limit, **load_kwargs)
     pairs, quarantine = resolved.pairs, resolved.quarantine
     data_info = {"dataset": resolved.info["source"], "from_run": resolved.run is not None,
@@ -266,7 +285,8 @@ def score(
             run, pairs, quarantine, model_scores, model=model, lm=lm, device=device, dtype=dtype,
             revision=revision, batch_size=None if batch_size == "auto" else int(batch_size),
             token_budget=token_budget, max_length=max_length, system_prompt=system_prompt,
-            prefix_sharing=prefix_sharing, shard_size=shard_size,
+            prefix_sharing=prefix_sharing, shard_size=shard_size, engine=engine,
+            ray_options={"address": ray_address, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker},
         ))
         result = run.scores()
     manifest["seconds_total"] = round(time.time() - started, 3)
@@ -283,47 +303,89 @@ def score(
     return result
 
 
-def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
-                      model, lm, device, dtype, revision, batch_size, token_budget, max_length, system_prompt,
-                      prefix_sharing, shard_size) -> dict[str, Any]:
-    from curate.data.chat import ChatEncoder
-    from curate.models import load_causal_lm
-
-    t0 = time.time()
-    if lm is None:
-        lm = load_causal_lm(model, device=device, dtype=dtype, revision=revision)
-    load_seconds = time.time() - t0
-    prefix_sharing = resolve_prefix_sharing(lm.model, prefix_sharing)
+def model_facts(lm, *, prefix_sharing: bool | None, max_length: int | None) -> dict[str, Any]:
+    """What the shard plan and the manifest need to know about a loaded model (either engine)."""
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if max_length is not None and context is not None and max_length > context:
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
-    effective_max = max_length or context
-    encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=effective_max)
+    return {"info": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            "prefix_sharing": resolve_prefix_sharing(lm.model, prefix_sharing), "max_length": max_length or context,
+            "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers}
 
-    plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": lm.info, "scores": sorted(scores),
-            "max_length": effective_max, "system_prompt": system_prompt, "shard_size": shard_size}
-    shard_dir = _prepare_shards(run, plan)
-    n_shards = -(-pairs.height // shard_size)
-    todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
-    done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
 
-    progress, task = _progress(pairs.height, done_pairs)
-    counters = {"pairs": 0, "tokens": 0}
-    t_score = time.time()
+def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
+                      model, lm, device, dtype, revision, batch_size, token_budget, max_length, system_prompt,
+                      prefix_sharing, shard_size, engine="local", ray_options=None) -> dict[str, Any]:
+    from contextlib import nullcontext
 
-    def on_batch(n_pairs: int, n_tokens: int) -> None:
-        counters["pairs"] += n_pairs
-        counters["tokens"] += n_tokens
-        rate = counters["pairs"] / max(time.time() - t_score, 1e-9)
-        progress.update(task, advance=n_pairs, rate=f"{rate:.1f}")
+    from curate.data.chat import ChatEncoder
+    from curate.models import load_causal_lm
 
-    with progress:
-        for k in todo:
-            shard = pairs.slice(k * shard_size, shard_size)
-            frame = score_shard(lm, encoder, shard, scores, batch_size=batch_size, token_budget=token_budget,
-                                prefix_sharing=prefix_sharing, on_batch=on_batch)
+    load = {"name_or_path": model, "device": device, "dtype": dtype, "revision": revision}
+    if engine == "ray":
+        from curate.scale import ray_scoring
+
+        ray_options = dict(ray_options or {})
+        session = ray_scoring.ray_session(ray_options.get("address"))
+    else:
+        session = nullcontext()
+    with session as ray:
+        t0 = time.time()
+        if engine == "ray":
+            ray_scoring.check_resources(ray, ray_options["num_workers"], ray_options["gpus_per_worker"])
+            facts = ray_scoring.describe_model(ray, load, prefix_sharing=prefix_sharing, max_length=max_length,
+                                               gpus_per_worker=ray_options["gpus_per_worker"])
+        else:
+            if lm is None:
+                lm = load_causal_lm(**load)
+            facts = model_facts(lm, prefix_sharing=prefix_sharing, max_length=max_length)
+        load_seconds = time.time() - t0
+        prefix_sharing, effective_max = facts["prefix_sharing"], facts["max_length"]
+
+        plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": facts["info"],
+                "scores": sorted(scores), "max_length": effective_max, "system_prompt": system_prompt,
+                "shard_size": shard_size}
+        shard_dir = _prepare_shards(run, plan)
+        n_shards = -(-pairs.height // shard_size)
+        todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
+        done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
+
+        progress, task = _progress(pairs.height, done_pairs)
+        counters = {"pairs": 0, "tokens": 0}
+        t_score = time.time()
+
+        def on_batch(n_pairs: int, n_tokens: int) -> None:
+            counters["pairs"] += n_pairs
+            counters["tokens"] += n_tokens
+            rate = counters["pairs"] / max(time.time() - t_score, 1e-9)
+            progress.update(task, advance=n_pairs, rate=f"{rate:.1f}")
+
+        def write_shard(k: int, frame: pl.DataFrame) -> None:
             write_parquet(frame, _shard_path(shard_dir, k))
-    score_seconds = time.time() - t_score
+
+        with progress:
+            if engine == "ray":
+                settings = {"scores": list(scores), "batch_size": batch_size, "token_budget": token_budget,
+                            "prefix_sharing": prefix_sharing, "system_prompt": system_prompt,
+                            "max_length": effective_max}
+                per_worker = ray_scoring.score_shards(
+                    ray, [(k, pairs.slice(k * shard_size, shard_size)) for k in todo], load=load, settings=settings,
+                    num_workers=ray_options["num_workers"], gpus_per_worker=ray_options["gpus_per_worker"],
+                    write_shard=write_shard, on_shard=on_batch,
+                )
+                workers = {"num_workers": ray_options["num_workers"],
+                           "gpus_per_worker": ray_options["gpus_per_worker"],
+                           "ray_address": ray_options.get("address") or os.environ.get("RAY_ADDRESS") or "local",
+                           "per_worker": per_worker}
+            else:
+                encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=effective_max)
+                for k in todo:
+                    shard = pairs.slice(k * shard_size, shard_size)
+                    write_shard(k, score_shard(lm, encoder, shard, scores, batch_size=batch_size,
+                                               token_budget=token_budget, prefix_sharing=prefix_sharing,
+                                               on_batch=on_batch))
+                workers = {"num_workers": 1}
+        score_seconds = time.time() - t_score
 
     shard_paths = [_shard_path(shard_dir, k) for k in range(n_shards)]
     shards = pl.concat([pl.read_parquet(p).drop(POOLED_COLUMNS, strict=False) for p in shard_paths],
@@ -342,10 +404,12 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         )
     run.merge_scores(table)
     return {
-        "model": lm.info,
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).replace("torch.", ""),
-        "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers,
+        "model": facts["info"],
+        "device": facts["device"],
+        "dtype": facts["dtype"],
+        "engine": engine,
+        "workers": workers,
+        "pooled_layer": facts["pooled_layer"],
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},
@@ -406,6 +470,9 @@ def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
         name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
         for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
     }
+    noise_info = run.manifest().get("noise") or {}
+    if noise_info.get("summary"):  # the flip rate, its interval, and whether the data identify it
+        summary["noise"] = noise_info["summary"]
     return summary
 
 
@@ -423,3 +490,11 @@ def render_score_summary(summary: dict[str, Any], console) -> None:
         for name, q in summary["quantiles"].items():
             table.add_row(name, *(f"{q[k]:.3f}" for k in ("0.05", "0.5", "0.95")))
         console.print(table)
+    if summary.get("noise"):
+        console.print(f"noise: {summary['noise']}")
+
+
+# `from curate import score` gives this module; calling it calls score().
+from curate import callable_module  # noqa: E402
+
+callable_module(__name__, "score")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from curate.bench_noise import consistency, planted_flips, run_benchmark
+from curate.bench_noise import bt_truth, expected_calibration_error, known_truth_benchmark, planted_flips, run_benchmark
 from curate.errors import CurateError
 from curate.scores import noise
 from curate.scores.reward import FeatureSet
@@ -53,23 +53,40 @@ def test_benchmark_tracks_the_truth_on_synthetic_pairs():
             assert r["auroc"] is None
         # natural rate implied by the estimate: (rate - delta) / (1 - 2 delta)
         assert r["natural_rate"] == pytest.approx((r["estimated_rate"] - r["planted_rate"]) / (1 - 2 * r["planted_rate"]))
-    c = out["consistency"][out["default_estimator"]]
-    assert abs(c["error"]) < 0.05
     # the heads were retrained on the flipped labels: their AUC against those labels falls
     auc = [r["ensemble_auc"] for r in rows]
     assert auc[0] > auc[-1] + 0.1
     json.dumps(out)  # serialisable as is
 
 
-def test_consistency_by_hand():
-    rows = [
-        {"estimator": "e", "planted_rate": 0.0, "estimated_rate": 0.2, "natural_rate": 0.2},
-        {"estimator": "e", "planted_rate": 0.3, "estimated_rate": 0.4, "natural_rate": 0.25},
-    ]
-    c = consistency(rows)["e"]
-    assert c["expected_increase"] == pytest.approx(0.3 * (1 - 0.4))
-    assert c["increase"] == pytest.approx(0.2)
-    assert c["error"] == pytest.approx(0.2 - 0.18)
+def test_expected_calibration_error_by_hand():
+    # bin [0.1, 0.2): probs 0.1, 0.1, outcomes 0, 1 -> |0.1 - 0.5| = 0.4 on half the rows;
+    # bin [0.9, 1.0]: probs 0.9, 0.9, outcomes 1, 1 -> |0.9 - 1| = 0.1 on the other half
+    ece = expected_calibration_error(np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 1, 1, 1]))
+    assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+    assert expected_calibration_error(np.array([0.0, 1.0]), np.array([0, 1])) == 0.0
+
+
+def test_bt_truth_is_the_in_sample_bradley_terry_fit():
+    fs, _ = synthetic_with_natural_flips(n=800, eps0=0.0)
+    t = bt_truth([fs])
+    assert (t > 0).mean() > 0.8  # the labels follow the features
+    assert np.corrcoef(t, (fs.chosen - fs.rejected).sum(axis=1))[0, 1] != 0
+
+
+def test_known_truth_benchmark_scores_estimators_against_the_flips_it_planted():
+    fs, _ = synthetic_with_natural_flips(n=1500, eps0=0.0)
+    out = known_truth_benchmark([fs], flip_rates=(0.0, 0.2), seed=0)
+    assert out["bayes_auc"] > 0.85
+    rows = {(r["estimator"], r["planted_rate"]): r for r in out["results"]}
+    for rate in (0.0, 0.2):
+        r = rows[(noise.DEFAULT_ESTIMATOR, rate)]
+        assert r["true_rate"] == pytest.approx(rate, abs=1e-3)
+        assert r["covered"] and r["interval"][0] <= r["true_rate"] <= r["interval"][1]
+        assert abs(r["error"]) < 0.05 and r["ece"] < 0.05
+    # an estimator that calls BT ambiguity flips is visibly off on the clean set
+    assert rows[("margin", 0.0)]["estimated_rate"] > rows[(noise.DEFAULT_ESTIMATOR, 0.0)]["estimated_rate"] + 0.03
+    json.dumps(out)
 
 
 def test_cli_bench_noise_writes_the_json_shape(tmp_path):
@@ -93,7 +110,9 @@ def test_cli_bench_noise_writes_the_json_shape(tmp_path):
                                       "--embedder", "none", "--split-seeds", "0,1,2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["default_estimator"] == "auto"
+    assert data["default_estimator"] == "mixture"
+    assert data["fold_grouping"].startswith("grouped by prompt only")  # its short replies repeat
+    assert {r["planted_rate"] for r in data["known_truth"]["results"]} == {0.0, 0.2}
     assert {r["planted_rate"] for r in data["results"]} == {0.0, 0.2}
     assert data["natural_truth"]["rate"] == pytest.approx(np.mean([r["meta"]["planted_flip"] for r in rows]))
     assert all("true_rate" in r for r in data["results"])

@@ -57,16 +57,16 @@ def test_trl_export_shape_and_orientation(curated, tmp_path):
     summary = export_curated(curated, "trl", tmp_path / "trl")
     assert summary["pairs"] == N - 1 and summary["flipped"] == 2
     data = pl.read_parquet(tmp_path / "trl" / "train.parquet")
-    assert data.columns == ["pair_id", "prompt", "chosen", "rejected", "weight", "label_confidence", "margin", "flip_prob"]
+    assert data.columns == ["pair_id", "prompt", "chosen", "rejected", "weight", "label_confidence", "curate_margin", "flip_prob"]
     rows = {r["chosen"][0]["content"]: r for r in data.iter_rows(named=True)}
     row10 = rows["bad answer 10"]  # flipped: p_chosen 0.2 -> margin logit(0.8), flip_prob 10/12 -> 2/12
     assert row10["rejected"] == [{"role": "assistant", "content": "good answer 10"}]
     assert row10["prompt"][-1] == {"role": "user", "content": "question 10?"}
-    assert row10["margin"] == pytest.approx(math.log(0.8 / 0.2))
+    assert row10["curate_margin"] == pytest.approx(math.log(0.8 / 0.2))
     assert row10["flip_prob"] == pytest.approx(2 / 12)
     assert row10["label_confidence"] == pytest.approx(1 - 2 / 12)
     row0 = rows["good answer 0"]
-    assert row0["margin"] == pytest.approx(math.log(0.9 / 0.1)) and row0["flip_prob"] == 0.0
+    assert row0["curate_margin"] == pytest.approx(math.log(0.9 / 0.1)) and row0["flip_prob"] == 0.0
 
 
 def test_data_card(curated, tmp_path):

@@ -20,10 +20,15 @@ def write_jsonl(path, rows):
 def test_hh_sample_counts(hh_path):
     result = load_pairs(str(hh_path))
     assert result.info["format"] == "hh"
-    assert result.pairs.height == 1794
+    # rows 1254 and 1688 have a chosen reply that contains its own "\n\nAssistant:" turn: split by the
+    # transcripts' common prefix they are pairs (they were quarantined as prompt_mismatch before)
+    assert result.pairs.height == 1796
+    assert result.info["rows"] == result.pairs.height + result.quarantine.height
     q = {(row["source"].rsplit(":", 1)[1], row["reason"]) for row in result.quarantine.to_dicts()}
-    assert q == {("86", "empty_reply"), ("516", "empty_reply"), ("925", "empty_reply"), ("1103", "empty_reply"),
-                 ("1254", "prompt_mismatch"), ("1688", "prompt_mismatch")}
+    assert q == {("86", "empty_reply"), ("516", "empty_reply"), ("925", "empty_reply"), ("1103", "empty_reply")}
+    inline = result.pairs.filter(pl.col("source").str.ends_with(":1254"))
+    assert inline["chosen"][0].startswith("No. Men who impersonate") and "\n\nAssistant:" in inline["chosen"][0]
+    assert inline["prompt"][0].to_list()[-1]["content"].endswith("Isn't that drag kings?")
     assert result.pairs["pair_id"].n_unique() == result.pairs.height
     # every prompt ends with a user turn and has no consecutive same-role turns
     for prompt in result.pairs["prompt"].to_list():
@@ -34,8 +39,8 @@ def test_hh_sample_counts(hh_path):
 
 def test_hh_keep_empty(hh_path):
     result = load_pairs(str(hh_path), keep_empty=True)
-    assert result.pairs.height == 1798
-    assert set(result.quarantine["reason"]) == {"prompt_mismatch"}
+    assert result.pairs.height == 1800
+    assert result.quarantine.height == 0
 
 
 def test_hh_consecutive_assistant_turns_are_merged():
@@ -173,3 +178,54 @@ def test_near_duplicates_and_overlap(tmp_path):
     assert similar_replies(pairs, ratio=0.8) == 2  # Paris/Lyon replies differ by one word; Madrid/Barcelona do not
     stats = overlap(pairs, pairs.head(1))
     assert stats == {"left_pairs": 3, "right_pairs": 1, "shared_pairs": 1, "shared_prompts": 1}
+
+
+def test_python_api_names_are_callables(tmp_path):
+    import curate
+    from curate import export, filter_pairs, load_pairs as top_load, score
+    from curate.score import score as score_function
+
+    assert callable(score) and callable(export) and callable(filter_pairs) and top_load is load_pairs
+    assert curate.score_pairs is score_function
+    with pytest.raises(CurateError, match="pass --out"):
+        score(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b"}])))
+
+
+def test_columns_system_nested_paths_and_kept_columns(tmp_path):
+    rows = [{"meta_info": {"sys": "Be brief.", "q": "Name a prime number."}, "good": " 7", "bad": " 8",
+             "rating": 5, "annotator": "ann-1"}]
+    path = write_jsonl(tmp_path / "n.jsonl", rows)
+    result = load_pairs(str(path), columns="prompt=meta_info.q,system=meta_info.sys,chosen=good,rejected=bad,"
+                                           "keep=rating,keep=annotator")
+    row = result.pairs.row(0, named=True)
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT[0]["content"]}]
+    assert (row["chosen"], row["rejected"]) == (" 7", " 8")  # leading spaces kept
+    assert (row["rating"], row["annotator"]) == (5, "ann-1")
+    assert result.pairs.schema["rating"] == pl.Int64
+    assert result.info["columns"]["keep"] == ["rating", "annotator"]
+    # keep= works with a detected format too
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b", "rating": 2.5}])
+    assert load_pairs(str(plain), columns="keep=rating").pairs["rating"].to_list() == [2.5]
+
+
+@pytest.mark.parametrize("columns, message", [
+    ("prompt=q,chosen=a,rejected=b,colour=c", "bad --columns key 'colour'"),
+    ("prompt=q,chosen=a,rejected=b,label_means=index", "label_means only goes with"),
+    ("prompt=q,a=x,b=y,label=l,label_means=maybe", "label_means='maybe' is not one of"),
+    ("prompt=q,a=x,label=l,label_means=index", "missing b"),
+    ("prompt=q,a=x,b=y,chosen=z,label=l,label_means=index", "either chosen/rejected or a/b/label"),
+])
+def test_bad_column_mappings_name_the_fix(tmp_path, columns, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"q": "Q?", "a": "1", "b": "2"}])
+    with pytest.raises(CurateError, match=message):
+        load_pairs(str(path), columns=columns)
+
+
+def test_unknown_format_and_strategy_list_the_choices(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q?", "chosen": "1", "rejected": "2"}])
+    with pytest.raises(CurateError, match="use one of auto, openai-dpo"):
+        load_pairs(str(path), fmt="alpaca")
+    with pytest.raises(CurateError, match="unknown --strategy 'best'"):
+        load_pairs(str(path), strategy="best")
+    with pytest.raises(CurateError, match="--label-column only applies to"):
+        load_pairs(str(path), label_column="labels")

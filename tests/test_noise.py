@@ -25,8 +25,15 @@ def test_identity_and_its_inverse():
     p = np.array([0.0, 0.3, 1.0])
     q = noise.noisy_posterior(p, 0.2)
     np.testing.assert_allclose(q, [0.2, 0.2 + 0.6 * 0.3, 0.8])
-    np.testing.assert_allclose(noise.clean_posterior(q, 0.2), p)
-    assert noise.clean_posterior(np.array([0.1]), 0.2)[0] == 0.0  # clipped below eps
+    np.testing.assert_allclose(noise.clean_posterior(q, 0.2), [noise.P_FLOOR, 0.3, 1 - noise.P_FLOOR])
+    assert noise.clean_posterior(np.array([0.1]), 0.2)[0] == noise.P_FLOOR  # clipped below eps
+
+
+def test_clean_posterior_keeps_madpo_margins_sane():
+    """logit of a clipped clean posterior stays within +-log(99) = 4.6, not +-13.8."""
+    p = noise.clean_posterior(np.array([0.0, 0.05, 0.95, 1.0]), 0.1)
+    margins = np.log(p / (1 - p))
+    assert np.abs(margins).max() == pytest.approx(np.log(99), rel=1e-9)
 
 
 def test_flip_posterior_by_hand():
@@ -104,26 +111,81 @@ def test_confident_learning_uses_random_orientation():
 def test_estimate_all_lists_every_estimator_default_first():
     margin, _, _ = simulate_margins(n=500)
     out = noise.estimate_all(margin)
-    assert list(out)[0] == noise.DEFAULT_ESTIMATOR
-    assert {"auto", "em", "anchor", "mixture", "cleanlab", "margin", "em_naive"} <= set(out)
+    assert list(out)[0] == noise.DEFAULT_ESTIMATOR == "mixture"
+    assert set(out) == set(noise.ESTIMATORS) >= {"em", "anchor", "mixture", "cleanlab", "margin", "em_naive"}
     for est in out.values():
         assert 0.0 <= est.rate <= 0.5
         assert len(est.p_clean) == len(margin)
 
 
-def test_auto_uses_the_mixture_only_where_the_data_identify_eps():
+def test_adding_an_estimator_is_one_registered_function():
+    @noise.register("always_zero")
+    def always_zero(margin, *, member_margins=None, seed=0):
+        return noise.NoiseEstimate("always_zero", 0.0, np.zeros(len(margin)), np.ones(len(margin)), "no noise")
+
+    try:
+        out = noise.estimate_all(np.linspace(-2, 2, 50))
+        assert out["always_zero"].rate == 0.0 and out["always_zero"].rate_used == 0.0
+    finally:
+        del noise.ESTIMATORS["always_zero"]
+    with pytest.raises(Exception, match="unknown noise estimator 'always_zero'; choose one of mixture"):
+        noise.get_estimator("always_zero")
+
+
+def test_lr_critical_value_is_the_boundary_null_95_point():
+    """eps = 0 is a boundary null: 1/2 chi2_0 + 1/2 chi2_1 exceeds 2.71 with probability 0.05."""
+    from scipy.stats import chi2
+
+    assert noise.LR_CRITICAL == pytest.approx(2.7055, abs=1e-4)
+    assert 0.5 * chi2.sf(noise.LR_CRITICAL, 1) == pytest.approx(0.05)
+
+
+def test_profile_nll_at_eps_zero_is_the_platt_fit():
+    margin, _, _ = simulate_margins(n=800, eps=0.0, scale=2.0, seed=7)
+    nll, slope = noise.profile_nll(margin, 0.0)
+    assert slope == pytest.approx(noise.platt_slope(margin), rel=1e-3)
+    assert nll == pytest.approx(-np.log(expit(slope * margin)).sum(), rel=1e-9)
+
+
+def test_profile_interval_is_the_chi2_cut_of_the_profile():
+    margin, _, flipped = simulate_margins(n=3000, eps=0.12, scale=4.0, seed=8)
+    fit = noise.fit_noisy_logistic_profile(margin)
+    low, high = fit.interval
+    assert low < flipped.mean() < high
+    best = noise.profile_nll(margin, fit.eps)[0]
+    for end in (low, high):  # 2 [NLL(end) - NLL(eps hat)] = chi2_1 90% point at both ends
+        assert 2 * (noise.profile_nll(margin, end)[0] - best) == pytest.approx(2.7055, abs=0.01)
+    assert fit.lr_statistic > noise.LR_CRITICAL and fit.p_value < 0.05
+
+
+def test_default_says_when_eps_is_not_identified_and_uses_the_lower_end():
     strong, _, flipped = simulate_margins(eps=0.15, scale=6.0, seed=4)
-    est = noise.auto_estimator(strong)
-    assert est.details["used"] == "mixture"
-    assert est.details["mixture_lr_statistic"] > noise.LR_CRITICAL
+    est = noise.mixture_mle(strong)
+    assert est.identifiable and est.rate_used == est.rate
     assert est.rate == pytest.approx(flipped.mean(), abs=0.03)
+    assert est.details["no_noise_rejected"]
+    # at the MLE the mean posterior flip probability is the rate (stationarity in eps)
+    assert est.flip_prob.mean() == pytest.approx(est.rate, abs=2e-3)
     # a weak ensemble: labels follow sigmoid(0.3 s), no plateau, eps = 0 fits as well
     rng = np.random.default_rng(0)
     t = rng.normal(0, 1, 2000)
     weak = np.where(rng.random(2000) < expit(0.3 * t), t, -t)
-    est = noise.auto_estimator(weak)
-    assert est.details["used"] == "em"
-    assert est.details["mixture_lr_statistic"] < noise.LR_CRITICAL
+    est = noise.mixture_mle(weak)
+    low, high = est.interval
+    assert low == 0.0 and high - low > noise.IDENTIFIABLE_WIDTH
+    assert est.identifiable is False and est.rate_used == low
+    assert not est.details["no_noise_rejected"]
+    assert "interval is wide" in noise.summary(est)
+
+
+def test_interval_covers_the_truth_in_repeated_simulations():
+    """90% profile intervals of a correctly specified model: coverage near 0.9 (>= 0.8 over 40 draws)."""
+    hits = []
+    for seed in range(40):
+        margin, _, flipped = simulate_margins(n=1000, eps=0.1, scale=3.0, seed=100 + seed)
+        low, high = noise.mixture_mle(margin).interval
+        hits.append(low <= 0.1 <= high)
+    assert np.mean(hits) >= 0.8
 
 
 def test_confident_learning_on_one_pair_is_a_clear_error():

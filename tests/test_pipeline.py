@@ -279,10 +279,10 @@ def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_lm):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.runs.dpo.learning_rate=1e-5", r"train.runs.dpo: unknown settings \['learning_rate'\]; it takes .*lr"),
-    ("eval.bta=0.1", r"eval: unknown settings \['bta'\]"),
-    ("filter.ches_top=5", r"filter: unknown settings \['ches_top'\]"),
-    ("features.m=8", r"features: unknown settings \['m'\]"),
+    ("train.runs.dpo.learning_rate=1e-5", r"train.runs.dpo.learning_rate is not a setting; the valid keys .*lr"),
+    ("eval.bta=0.1", r"eval.bta is not a setting; the valid keys there are alpha, .*beta"),
+    ("filter.ches_top=5", r"filter.ches_top is not a setting; the valid keys there are ches_column"),
+    ("features.m=8", r"features.m is not a setting; the valid keys there are .*n_features"),
 ])
 def test_a_misspelt_step_setting_fails_before_any_step_runs(tmp_path, override, message):
     with pytest.raises(CurateError, match=message):

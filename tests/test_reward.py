@@ -188,8 +188,14 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     assert manifest["reward"]["policy_states"] is True
     assert set(manifest["reward"]["feature_sets"]) == {"policy", "policy_logp", "text_stats"}
     assert 0 <= manifest["reward"]["oof_auc"] <= 1
-    assert manifest["noise"]["default_estimator"] == "auto"
-    assert {"auto", "em", "cleanlab", "margin", "anchor", "mixture"} <= set(manifest["noise"]["estimators"])
+    noise_info = manifest["noise"]
+    assert noise_info["default_estimator"] == "mixture"
+    assert {"em", "cleanlab", "margin", "anchor", "mixture"} <= set(noise_info["estimators"])
+    low, high = noise_info["flip_rate_interval"]
+    assert 0 <= low <= noise_info["flip_rate"] <= high <= 0.5
+    assert isinstance(noise_info["identifiable"], bool)
+    assert noise_info["flip_prob_rate"] == (noise_info["flip_rate"] if noise_info["identifiable"] else low)
+    assert "prompt" in manifest["reward"]["fold_grouping"]
     # the policy states were read from the run, aligned by pair_id (mean = sum / length)
     got = reward.policy_feature_set(run, pairs["pair_id"].to_list()[::-1])
     np.testing.assert_allclose(got.chosen, fs.chosen[::-1])
@@ -211,3 +217,89 @@ def test_an_uninformative_ensemble_is_flagged():
     with pytest.warns(UserWarning, match="near chance"):
         _, info = reward.reward_and_noise([fs], seeds=(0, 1, 2))
     assert info["noise"]["warnings"] and info["reward"]["warnings"]
+
+
+def test_a_strong_narrow_block_keeps_its_strength_next_to_a_wide_one():
+    """A 1-dim feature with AUC ~0.95 beside a 576-dim noise block: the joint head keeps ~its AUC."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    strong_c, strong_r = rng.normal(size=n), rng.normal(size=n)
+    keep = rng.random(n) < 1 / (1 + np.exp(-4 * (strong_c - strong_r)))
+    strong_c, strong_r = np.where(keep, strong_c, strong_r), np.where(keep, strong_r, strong_c)
+    strong = reward.FeatureSet("strong", strong_c, strong_r)
+    wide = reward.FeatureSet("wide", rng.normal(size=(n, 576)), rng.normal(size=(n, 576)))
+    joint = reward.concat_feature_sets([strong, wide])
+    assert joint.block_dims == (1, 576)
+    np.testing.assert_array_equal(joint.column_block_width()[:2], [1.0, 576.0])
+    (alone,) = reward.head_members([strong], seeds=(0,))
+    (both,) = reward.head_members([joint], seeds=(0,))
+    auc_alone = reward.oriented_auc(alone.margin)["auc"]
+    auc_both = reward.oriented_auc(both.margin)["auc"]
+    assert auc_alone > 0.9
+    assert auc_both > auc_alone - 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder_rm(tmp_path_factory):
+    """A tiny random DeBERTa-v2 sequence classifier with MiniLM's BERT tokenizer (no chat template)."""
+    import torch
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from curate.models import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_labels=1, type_vocab_size=2, max_position_embeddings=256, initializer_range=0.5,
+                          pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("deberta_rm")
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _direct_rewards(path, inputs, **kwargs):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        return np.array([model(**tok(*x, return_tensors="pt", **kwargs)).logits[0, 0].item() for x in inputs])
+
+
+def test_cross_encoder_reward_models_read_the_question_answer_pair(tiny_cross_encoder_rm):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pairs = demo_pairs()
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_cross_encoder_rm)
+    tok = AutoTokenizer.from_pretrained(tiny_cross_encoder_rm)
+    assert reward.rm_input_format(model, tok) == "pair"
+    got = reward.pretrained_rewards(tiny_cross_encoder_rm, pairs["prompt"].to_list(), pairs["chosen"].to_list(),
+                                    device="cpu", batch_size=4)
+    expected = _direct_rewards(tiny_cross_encoder_rm,
+                               [(p[-1]["content"], c) for p, c in zip(pairs["prompt"].to_list(), pairs["chosen"].to_list())])
+    assert np.ptp(expected) > 1e-2  # the random model's rewards differ between inputs
+    np.testing.assert_allclose(got, expected, atol=1e-3 * np.ptp(expected))
+    # the one-string rendering is a different input, with different rewards
+    plain = reward.pretrained_rewards(tiny_cross_encoder_rm, pairs["prompt"].to_list(), pairs["chosen"].to_list(),
+                                      device="cpu", input_format="plain")
+    assert np.abs(plain - got).max() > 1e-2 * np.ptp(expected)
+    with pytest.raises(CurateError, match="no chat template"):
+        reward.rm_input_format(model, tok, "chat")
+
+
+def test_decoder_reward_models_with_a_chat_template_read_it(tiny_reward_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pairs = demo_pairs(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model)
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model)
+    assert reward.rm_input_format(model, tok) == "chat"
+    got = reward.pretrained_rewards(tiny_reward_model, pairs["prompt"].to_list(), pairs["chosen"].to_list(),
+                                    device="cpu", batch_size=1)
+    texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+             for p, c in zip(pairs["prompt"].to_list(), pairs["chosen"].to_list())]
+    expected = _direct_rewards(tiny_reward_model, [(t,) for t in texts], add_special_tokens=False)
+    assert np.ptp(expected) > 0
+    np.testing.assert_allclose(got, expected, atol=1e-3 * np.ptp(expected))

@@ -135,13 +135,11 @@ def test_lora_and_gradient_checkpointing(tmp_path, lm):
 def test_nan_stops_with_last_good_checkpoint(tmp_path, lm, monkeypatch):
     from curate.train import loop
 
-    calls = {"n": 0}
     original = loop.pair_losses
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
+    def poisoned(*args, **kwargs):  # NaN from the first step after the step-2 checkpoint
         out = original(*args, **kwargs)
-        return out * float("nan") if calls["n"] > 2 else out
+        return out * float("nan") if (tmp_path / "checkpoints" / "step-000002").exists() else out
 
     monkeypatch.setattr(loop, "pair_losses", poisoned)
     with pytest.raises(CurateError, match="step 3.*step-000002"):
@@ -198,30 +196,52 @@ def _run(out: Path, resume: bool) -> subprocess.Popen:
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_lm):
+def _metric_lines(out: Path) -> int:
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_after(process: subprocess.Popen, out: Path, steps: int) -> None:
+    """SIGKILL ``process`` as soon as it has logged ``steps`` steps (mid-step or mid-checkpoint, by chance)."""
+    deadline = time.time() + 300
+    while _metric_lines(out) < steps:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_resume_after_sigkills_matches_uninterrupted_run(tmp_path, tiny_lm):
+    """Killed twice at seeded points (then resumed each time): same metrics and final weights as one clean run."""
+    import random
+
+    from safetensors.torch import load_file
+
     full, killed = tmp_path / "full", tmp_path / "killed"
-    victim = _run(killed, resume=False)
+    first = random.Random(13).randint(2, 9)  # before, at or after the first checkpoint (step 4)
+    second = first + random.Random(14).randint(4, 10)
+    _kill_after(_run(killed, resume=False), killed, first)
+    _kill_after(_run(killed, resume=True), killed, second)
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
 
     def fresh():  # the same weights as tiny_causal_lm(0) in the subprocess
         model = copy.copy(tiny_lm)
         model.model = copy.deepcopy(tiny_lm.model)
         return model
 
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000004").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
     settings = {**FAST, "save_every": 4}
     train(make_pairs(16), out=killed, model=fresh(), max_steps=24, resume=True, **settings)
     train(make_pairs(16), out=full, model=fresh(), max_steps=24, **settings)
     a, b = read_metrics(full), read_metrics(killed)
     assert [m["step"] for m in b] == list(range(1, 25))
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-6)
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (full, killed))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     assert json.loads((killed / "manifest.json").read_text())["train"]["resumed_from"] is not None
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]  # no half checkpoint left
 
 
 def test_resume_refuses_changed_settings(tmp_path, lm):

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from curate.data.load import LoadResult, load_pairs
+from curate.data.schema import RESERVED_COLUMNS
+from curate.errors import CurateError
 from curate.rundir import RunDir, write_json
 
 NEAR_DUPLICATE_RATIO = 0.9
@@ -71,7 +73,13 @@ def length_stats(pairs: pl.DataFrame) -> dict[str, dict[str, float]]:
     }
 
 
-def token_stats(pairs: pl.DataFrame, model: str, system_prompt: str = "default") -> dict[str, dict[str, float]]:
+def replies_over(pairs_chosen: list[int], pairs_rejected: list[int], max_length: int) -> int:
+    """Pairs whose longer reply alone leaves no room for a prompt token (scoring skips them)."""
+    return sum(max(c, r) + 1 > max_length for c, r in zip(pairs_chosen, pairs_rejected))
+
+
+def token_stats(pairs: pl.DataFrame, model: str, system_prompt: str = "default",
+                max_length: int | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from curate.data.chat import ChatEncoder
@@ -82,8 +90,11 @@ def token_stats(pairs: pl.DataFrame, model: str, system_prompt: str = "default")
     prompt_tokens = [len(encoder.prompt_ids(p)) for p in pairs["prompt"].to_list()]
     chosen = [len(encoder.reply_ids(t)) for t in pairs["chosen"].to_list()]
     rejected = [len(encoder.reply_ids(t)) for t in pairs["rejected"].to_list()]
-    return {"prompt_tokens": _describe(pl.Series(prompt_tokens)), "chosen_tokens": _describe(pl.Series(chosen)),
-            "rejected_tokens": _describe(pl.Series(rejected))}
+    stats: dict[str, Any] = {"prompt_tokens": _describe(pl.Series(prompt_tokens)),
+                             "chosen_tokens": _describe(pl.Series(chosen)), "rejected_tokens": _describe(pl.Series(rejected))}
+    if max_length is not None:
+        stats["over_max_length"] = {"max_length": max_length, "pairs": replies_over(chosen, rejected, max_length)}
+    return stats
 
 
 def summarise(result: LoadResult) -> dict[str, Any]:
@@ -93,6 +104,11 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     return {
         "dataset": result.info.get("dataset"),
         "format": result.info.get("format"),
+        "label_column": result.info.get("label_column"),
+        "strategy": result.info.get("strategy"),
+        "columns": result.info.get("columns"),
+        "extra_columns": {name: str(dtype) for name, dtype in result.pairs.schema.items()
+                          if name not in RESERVED_COLUMNS},
         "rows": result.info.get("rows"),
         "pairs": result.pairs.height,
         "quarantined": quarantine.height,
@@ -106,15 +122,26 @@ def summarise(result: LoadResult) -> dict[str, Any]:
 
 
 def inspect_dataset(dataset: str, *, model: str | None = None, system_prompt: str = "default",
-                    out: Path | None = None, **load_kwargs: Any) -> dict[str, Any]:
-    """Load and validate ``dataset``; return counts, quarantine reasons and length statistics."""
+                    max_length: int | None = None, out: Path | None = None, **load_kwargs: Any) -> dict[str, Any]:
+    """Load and validate ``dataset``; return counts, quarantine reasons and length statistics.
+
+    With ``model`` and ``max_length``, also count the pairs whose longer reply alone does not
+    fit ``max_length`` tokens (``curate score --max-length`` skips those).
+    """
+    if max_length is not None and (model is None or max_length < 2):
+        raise CurateError("--max-length needs --model (token counts) and at least 2 tokens")
     result = load_pairs(dataset, **load_kwargs)
     summary = summarise(result)
     if model:
-        summary["lengths"].update(token_stats(result.pairs, model, system_prompt))
+        stats = token_stats(result.pairs, model, system_prompt, max_length)
+        over = stats.pop("over_max_length", None)
+        summary["lengths"].update(stats)
+        if over is not None:
+            summary["over_max_length"] = over
     if out is not None:
         run = RunDir(out)
         run.write_pairs(result.pairs, result.quarantine)
+        run.update_manifest("load", {"dataset": dataset, **result.info})
         write_json(summary, run / "inspect.json")
         summary["written"] = str(out)
     return summary
@@ -124,8 +151,21 @@ def render_inspection(summary: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{summary['dataset']}[/] (format {summary['format']}): "
                   f"{summary['rows']} rows -> [green]{summary['pairs']} pairs[/], "
                   f"[yellow]{summary['quarantined']} quarantined[/]")
+    if summary.get("label_column"):
+        console.print(f"chosen side from label column {summary['label_column']}")
+    if summary.get("strategy"):
+        console.print(f"response sets paired by strategy {summary['strategy']}")
+    if summary.get("extra_columns"):
+        console.print("extra columns kept: " + ", ".join(f"{k} ({v})" for k, v in summary["extra_columns"].items()))
     console.print(f"{summary['near_duplicates']} near-duplicate pairs (same prompt, nearly the same two replies); "
                   f"{summary['similar_reply_pairs']} pairs whose chosen and rejected replies are nearly identical")
+    over = summary.get("over_max_length")
+    if over and over["pairs"]:
+        every = over["pairs"] == summary["pairs"]
+        console.print(f"[{'bold red' if every else 'yellow'}]{over['pairs']} of {summary['pairs']} pairs have a reply "
+                      f"longer than --max-length {over['max_length']} tokens[/]"
+                      + (": curate score would skip every pair; raise --max-length" if every else
+                         " (curate score skips them)"))
     if summary["quarantined_rows"]:
         table = Table(title="Quarantined rows")
         table.add_column("source", overflow="fold", no_wrap=False, min_width=20)

@@ -4,6 +4,11 @@ A pair is ``pair_id``, ``prompt`` (chat messages ending with a user turn),
 ``chosen``, ``rejected`` (assistant reply text), ``source`` (where the row came
 from, e.g. ``file.jsonl.gz:123``) and ``meta`` (a JSON object as a string, so
 heterogeneous metadata survives parquet round trips).
+
+Loaded pairs also carry ``prompt_id`` (a stable hash of the prompt messages,
+or the response set's id: the group column that splits must keep together)
+and the loader's typed extra columns (``score_chosen``, ``preference_strength``,
+``chosen_from``, ... see docs/usage.md), after the core columns.
 """
 
 from __future__ import annotations
@@ -35,6 +40,40 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 ROLES = ("system", "user", "assistant")
+GROUP_COLUMN = "prompt_id"
+RESERVED_COLUMNS = (*PAIR_SCHEMA, GROUP_COLUMN)
+
+
+def make_prompt_id(prompt: Sequence[Message]) -> str:
+    """Stable id of a prompt (the messages, in order): pairs that share it form one group."""
+    canonical = json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def typed_column(name: str, values: Sequence[Any]) -> pl.Series:
+    """One extra column with the narrowest type its values share (bool, int, float), else text."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pl.Series(name, values, dtype=pl.Boolean)
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pl.Series(name, values, dtype=pl.Int64)
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return pl.Series(name, [None if v is None else float(v) for v in values], dtype=pl.Float64)
+    as_text = [None if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+               for v in values]
+    return pl.Series(name, as_text, dtype=pl.Utf8)
+
+
+def with_extra_columns(pairs: pl.DataFrame, extras: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """Append typed extra columns (one dict per pair; a name clashing with a core column gets ``src_``)."""
+    names: dict[str, None] = {}
+    for row in extras:
+        names.update(dict.fromkeys(row))
+    columns = []
+    for name in names:
+        column = name if name not in RESERVED_COLUMNS else f"src_{name}"
+        columns.append(typed_column(column, [row.get(name) for row in extras]))
+    return pairs.with_columns(columns) if columns else pairs
 
 
 def make_pair_id(prompt: Sequence[Message], reply_a: str, reply_b: str) -> str:

@@ -21,30 +21,49 @@ estimator states its own in ``assumption``.
 
 Every estimator returns a :class:`NoiseEstimate`: the dataset flip rate and a
 per-pair ``flip_prob`` (a probability for the model-based estimators, a
-ranking score for the heuristic ones). The documented default is
-``DEFAULT_ESTIMATOR = "auto"`` (:func:`auto_estimator`): the noisy-logistic
-mixture fit of the identity where a likelihood-ratio test shows the data
-identify eps, otherwise LCPO / RE-PO EM fed clean posteriors recovered through
-the identity with the anchor estimate of eps. Neither alone held up on planted
-flips: the mixture is accurate with a strong ensemble but its likelihood is
-flat (eps not identified) with a weak one, where it returned anything from 0
-to the truth; the anchor-corrected EM is stable there but drifts by up to
-0.06 on small data sets whose anchor set is a few dozen pairs.
+ranking score for the heuristic ones). Estimators are registered by name in
+:data:`ESTIMATORS` (one function each, decorated with :func:`register`, taking
+``(margin, *, member_margins, seed)``). The default, ``DEFAULT_ESTIMATOR =
+"mixture"`` (:func:`mixture_mle`), fits the noisy-label likelihood
+
+    P(label | m) = eps + (1 - 2 eps) sigmoid(a m)
+
+to the out-of-fold margins by maximum likelihood, tests eps = 0 with the
+boundary-correct likelihood-ratio test and gives a 90% profile-likelihood
+interval for eps. Its assumption: symmetric noise independent of the pair, and
+a clean posterior logistic in the margin, reaching 0/1 for the surest pairs.
+There is no intercept b: every label is "chosen", and swapping the replies
+negates the margin, so P(clean | m) = 1 - P(clean | -m) forces b = 0 (a free b
+would fit "every label is right" perfectly). With a weak ensemble the
+likelihood is flat along a ridge of (eps, a): ambiguity and flips cannot be
+told apart and the interval is wide; the estimate then says so
+(``identifiable`` False) and its ``flip_prob`` uses the interval's lower end,
+the rate the data support (:attr:`NoiseEstimate.rate_used`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import brentq, minimize, minimize_scalar
 from scipy.special import expit, log_expit
+from scipy.stats import chi2
 
 from curate.errors import CurateError
 
-DEFAULT_ESTIMATOR = "auto"
+DEFAULT_ESTIMATOR = "mixture"
 EPS_MAX = 0.499  # a flip rate of 1/2 means the labels carry no information
+# Clean posteriors recovered by inverting the identity are kept in [P_FLOOR, 1 - P_FLOOR]:
+# logit(p) stays within +-4.6 (MADPO weights read it as a margin) instead of +-13.8 at 1e-6.
+P_FLOOR = 0.01
+INTERVAL_LEVEL = 0.90
+# Boundary null eps = 0: the LR statistic is 1/2 chi2_0 + 1/2 chi2_1, whose 95% point is
+# chi2_1's 90% point, 2.71 (not chi2_1's 95% point, 3.84).
+LR_CRITICAL = float(chi2.ppf(0.90, 1))
+# A 90% interval wider than this does not pin the rate down: flip_prob then uses its lower end.
+IDENTIFIABLE_WIDTH = 0.15
 
 
 @dataclass
@@ -55,6 +74,33 @@ class NoiseEstimate:
     p_clean: np.ndarray  # the estimator's clean posterior that the chosen reply is better
     assumption: str
     details: dict[str, Any] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None  # 90% interval for the rate, where the estimator gives one
+    identifiable: bool | None = None  # whether the data pin the rate down (None: the estimator cannot tell)
+    rate_used: float | None = None  # the rate flip_prob is computed at (default: rate)
+    flip_prob_mle: np.ndarray | None = None  # the posterior at the point estimate (default: flip_prob)
+
+    def __post_init__(self) -> None:
+        if self.rate_used is None:
+            self.rate_used = self.rate
+        if self.flip_prob_mle is None:
+            self.flip_prob_mle = self.flip_prob
+
+
+ESTIMATORS: dict[str, Callable[..., NoiseEstimate]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., NoiseEstimate]], Callable[..., NoiseEstimate]]:
+    """Add an estimator ``fn(margin, *, member_margins=None, seed=0) -> NoiseEstimate`` under ``name``."""
+    def add(fn: Callable[..., NoiseEstimate]) -> Callable[..., NoiseEstimate]:
+        ESTIMATORS[name] = fn
+        return fn
+    return add
+
+
+def get_estimator(name: str) -> Callable[..., NoiseEstimate]:
+    if name not in ESTIMATORS:
+        raise CurateError(f"unknown noise estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 # ------------------------------------------------------------------ the identity
@@ -64,9 +110,13 @@ def noisy_posterior(p: np.ndarray, eps: float) -> np.ndarray:
 
 
 def clean_posterior(q: np.ndarray, eps: float) -> np.ndarray:
-    """Invert the identity, p = (q - eps) / (1 - 2 eps), clipped to [0, 1]."""
+    """Invert the identity, p = (q - eps) / (1 - 2 eps), clipped to [P_FLOOR, 1 - P_FLOOR].
+
+    The inversion sends every q below eps to 0 and above 1 - eps to 1; the
+    floor keeps logit(p) finite and sane (+-4.6) for consumers that read it as a margin.
+    """
     eps = min(float(eps), EPS_MAX)
-    return np.clip((np.asarray(q, dtype=float) - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
+    return np.clip((np.asarray(q, dtype=float) - eps) / (1.0 - 2.0 * eps), P_FLOOR, 1.0 - P_FLOOR)
 
 
 def flip_posterior(p: np.ndarray, eps: float) -> np.ndarray:
@@ -80,34 +130,180 @@ def flip_posterior(p: np.ndarray, eps: float) -> np.ndarray:
     return wrong / np.maximum(wrong + right, 1e-300)
 
 
-# ------------------------------------------------------------------ estimators
-def margin_heuristic(member_margins: np.ndarray) -> NoiseEstimate:
-    """Secrets of RLHF II: eps = fraction of pairs whose mean member margin is < 0.
+# ------------------------------------------------------------------ the default: noisy-logistic MLE
+def _noisy_nll(s: np.ndarray, eps: float, slope: float) -> float:
+    """-sum log[eps + (1 - 2 eps) sigmoid(slope s)], computed stably for eps = 0."""
+    if eps <= 0.0:
+        return float(-log_expit(slope * s).sum())
+    return float(-np.log(eps + (1.0 - 2.0 * eps) * expit(slope * s)).sum())
 
-    ``member_margins`` is [n_pairs, n_members] (or [n_pairs] for one member),
-    on one scale. flip_prob is the fraction of members voting against the
-    label (a ranking score, ties broken by the mean margin).
+
+def profile_nll(margin: np.ndarray, eps: float) -> tuple[float, float]:
+    """min over the slope a of the negative log-likelihood at fixed eps: (nll, a)."""
+    s = np.asarray(margin, dtype=float)
+    log_scale = -np.log(s.std() + 1e-12)
+    res = minimize_scalar(lambda la: _noisy_nll(s, eps, np.exp(la)), bounds=(log_scale - 8.0, log_scale + 8.0),
+                          method="bounded", options={"xatol": 1e-6})
+    return float(res.fun), float(np.exp(res.x))
+
+
+@dataclass
+class NoisyLogisticFit:
+    eps: float
+    slope: float
+    interval: tuple[float, float]
+    lr_statistic: float  # 2 [NLL(eps = 0) - NLL(eps hat)], profiled over the slope
+    p_value: float  # under the boundary null 1/2 chi2_0 + 1/2 chi2_1
+
+    @property
+    def width(self) -> float:
+        return self.interval[1] - self.interval[0]
+
+
+def fit_noisy_logistic_profile(margin: np.ndarray, *, level: float = INTERVAL_LEVEL, grid_step: float = 0.005) -> NoisyLogisticFit:
+    """Maximum likelihood of eps in P(label | m) = eps + (1 - 2 eps) sigmoid(a m), with a profile interval.
+
+    The profile NLL(eps) = min_a NLL(eps, a) is evaluated on a grid of eps in
+    [0, EPS_MAX] and refined around its minimum; the interval is
+    {eps : 2 [NLL(eps) - NLL(eps hat)] <= chi2_1 quantile at ``level``} (2.71
+    at 90%), the connected piece around eps hat, with end points by root
+    finding. At the boundary eps = 0 this covers the truth 95% of the time
+    (the statistic's null there is 1/2 chi2_0 + 1/2 chi2_1).
     """
-    d = np.asarray(member_margins, dtype=float)
-    d = d[:, None] if d.ndim == 1 else d
-    mean = d.mean(axis=1)
-    against = (d < 0).mean(axis=1)
-    tiebreak = 1e-6 * expit(-mean / (np.abs(mean).max() + 1e-12))
+    s = np.asarray(margin, dtype=float)
+    if len(s) < 2 or not np.isfinite(s).all() or s.std() == 0:
+        raise CurateError("the noise fit needs finite margins that vary across at least two pairs; add pairs")
+    grid = np.arange(0.0, EPS_MAX, grid_step)
+    prof = np.array([profile_nll(s, e)[0] for e in grid])
+    k = int(np.argmin(prof))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    refined = minimize_scalar(lambda e: profile_nll(s, e)[0], bounds=(lo, hi), method="bounded",
+                              options={"xatol": 1e-5})
+    eps_hat, nll_hat = (float(refined.x), float(refined.fun)) if refined.fun < prof[k] else (float(grid[k]), float(prof[k]))
+    nll_hat = min(nll_hat, float(prof.min()))
+    _, slope = profile_nll(s, eps_hat)
+    cut = float(chi2.ppf(level, 1))
+    excess = lambda e: 2.0 * (profile_nll(s, e)[0] - nll_hat) - cut  # noqa: E731
+
+    low = 0.0
+    for j in range(k, -1, -1):  # walk down from the minimum to the first grid point outside
+        if 2.0 * (prof[j] - nll_hat) > cut:
+            low = float(brentq(excess, grid[j], max(eps_hat, grid[min(j + 1, k)]), xtol=1e-5))
+            break
+    high = float(EPS_MAX)
+    for j in range(k, len(grid)):
+        if 2.0 * (prof[j] - nll_hat) > cut:
+            high = float(brentq(excess, min(eps_hat, grid[max(j - 1, k)]), grid[j], xtol=1e-5))
+            break
+    lr = max(0.0, 2.0 * (prof[0] - nll_hat))
+    return NoisyLogisticFit(eps_hat, slope, (min(low, eps_hat), max(high, eps_hat)), float(lr),
+                            float(0.5 * chi2.sf(lr, 1)) if lr > 0 else 1.0)
+
+
+@register("mixture")
+def mixture_mle(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0) -> NoiseEstimate:
+    """Default. Noisy-logistic maximum likelihood with a 90% profile interval and the boundary LR test.
+
+    ``rate`` is the MLE; ``interval`` its 90% profile-likelihood interval;
+    ``identifiable`` is True when the interval is at most IDENTIFIABLE_WIDTH
+    wide. ``flip_prob`` is the posterior P(flipped | m) =
+    eps (1 - p) / (eps (1 - p) + (1 - eps) p), p = sigmoid(a m), under the fit
+    at ``rate_used``: the MLE when identifiable, else the interval's lower end
+    (with the slope profiled there), the rate the data support: what
+    curation and ``--epsilon auto`` read. ``flip_prob_mle`` is the posterior
+    at the MLE, calibrated where the model holds; its mean equals eps (the
+    likelihood's stationarity condition).
+    """
+    fit = fit_noisy_logistic_profile(margin)
+    identifiable = fit.width <= IDENTIFIABLE_WIDTH
+    used = fit.eps if identifiable else fit.interval[0]
+    slope = fit.slope if identifiable else profile_nll(np.asarray(margin, dtype=float), used)[1]
+    p = expit(slope * np.asarray(margin, dtype=float))
+    p_mle = expit(fit.slope * np.asarray(margin, dtype=float))
     return NoiseEstimate(
-        name="margin",
-        rate=float((mean < 0).mean()),
-        flip_prob=np.clip(against + tiebreak, 0.0, 1.0),
-        p_clean=1.0 - against,
+        name="mixture",
+        rate=fit.eps,
+        flip_prob=flip_posterior(p, used),
+        flip_prob_mle=flip_posterior(p_mle, fit.eps),
+        p_clean=p,
         assumption=(
-            "every pair whose ensemble margin is negative is mislabelled; biased upward "
-            "by reward-model error (a weak ensemble calls many correct pairs flipped)"
+            "symmetric noise independent of the pair, and a clean posterior that is logistic "
+            "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"
         ),
+        details={"slope": slope, "lr_statistic": fit.lr_statistic, "no_noise_p_value": fit.p_value,
+                 "no_noise_rejected": fit.lr_statistic > LR_CRITICAL, "interval_level": INTERVAL_LEVEL,
+                 "identifiable_width": IDENTIFIABLE_WIDTH},
+        interval=fit.interval,
+        identifiable=identifiable,
+        rate_used=used,
     )
 
 
-def random_orientation(n: int, seed: int = 0) -> np.ndarray:
-    """A coin per pair: True where the chosen reply is shown as response "A"."""
-    return np.random.default_rng(seed).random(n) < 0.5
+def fit_noisy_logistic(margin: np.ndarray) -> tuple[float, float]:
+    """(eps, a) of the maximum-likelihood noisy-logistic fit (see :func:`fit_noisy_logistic_profile`)."""
+    fit = fit_noisy_logistic_profile(margin)
+    return fit.eps, fit.slope
+
+
+# ------------------------------------------------------------------ other estimators
+@register("em")
+def em_estimator(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0,
+                 top_fraction: float = 0.1) -> NoiseEstimate:
+    """EM (LCPO / RE-PO) fed clean posteriors recovered with the identity.
+
+    p = (q - eps_anchor) / (1 - 2 eps_anchor), q the Platt probability of the
+    margin, eps_anchor from :func:`anchor_rate`.
+    """
+    eps_anchor = anchor_rate(margin, top_fraction=top_fraction).rate
+    p = clean_posterior(platt_probability(margin), eps_anchor)
+    eps, flip = em_flip(p)
+    return NoiseEstimate(
+        name="em",
+        rate=eps,
+        flip_prob=flip,
+        p_clean=p,
+        assumption=(
+            "the anchor-corrected probabilities are the clean posterior; then EM is the maximum "
+            "likelihood label accuracy (inherits the anchor's assumption)"
+        ),
+        details={"eps_anchor": eps_anchor},
+    )
+
+
+@register("anchor")
+def anchor_rate(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0,
+                top_fraction: float = 0.1) -> NoiseEstimate:
+    """Anchor estimator: the flip rate among the pairs the ensemble is surest about.
+
+    Among the ``top_fraction`` of pairs with the largest |margin| the clean
+    posterior is assumed to be ~0 or ~1 (anchor points), so by the identity
+    their label agrees with the margin's sign with probability 1 - eps:
+    eps = fraction of those pairs whose margin is negative. flip_prob is the
+    Bayes posterior with p from inverting the identity on a Platt fit of q.
+    """
+    s = np.asarray(margin, dtype=float)
+    k = max(1, int(round(top_fraction * len(s))))
+    top = np.argsort(-np.abs(s))[:k]
+    eps = float(np.clip((s[top] < 0).mean(), 0.0, EPS_MAX))
+    p = clean_posterior(platt_probability(s), eps)
+    return NoiseEstimate(
+        name="anchor",
+        rate=eps,
+        flip_prob=flip_posterior(p, eps),
+        p_clean=p,
+        assumption=(
+            f"the {top_fraction:.0%} most confident pairs are unambiguous (clean posterior 0 or 1) "
+            "and noise is independent of the pair; biased upward if they are not"
+        ),
+        details={"top_fraction": top_fraction, "n_anchor": k},
+    )
+
+
+@register("cleanlab")
+def confident_learning_estimator(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
+                                 seed: int = 0) -> NoiseEstimate:
+    """cleanlab confident learning on the Platt probabilities of the margin (:func:`confident_learning`)."""
+    return confident_learning(platt_probability(margin), seed=seed)
 
 
 def confident_learning(q: np.ndarray, *, seed: int = 0) -> NoiseEstimate:
@@ -144,31 +340,49 @@ def confident_learning(q: np.ndarray, *, seed: int = 0) -> NoiseEstimate:
     )
 
 
-def anchor_rate(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstimate:
-    """Anchor estimator: the flip rate among the pairs the ensemble is surest about.
+@register("margin")
+def margin_heuristic(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0) -> NoiseEstimate:
+    """Secrets of RLHF II: eps = fraction of pairs whose mean member margin is < 0.
 
-    Among the ``top_fraction`` of pairs with the largest |margin| the clean
-    posterior is assumed to be ~0 or ~1 (anchor points), so by the identity
-    their label agrees with the margin's sign with probability 1 - eps:
-    eps = fraction of those pairs whose margin is negative. flip_prob is the
-    Bayes posterior with p from inverting the identity on a Platt fit of q.
+    ``member_margins`` is [n_pairs, n_members] on one scale (default: the
+    margin as one member). flip_prob is the fraction of members voting against
+    the label (a ranking score, ties broken by the mean margin).
     """
-    s = np.asarray(margin, dtype=float)
-    k = max(1, int(round(top_fraction * len(s))))
-    top = np.argsort(-np.abs(s))[:k]
-    eps = float(np.clip((s[top] < 0).mean(), 0.0, EPS_MAX))
-    p = clean_posterior(platt_probability(s), eps)
+    d = np.asarray(margin if member_margins is None else member_margins, dtype=float)
+    d = d[:, None] if d.ndim == 1 else d
+    mean = d.mean(axis=1)
+    against = (d < 0).mean(axis=1)
+    tiebreak = 1e-6 * expit(-mean / (np.abs(mean).max() + 1e-12))
     return NoiseEstimate(
-        name="anchor",
-        rate=eps,
-        flip_prob=flip_posterior(p, eps),
-        p_clean=p,
+        name="margin",
+        rate=float((mean < 0).mean()),
+        flip_prob=np.clip(against + tiebreak, 0.0, 1.0),
+        p_clean=1.0 - against,
         assumption=(
-            f"the {top_fraction:.0%} most confident pairs are unambiguous (clean posterior 0 or 1) "
-            "and noise is independent of the pair; biased upward if they are not"
+            "every pair whose ensemble margin is negative is mislabelled; biased upward "
+            "by reward-model error (a weak ensemble calls many correct pairs flipped)"
         ),
-        details={"top_fraction": top_fraction, "n_anchor": k},
     )
+
+
+@register("em_naive")
+def em_naive(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0) -> NoiseEstimate:
+    """EM fed the noisy-label (Platt) probabilities as if clean: shown only as a warning baseline."""
+    q = platt_probability(margin)
+    eps, flip = em_flip(q)
+    return NoiseEstimate(
+        name="em_naive",
+        rate=eps,
+        flip_prob=flip,
+        p_clean=q,
+        assumption="(wrong on purpose) probabilities learned from the noisy labels are clean; underestimates",
+    )
+
+
+# ------------------------------------------------------------------ helpers
+def random_orientation(n: int, seed: int = 0) -> np.ndarray:
+    """A coin per pair: True where the chosen reply is shown as response "A"."""
+    return np.random.default_rng(seed).random(n) < 0.5
 
 
 def platt_slope(margin: np.ndarray) -> float:
@@ -191,67 +405,6 @@ def platt_probability(margin: np.ndarray) -> np.ndarray:
     return expit(platt_slope(s) * s)
 
 
-def fit_noisy_logistic(margin: np.ndarray) -> tuple[float, float]:
-    """Maximum likelihood of (eps, a) in P(label | s) = eps + (1 - 2 eps) sigmoid(a s).
-
-    Returns (eps, a). The clean link sigmoid(a s) goes to 0/1 for large |s| while
-    the noisy one levels off at eps / 1 - eps; that plateau identifies eps.
-    """
-    s = np.asarray(margin, dtype=float)
-    scale = 1.0 / (s.std() + 1e-12)
-
-    def nll(theta: np.ndarray) -> float:
-        eps, log_a = theta
-        p = expit(np.exp(log_a) * scale * s)
-        return -np.log(eps + (1.0 - 2.0 * eps) * p + 1e-300).sum()
-
-    best = None
-    for eps0 in (0.02, 0.15, 0.3):
-        for log_a0 in (0.0, 1.5):
-            res = minimize(
-                nll, x0=[eps0, log_a0], method="L-BFGS-B",
-                bounds=[(0.0, EPS_MAX), (-6.0, 6.0)],
-            )
-            if best is None or res.fun < best.fun:
-                best = res
-    eps, log_a = best.x
-    return float(eps), float(np.exp(log_a) * scale)
-
-
-def no_noise_lr_statistic(margin: np.ndarray, eps: float, slope: float) -> float:
-    """Likelihood-ratio statistic 2 [NLL(eps = 0) - NLL(eps, slope)] of the noisy-logistic fit.
-
-    Large when the labels level off at a plateau below 1 (noise is identified);
-    near 0 when "no noise, flatter link" explains the labels as well, the ridge
-    along which eps is not identified.
-    """
-    s = np.asarray(margin, dtype=float)
-    nll_fit = -np.log(eps + (1.0 - 2.0 * eps) * expit(slope * s) + 1e-300).sum()
-    nll_zero = -log_expit(platt_slope(s) * s).sum()
-    return float(2.0 * (nll_zero - nll_fit))
-
-
-def mixture_mle(margin: np.ndarray) -> NoiseEstimate:
-    """Fit the identity q = eps + (1 - 2 eps) p with p = sigmoid(a s) by maximum likelihood.
-
-    flip_prob is the Bayes posterior that the label is flipped given p and eps.
-    """
-    eps, a = fit_noisy_logistic(margin)
-    p = expit(a * np.asarray(margin, dtype=float))
-    lr = no_noise_lr_statistic(margin, eps, a)
-    return NoiseEstimate(
-        name="mixture",
-        rate=eps,
-        flip_prob=flip_posterior(p, eps),
-        p_clean=p,
-        assumption=(
-            "symmetric noise independent of the pair, and a clean posterior that is logistic "
-            "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"
-        ),
-        details={"slope": a, "lr_statistic": lr},
-    )
-
-
 def em_flip(p_clean: np.ndarray, *, eta0: float = 0.9, tol: float = 1e-8, max_iter: int = 1000) -> tuple[float, np.ndarray]:
     """LCPO / RE-PO EM for the label accuracy eta given clean posteriors p.
 
@@ -272,81 +425,23 @@ def em_flip(p_clean: np.ndarray, *, eta0: float = 0.9, tol: float = 1e-8, max_it
     return 1.0 - eta, 1.0 - w
 
 
-def em_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstimate:
-    """EM (LCPO / RE-PO) fed clean posteriors recovered with the identity.
-
-    p = (q - eps_anchor) / (1 - 2 eps_anchor), q the Platt probability of the
-    margin, eps_anchor from :func:`anchor_rate`.
-    """
-    eps_anchor = anchor_rate(margin, top_fraction=top_fraction).rate
-    p = clean_posterior(platt_probability(margin), eps_anchor)
-    eps, flip = em_flip(p)
-    return NoiseEstimate(
-        name="em",
-        rate=eps,
-        flip_prob=flip,
-        p_clean=p,
-        assumption=(
-            "the anchor-corrected probabilities are the clean posterior; then EM is the maximum "
-            "likelihood label accuracy (inherits the anchor's assumption)"
-        ),
-        details={"eps_anchor": eps_anchor},
-    )
-
-
-def em_naive(margin: np.ndarray) -> NoiseEstimate:
-    """EM fed the noisy-label (Platt) probabilities as if clean: shown only as a warning baseline."""
-    q = platt_probability(margin)
-    eps, flip = em_flip(q)
-    return NoiseEstimate(
-        name="em_naive",
-        rate=eps,
-        flip_prob=flip,
-        p_clean=q,
-        assumption="(wrong on purpose) probabilities learned from the noisy labels are clean; underestimates",
-    )
-
-
-LR_CRITICAL = 3.84  # chi-square(1) at 95%
-
-
-def auto_estimator(margin: np.ndarray, *, top_fraction: float = 0.1) -> NoiseEstimate:
-    """Default. The mixture fit where the data identify eps, else EM on anchor-corrected posteriors.
-
-    The mixture's eps is identified only when a likelihood-ratio test rejects
-    eps = 0 (the labels visibly level off at 1 - eps for the surest pairs);
-    with a weak ensemble (AUC ~0.7) the likelihood is flat along a ridge of
-    (eps, slope) and the fit is arbitrary, while the anchor-corrected EM stays
-    stable. Measured on planted flips: mixture within 0.03 of the truth on
-    the demo data (ensemble AUC ~0.89), EM self-consistent on HH harmless.
-    """
-    mixture = mixture_mle(margin)
-    identified = mixture.details["lr_statistic"] > LR_CRITICAL
-    chosen = mixture if identified else em_estimator(margin, top_fraction=top_fraction)
-    return NoiseEstimate(
-        name="auto",
-        rate=chosen.rate,
-        flip_prob=chosen.flip_prob,
-        p_clean=chosen.p_clean,
-        assumption=f"{chosen.name}: {chosen.assumption}",
-        details={"used": chosen.name, "mixture_lr_statistic": mixture.details["lr_statistic"], **chosen.details},
-    )
-
-
 def estimate_all(
     margin: np.ndarray, member_margins: np.ndarray | None = None, *, seed: int = 0,
+    names: "list[str] | None" = None,
 ) -> dict[str, NoiseEstimate]:
-    """Every estimator on one ensemble margin, keyed by name (default first)."""
+    """Every registered estimator (or ``names``) on one ensemble margin, keyed by name, default first."""
     margin = np.asarray(margin, dtype=float)
-    members = margin[:, None] if member_margins is None else member_margins
-    q = platt_probability(margin)
-    out = [
-        auto_estimator(margin),
-        em_estimator(margin),
-        anchor_rate(margin),
-        mixture_mle(margin),
-        confident_learning(q, seed=seed),
-        margin_heuristic(members),
-        em_naive(margin),
-    ]
-    return {e.name: e for e in out}
+    names = names or [DEFAULT_ESTIMATOR] + [k for k in ESTIMATORS if k != DEFAULT_ESTIMATOR]
+    return {name: get_estimator(name)(margin, member_margins=member_margins, seed=seed) for name in names}
+
+
+def summary(estimate: NoiseEstimate) -> str:
+    """One sentence on the rate, its interval and what flip_prob uses (for the CLI and the manifest)."""
+    text = f"flip rate {estimate.rate:.3f}"
+    if estimate.interval is not None:
+        low, high = estimate.interval
+        text += f" (90% interval {low:.3f}-{high:.3f})"
+    if estimate.identifiable is False:
+        text += (f"; the interval is wide: the ensemble cannot tell ambiguous pairs from flipped ones, so "
+                 f"flip_prob uses the interval's lower end {estimate.rate_used:.3f}")
+    return text

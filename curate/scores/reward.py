@@ -9,8 +9,9 @@ Members of three kinds, any mix:
    split; each pair is scored by the fold model that never saw it, so every
    pair gets ``len(heads) x len(seeds)`` (>= 3 by default) out-of-fold scores.
 2. **Pretrained reward models**: any ``AutoModelForSequenceClassification``
-   reward model scores each (prompt, reply) through its chat template
-   (:func:`pretrained_member`). They never saw these labels: out-of-fold.
+   reward model scores each (prompt, reply) through its chat template, or as
+   the text pair (prompt, reply) for cross-encoder RMs such as OpenAssistant's
+   DeBERTa (:func:`pretrained_member`, :func:`rm_input_format`). They never saw these labels: out-of-fold.
 3. **Implicit rewards** of a DPO checkpoint: pass the per-pair
    beta * (log pi/pi_ref)(chosen) - (same)(rejected) as a member via
    :func:`member_from_rewards` (out-of-fold only if it was trained elsewhere).
@@ -54,15 +55,22 @@ class FeatureSet:
     name: str
     chosen: np.ndarray
     rejected: np.ndarray
+    block_dims: tuple[int, ...] | None = None  # widths of the blocks side by side (None: one block)
 
     @property
     def dim(self) -> int:
         return int(self.chosen.shape[1])
 
+    def column_block_width(self) -> np.ndarray:
+        """Per column: the width of the block it belongs to (each block is scaled to unit total variance)."""
+        dims = self.block_dims or (self.dim,)
+        return np.repeat(np.asarray(dims, dtype=np.float64), dims)
+
     def swapped(self, flip: np.ndarray) -> "FeatureSet":
         """The same features with chosen and rejected exchanged where ``flip`` is True."""
         f = np.asarray(flip, dtype=bool)[:, None]
-        return FeatureSet(self.name, np.where(f, self.rejected, self.chosen), np.where(f, self.chosen, self.rejected))
+        return FeatureSet(self.name, np.where(f, self.rejected, self.chosen), np.where(f, self.chosen, self.rejected),
+                          self.block_dims)
 
     def __post_init__(self) -> None:
         self.chosen = np.asarray(self.chosen, dtype=np.float64)
@@ -74,6 +82,8 @@ class FeatureSet:
             raise CurateError(f"feature set {self.name!r}: chosen and rejected features differ in shape")
         if not (np.isfinite(self.chosen).all() and np.isfinite(self.rejected).all()):
             raise CurateError(f"feature set {self.name!r} has NaN or infinite values; recompute the features")
+        if self.block_dims is not None and sum(self.block_dims) != self.dim:
+            raise CurateError(f"feature set {self.name!r}: block widths {self.block_dims} do not add up to {self.dim}")
 
 
 @dataclass
@@ -101,9 +111,19 @@ def member_from_rewards(name: str, reward_chosen, reward_rejected, *, kind: str 
 
 
 # ------------------------------------------------------------------ Bradley-Terry heads
-def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
-    """Balanced random fold index (0..folds-1) of each of n pairs."""
-    return np.random.default_rng(seed).permutation(np.arange(n) % folds)
+def fold_ids(n: int, folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold index (0..folds-1) of each of n pairs: balanced and random, whole groups per fold when given.
+
+    ``groups`` (:func:`curate.folds.pair_groups`: pairs sharing a prompt or a
+    reply) keeps a head from training on one pair of a group and scoring another.
+    """
+    if groups is None:
+        return np.random.default_rng(seed).permutation(np.arange(n) % folds)
+    from curate.folds import grouped_fold_ids
+
+    if len(groups) != n:
+        raise CurateError(f"fold groups have {len(groups)} entries for {n} pairs")
+    return grouped_fold_ids(groups, folds, seed)
 
 
 def fit_bt_head(diff: np.ndarray, *, l2: float = DEFAULT_L2) -> np.ndarray:
@@ -124,13 +144,35 @@ def fit_bt_head(diff: np.ndarray, *, l2: float = DEFAULT_L2) -> np.ndarray:
     return res.x
 
 
-def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAULT_L2) -> tuple[np.ndarray, np.ndarray]:
+def nested_l2(diff: np.ndarray, grid: Sequence[float], *, inner_folds: int = 3, seed: int = 0,
+              groups: np.ndarray | None = None) -> float:
+    """The L2 of ``grid`` with the best inner cross-validated log-likelihood on ``diff`` (training pairs only).
+
+    Called on the training folds of one outer split, so the pairs a head
+    scores never take part in choosing its L2 (nested cross-validation).
+    """
+    inner = fold_ids(len(diff), inner_folds, seed, groups)
+    scores = []
+    for l2 in grid:
+        loglik = 0.0
+        for k in range(inner_folds):
+            w = fit_bt_head(diff[inner != k], l2=l2)
+            loglik += float(log_expit(diff[inner == k] @ w).sum())
+        scores.append(loglik)
+    return float(grid[int(np.argmax(scores))])
+
+
+def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float | Sequence[float] = DEFAULT_L2,
+                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold rewards of every reply: each pair scored by the head that did not train on it.
 
     Features are standardised with the training folds' reply statistics and
-    divided by sqrt(dim), so every feature set has unit total variance and one
-    fixed ``l2`` suits a 1-dim length feature and a 576-dim hidden state alike.
-    The reward of a reply is w . standardised(features).
+    each column divided by sqrt(width of its block), so every block has unit
+    total variance and one fixed ``l2`` suits a 1-dim length feature and a
+    576-dim hidden state alike, also side by side in one head
+    (:func:`concat_feature_sets`). The reward of a reply is w . standardised(features).
+    A sequence ``l2`` is a grid: each outer training set picks its own value
+    by :func:`nested_l2` (inner folds keep ``groups`` whole).
     """
     reward_c = np.empty(len(fold))
     reward_r = np.empty(len(fold))
@@ -140,8 +182,11 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAUL
         c, r = features.chosen[train], features.rejected[train]
         mean = (c.sum(axis=0) + r.sum(axis=0)) / (2 * len(c))
         var = ((c * c).sum(axis=0) + (r * r).sum(axis=0)) / (2 * len(c)) - mean**2
-        std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(features.dim)
-        w = fit_bt_head(diff[train] / std, l2=l2) / std  # weights on the raw features
+        std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(features.column_block_width())
+        scaled = diff[train] / std
+        lam = l2 if np.isscalar(l2) else nested_l2(
+            scaled, l2, seed=int(k), groups=None if groups is None else np.asarray(groups)[train])
+        w = fit_bt_head(scaled, l2=lam) / std  # weights on the raw features
         reward_c[test] = (features.chosen[test] - mean) @ w
         reward_r[test] = (features.rejected[test] - mean) @ w
     return reward_c, reward_r
@@ -149,8 +194,9 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float = DEFAUL
 
 def head_members(
     feature_sets: Sequence[FeatureSet], *, seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+    groups: np.ndarray | None = None,
 ) -> list[Member]:
-    """Repeated k-fold cross-fitting: one member per (feature set, split seed)."""
+    """Repeated k-fold cross-fitting: one member per (feature set, split seed); folds keep ``groups`` whole."""
     if not feature_sets:
         return []
     n = len(feature_sets[0].chosen)
@@ -165,21 +211,23 @@ def head_members(
 
     # the matrices are small: BLAS threads only add spinning and contention
     with threadpool_limits(limits=1):
-        members = _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2)
+        members = _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2, groups=groups)
     return members
 
 
-def _cross_fit_members(feature_sets, n, *, seeds, folds, l2) -> list[Member]:
+def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Member]:
     members = []
     for seed in seeds:
-        fold = fold_ids(n, folds, seed)
+        fold = fold_ids(n, folds, seed, groups)
         for fs in feature_sets:
             if len(fs.chosen) != n:
                 raise CurateError(f"feature set {fs.name!r} has {len(fs.chosen)} rows, expected {n}")
-            rc, rr = cross_fit_head(fs, fold, l2=l2)
+            rc, rr = cross_fit_head(fs, fold, l2=l2, groups=groups)
             members.append(Member(
                 f"{fs.name}_s{seed}", "head", rc, rr, True,
-                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds, "l2": l2},
+                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
+                 "l2": l2 if np.isscalar(l2) else list(l2),
+                 "grouped_folds": groups is not None},
             ))
     return members
 
@@ -245,20 +293,19 @@ def ensemble_quality(members: Sequence[Member], margins: np.ndarray, seeds: Sequ
 
 
 def concat_feature_sets(feature_sets: Sequence[FeatureSet], name: str = "all") -> FeatureSet:
-    """One feature set holding every block side by side, each block scaled to unit total variance.
+    """One feature set holding every block side by side; the heads scale each block to unit total variance.
 
     A head on it learns how much each block matters (averaging separate heads
-    gives a weak block the same vote as a strong one).
+    gives a weak block the same vote as a strong one). The block widths travel
+    with the set (``block_dims``), so :func:`cross_fit_head` standardises each
+    column and divides it by sqrt(its block's width): a 1-dim feature next to a
+    576-dim block keeps the weight of a whole block.
     """
-    def blocks(side: str) -> np.ndarray:
-        out = []
-        for fs in feature_sets:
-            x = getattr(fs, side)
-            both = np.concatenate([fs.chosen, fs.rejected])
-            out.append((x - both.mean(axis=0)) / ((both.std(axis=0) + 1e-8) * np.sqrt(fs.dim)))
-        return np.concatenate(out, axis=1)
-
-    return FeatureSet(name, blocks("chosen"), blocks("rejected"))
+    dims: list[int] = []
+    for fs in feature_sets:
+        dims.extend(fs.block_dims or (fs.dim,))
+    return FeatureSet(name, np.concatenate([fs.chosen for fs in feature_sets], axis=1),
+                      np.concatenate([fs.rejected for fs in feature_sets], axis=1), tuple(dims))
 
 
 def ensemble_heads(feature_sets: Sequence[FeatureSet]) -> list[FeatureSet]:
@@ -302,26 +349,60 @@ def text_statistics(texts: Sequence[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ pretrained reward models
-def _conversation_texts(tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], replies: Sequence[str]) -> list[str]:
-    """Each (prompt, reply) rendered with the reward model's chat template (plain turns without one)."""
-    out = []
+RM_INPUT_FORMATS = ("auto", "chat", "pair", "plain")
+# Encoder (cross-encoder) reward models, e.g. OpenAssistant/reward-model-deberta-v3-large-v2, are trained on
+# tokenizer(question, answer): the prompt and the reply as a text pair, not as one transcript.
+_CROSS_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert",
+                        "mpnet", "modernbert"}
+
+
+def _plain_turns(messages: Sequence[Mapping[str, str]]) -> str:
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def rm_input_format(model, tokenizer, requested: str = "auto") -> str:
+    """How a reward model reads (prompt, reply): ``chat`` (its chat template), ``pair`` or ``plain``.
+
+    ``auto``: the chat template where the tokenizer has one; the text pair
+    ``tokenizer(question, answer)`` for encoder models (DeBERTa, BERT, RoBERTa
+    ... cross-encoder RMs); otherwise one "User: ... Assistant: ..." string.
+    """
+    if requested not in RM_INPUT_FORMATS:
+        raise CurateError(f"unknown reward-model input format {requested!r}; choose one of {', '.join(RM_INPUT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "chat" and not has_template:
+        raise CurateError("this reward model's tokenizer has no chat template; use input format 'pair' or 'plain'")
+    if requested != "auto":
+        return requested
+    if has_template:
+        return "chat"
+    if getattr(model.config, "model_type", None) in _CROSS_ENCODER_TYPES:
+        return "pair"
+    return "plain"
+
+
+def _rm_inputs(tokenizer, fmt: str, prompts, replies: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """(texts, second texts or None) that the tokenizer encodes for each (prompt, reply)."""
+    if fmt == "pair":
+        questions = [m[-1]["content"] if len(m) == 1 else _plain_turns(m) for m in prompts]
+        return questions, list(replies)
+    texts = []
     for messages, reply in zip(prompts, replies):
         chat = [{"role": m["role"], "content": m["content"]} for m in messages] + [{"role": "assistant", "content": reply}]
-        if getattr(tokenizer, "chat_template", None):
-            out.append(tokenizer.apply_chat_template(chat, tokenize=False))
-        else:
-            out.append("\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat))
-    return out
+        texts.append(tokenizer.apply_chat_template(chat, tokenize=False) if fmt == "chat" else _plain_turns(chat))
+    return texts, None
 
 
 def pretrained_rewards(
     name_or_path: str, prompts, replies: Sequence[str], *, device: str = "auto", batch_size: int = 8,
-    max_length: int = 1024, model_and_tokenizer=None,
+    max_length: int = 1024, model_and_tokenizer=None, input_format: str = "auto",
 ) -> np.ndarray:
     """Reward of each (prompt, reply) from an ``AutoModelForSequenceClassification`` reward model.
 
     One output logit is the reward; with two, the second minus the first.
-    Long conversations are cut from the left so the reply is always scored.
+    ``input_format`` (:func:`rm_input_format`): the chat template, the text
+    pair (cross-encoders) or plain turns. Long inputs are cut from the left
+    so the reply is always scored.
     """
     import torch
 
@@ -348,16 +429,19 @@ def pretrained_rewards(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.truncation_side = "left"
+    fmt = rm_input_format(model, tokenizer, input_format)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    texts = _conversation_texts(tokenizer, prompts, replies)
-    order = np.argsort([len(t) for t in texts])
+    texts, answers = _rm_inputs(tokenizer, fmt, prompts, replies)
+    order = np.argsort([len(t) + (len(answers[i]) if answers else 0) for i, t in enumerate(texts)])
     rewards = np.empty(len(texts))
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+            second = [answers[i] for i in idx] if answers else None
+            enc = tokenizer([texts[i] for i in idx], second, padding=True,
+                            truncation="only_first" if second else True, max_length=max_length,
+                            return_tensors="pt", add_special_tokens=fmt != "chat")
             logits = model(**enc.to(dev)).logits.float()
             r = logits[:, 0] if n_labels == 1 else logits[:, 1] - logits[:, 0]
             rewards[idx] = r.cpu().numpy()
@@ -371,7 +455,8 @@ def pretrained_member(name_or_path: str, pairs, *, device: str = "auto", **kwarg
                                  pairs["chosen"].to_list() + pairs["rejected"].to_list(), device=device, **kwargs)
     n = pairs.height
     label = re.sub(r"[^A-Za-z0-9]+", "_", Path(name_or_path).name if Path(name_or_path).exists() else name_or_path)
-    return Member(label.strip("_").lower(), "pretrained", rewards[:n], rewards[n:], True, {"model": name_or_path})
+    return Member(label.strip("_").lower(), "pretrained", rewards[:n], rewards[n:], True,
+                  {"model": name_or_path, "input_format": kwargs.get("input_format", "auto")})
 
 
 # ------------------------------------------------------------------ ensemble + noise table
@@ -384,10 +469,11 @@ def swap_members(members: Sequence[Member], flip: np.ndarray) -> list[Member]:
 
 def ensemble_margins(
     feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
-    seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+    seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2, groups: np.ndarray | None = None,
 ) -> tuple[list[Member], np.ndarray]:
     """Cross-fit the heads and put every member on one scale: (members, [n_pairs, n_members] margins)."""
-    members = head_members(ensemble_heads(feature_sets), seeds=seeds, folds=folds, l2=l2) + list(fixed_members)
+    members = head_members(ensemble_heads(feature_sets), seeds=seeds, folds=folds, l2=l2,
+                           groups=groups) + list(fixed_members)
     if not members:
         raise CurateError("the reward ensemble has no members: give feature sets or --reward-model")
     return members, scaled_margins(members)
@@ -402,6 +488,8 @@ def reward_and_noise(
     l2: float = DEFAULT_L2,
     estimator: str | None = None,
     noise_seed: int = 0,
+    groups: np.ndarray | None = None,
+    grouping: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train the heads, combine every member, estimate noise: (columns, info).
 
@@ -409,29 +497,33 @@ def reward_and_noise(
     ``rm_m_<member>``, ``p_chosen`` (the default estimator's clean posterior that
     the chosen reply is better), ``p_label`` (its probability that the label
     says chosen: q = eps + (1 - 2 eps) p_chosen), ``rm_out_of_fold`` and
-    ``flip_prob``. ``info`` holds the ensemble's OOF AUC/accuracy and every
-    estimator's rate (what the manifest records).
+    ``flip_prob`` (computed at the rate the data support: the estimate's
+    ``rate_used``; what curation and training read) and ``flip_prob_mle``
+    (the posterior at the point estimate, calibrated where the model holds). ``info`` holds the ensemble's OOF AUC/accuracy and every
+    estimator's rate (what the manifest records). ``groups`` keeps pairs that
+    share a prompt or a reply in one fold (:func:`curate.folds.pair_groups`).
     """
     from curate.scores import noise
 
     estimator = estimator or noise.DEFAULT_ESTIMATOR
-    members, margins = ensemble_margins(feature_sets, fixed_members, seeds=seeds, folds=folds, l2=l2)
+    noise.get_estimator(estimator)  # an unknown name fails before the heads are trained
+    members, margins = ensemble_margins(feature_sets, fixed_members, seeds=seeds, folds=folds, l2=l2, groups=groups)
     stats = ensemble_stats(margins)
-    estimates = noise.estimate_all(stats["rm_margin_mean"], margins, seed=noise_seed)
-    if estimator not in estimates:
-        raise CurateError(f"unknown noise estimator {estimator!r}; choose one of {', '.join(estimates)}")
+    estimates = noise.estimate_all(stats["rm_margin_mean"], margins, seed=noise_seed,
+                                   names=[estimator] + [k for k in noise.ESTIMATORS if k != estimator])
     chosen = estimates[estimator]
     columns = dict(stats)
     columns.update({f"rm_m_{m.name}": margins[:, j] for j, m in enumerate(members)})
     columns["p_chosen"] = chosen.p_clean
-    columns["p_label"] = noise.noisy_posterior(chosen.p_clean, chosen.rate)
+    columns["p_label"] = noise.noisy_posterior(chosen.p_clean, chosen.rate_used)
     columns["rm_out_of_fold"] = np.full(margins.shape[0], all(m.out_of_fold for m in members))
     columns["flip_prob"] = chosen.flip_prob
+    columns["flip_prob_mle"] = chosen.flip_prob_mle
     quality = ensemble_quality(members, margins, seeds)
     single = {}
     if len(feature_sets) > 1:  # which features carry the signal: one head per block, first seed
         for fs in feature_sets:
-            (m,) = head_members([fs], seeds=seeds[:1], folds=folds, l2=l2)
+            (m,) = head_members([fs], seeds=seeds[:1], folds=folds, l2=l2, groups=groups)
             single[fs.name] = oriented_auc(m.margin, seed=seeds[0])["auc"]
     notes = []
     if not quality.get("auc", 1.0) > WEAK_AUC:  # also catches NaN
@@ -440,13 +532,19 @@ def reward_and_noise(
             "strength, p_chosen and flip estimates carry little information; add features or a reward model"
         )
         warnings.warn(notes[-1], stacklevel=2)
+    noise_notes = list(notes)
+    if chosen.identifiable is False:
+        noise_notes.append(noise.summary(chosen))
     info = {
         "reward": {
             "warnings": notes,
             "members": [{"name": m.name, "kind": m.kind, "out_of_fold": m.out_of_fold, **m.info} for m in members],
             "feature_sets": {fs.name: fs.dim for fs in feature_sets},
-            "folds": folds, "seeds": list(seeds), "l2": l2,
-            "hyperparameters": "fixed (not tuned on the scored folds)",
+            "folds": folds, "seeds": list(seeds), "l2": l2 if np.isscalar(l2) else list(l2),
+            "fold_grouping": grouping or ("grouped" if groups is not None else "none (random per pair)"),
+            "n_fold_groups": None if groups is None else int(len(np.unique(groups))),
+            "hyperparameters": ("fixed (not tuned on the scored folds)" if np.isscalar(l2) else
+                                "L2 chosen per outer training set by inner 3-fold CV (nested)"),
             "out_of_fold": bool(all(m.out_of_fold for m in members)),
             "oof_auc": quality.get("auc"), "oof_accuracy": quality.get("accuracy"),
             "auc_per_seed": quality.get("auc_per_seed"), "auc_all_members": quality["auc_all_members"],
@@ -454,13 +552,24 @@ def reward_and_noise(
             "auc_protocol": "AUC over randomly oriented pairs of the mean out-of-fold margin, per split seed, averaged",
         },
         "noise": {
-            "warnings": notes,
+            "warnings": noise_notes,
             "default_estimator": estimator,
             "flip_rate": chosen.rate,
-            "estimators": {k: {"rate": e.rate, "assumption": e.assumption, **e.details} for k, e in estimates.items()},
+            "flip_rate_interval": None if chosen.interval is None else [float(v) for v in chosen.interval],
+            "identifiable": chosen.identifiable,
+            "flip_prob_rate": chosen.rate_used,
+            "flip_prob_basis": ("the interval's lower end (the rate is not identifiable)" if chosen.identifiable is False
+                                else "the estimated rate"),
+            "summary": noise.summary(chosen),
+            "estimators": {k: _estimate_info(e) for k, e in estimates.items()},
         },
     }
     return columns, info
+
+
+def _estimate_info(e) -> dict[str, Any]:
+    return {"rate": e.rate, "interval": None if e.interval is None else [float(v) for v in e.interval],
+            "identifiable": e.identifiable, "rate_used": e.rate_used, "assumption": e.assumption, **e.details}
 
 
 # ------------------------------------------------------------------ run directory
@@ -598,7 +707,11 @@ def score_reward_and_noise(
                                       device=device, cache_dir=cache_dir)
     features_s = time.perf_counter() - started
     fixed = [pretrained_member(name, pairs, device=device) for name in reward_models] + list(extra_members)
-    columns, info = reward_and_noise(feature_sets, fixed, seeds=seeds, folds=folds, l2=l2, estimator=estimator)
+    from curate.folds import pair_groups
+
+    groups, grouping = pair_groups(pairs)
+    columns, info = reward_and_noise(feature_sets, fixed, seeds=seeds, folds=folds, l2=l2, estimator=estimator,
+                                     groups=groups, grouping=grouping)
     table = pl.DataFrame({"pair_id": pairs["pair_id"], **columns})
     run.merge_scores(table)
     info["reward"]["seconds"] = {"features": round(features_s, 2), "total": round(time.perf_counter() - started, 2)}

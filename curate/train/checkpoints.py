@@ -5,14 +5,14 @@ parameters: all of them, or the LoRA adapter), ``masks.safetensors`` (SparsePO
 mask network, if any), ``optimizer.pt`` and ``state.json`` (step, scheduler,
 the run's fingerprint). A checkpoint is built in a temporary sibling and
 renamed into place, so a kill mid-write never leaves a half checkpoint that
-``--resume`` would trust.
+``--resume`` would trust; the loop writes one only after checking that its
+weights and a probe forward are finite.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 PREFIX = "step-"
 
@@ -33,6 +34,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(root: Path, step: int, *, policy: torch.nn.Module, masks: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{PREFIX}*"):  # temporaries of a write that was killed
+        remove_inside(stale, root)
     target = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
     try:
@@ -41,14 +44,13 @@ def save_checkpoint(root: Path, step: int, *, policy: torch.nn.Module, masks: to
             save_file(trainable_state(masks), str(tmp / "masks.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
+        remove_inside(target, root)
         os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_inside(tmp, root)
         raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_inside(old, root)
     return target
 
 
@@ -64,17 +66,32 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check_compatible(checkpoint: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's state, or a CurateError naming the first setting that differs."""
-    state = json.loads((checkpoint / "state.json").read_text())
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def check_compatible(checkpoint: Path, fingerprint: dict[str, Any],
+                     may_change: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """The checkpoint's state and the ``may_change`` settings that differ, as ``{key: (then, now)}``.
+
+    Any other difference is a CurateError naming the first setting that differs.
+    """
+    state = read_state(checkpoint)
     saved = state.get("fingerprint", {})
+    changes = {}
     for key, value in fingerprint.items():
-        if saved.get(key) != value:
-            raise CurateError(
-                f"cannot resume from {checkpoint}: {key} was {saved.get(key)!r} there and is {value!r} now; "
-                "resume with the same data and settings, or train into a new --out directory"
-            )
-    return state
+        if saved.get(key) == value:
+            continue
+        if key in may_change:
+            changes[key] = (saved.get(key), value)
+            continue
+        raise CurateError(
+            f"cannot resume from {checkpoint}: {key} was {saved.get(key)!r} there and is {value!r} now; "
+            "resume with the same data and settings"
+            + (f" (only {', '.join('--' + k for k in may_change)} may change)" if may_change else "")
+            + ", or train into a new --out directory"
+        )
+    return state, changes
 
 
 def load_checkpoint(checkpoint: Path, *, policy: torch.nn.Module, masks: torch.nn.Module | None,

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ import numpy as np
 import torch
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 from curate.train import checkpoints as ckpt
+from curate.train.config import RESUMABLE_CHANGES, TrainConfig
 from curate.train.batching import (
     Batch,
     EncodedPair,
@@ -44,7 +47,6 @@ from curate.train.batching import (
 )
 from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
 from curate.train.losses import (
-    LOSSES,
     SEQUENCE_LOSSES,
     TokenTerms,
     pair_losses,
@@ -55,58 +57,10 @@ from curate.train.losses import (
     token_kl,
     weighted_mean,
 )
-from curate.train.masks import SparsePOMasks, activation_mask, zero_fraction
+from curate.train.masks import MASK_INITS, SparsePOMasks, activation_mask, mask_mean, zero_fraction
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run (the CLI options map one to one)."""
-
-    loss: str = "dpo"
-    beta: float = 0.1
-    epsilon: float | str = 0.0  # flip rate for cdpo / rdpo, or "auto" (from flip_prob)
-    sft_alpha: float = 0.0  # RPO: + alpha * token-mean NLL of the chosen replies
-    weights: str | None = None  # per-pair weight column
-    soft_labels: str | None = None  # per-pair label-confidence column (dpo only)
-    tdpo_alpha: float = 0.5
-    mask: str = "learned"  # sparsepo: learned | mapo
-    mask_mode: str = "common"  # learned masks: common | independent
-    mask_l1: float = 0.0
-    mask_weight_decay: float = 0.01
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    batch_size: int = 8  # pairs per optimizer step, over all processes
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 1024
-    system_prompt: str = "default"
-    bf16: bool | str = "auto"
-    lora_r: int = 0
-    lora_alpha: float | None = None
-    gradient_checkpointing: bool = False
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    limit: int | None = None
-
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise CurateError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.beta <= 0:
-            raise CurateError(f"--beta must be > 0, got {self.beta}")
-        if self.soft_labels and self.loss != "dpo":
-            raise CurateError("--soft-labels replaces the label with a confidence and goes with --loss dpo only")
-        if self.epsilon != "auto" and not (0 <= float(self.epsilon) < 0.5):
-            raise CurateError(f"--epsilon must be in [0, 0.5) or 'auto', got {self.epsilon}")
-        if self.epsilon != 0 and self.loss not in ("cdpo", "rdpo"):
-            raise CurateError("--epsilon (a flip rate) is used by --loss cdpo and rdpo only")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise CurateError("--batch-size and --grad-accum must be >= 1")
-        if self.mask not in ("learned", "mapo") or self.mask_mode not in ("common", "independent"):
-            raise CurateError("--mask must be learned or mapo, and --mask-mode common or independent")
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}  # torch defaults otherwise
 
 
 @dataclass
@@ -149,9 +103,71 @@ def _use_bf16(setting: bool | str, device: torch.device) -> bool:
 def _fingerprint(cfg: TrainConfig, model_name: str, pair_ids: list[str], epsilon: float, total: int) -> dict:
     digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:16]
     keep = ("loss", "beta", "sft_alpha", "weights", "soft_labels", "tdpo_alpha", "mask", "mask_mode", "mask_l1",
-            "lr", "batch_size", "grad_accum", "max_length", "system_prompt", "lora_r", "seed")
+            "mask_init", "optimizer", "lr", "batch_size", "grad_accum", "max_length", "system_prompt", "lora_r", "seed")
     return {**{k: getattr(cfg, k) for k in keep}, "epsilon": epsilon, "model": model_name,
             "pairs": len(pair_ids), "pairs_sha": digest, "total_steps": total}
+
+
+TRAIN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "reference_logps.pt")
+
+
+def _first_difference(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> str | None:
+    return next((k for k in now if k not in ignore and saved.get(k) != now[k]), None)
+
+
+def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force: bool,
+                 main: bool) -> tuple[Path | None, list[dict[str, Any]]]:
+    """Check that ``out`` may be written; return the checkpoint to resume from and the run's learning-rate changes.
+
+    A non-empty ``out`` belongs to the run whose fingerprint its manifest (or,
+    for a run killed early, its newest checkpoint) holds. Without ``resume``
+    or ``force`` it is refused, so a second run never mixes its checkpoints
+    with (and prunes them against) an older run's.
+    """
+    from curate.rundir import RunDir
+
+    if force:
+        if main:
+            for name in TRAIN_OUTPUTS:
+                remove_inside(out / name, out)
+        return None, []
+    if not out.is_dir() or not any(out.iterdir()):
+        return None, []
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    owner = ((RunDir(out).manifest().get("train") or {}).get("fingerprint")
+             or (ckpt.read_state(checkpoint).get("fingerprint") if checkpoint else None))
+    if not resume:
+        if owner is None:
+            held = f"{out} already holds files that are not a training run"
+        elif _first_difference(owner, fingerprint) is None:
+            held = f"{out} already holds this training run"
+        else:
+            key = _first_difference(owner, fingerprint)
+            held = f"{out} holds another training run ({key} was {owner.get(key)!r} there, {fingerprint[key]!r} now)"
+        raise CurateError(f"{held}; add --resume to continue it, --force to replace it, or choose a new --out")
+    if owner is None:
+        raise CurateError(f"--resume: {out} holds no training run to continue; drop --resume or choose a new --out")
+    if checkpoint is None:  # killed before its first checkpoint: nothing trained yet, so only the data must match
+        key = _first_difference(owner, fingerprint, ignore=RESUMABLE_CHANGES)
+        if key is not None:
+            raise CurateError(f"cannot resume in {out}: {key} was {owner.get(key)!r} there and is "
+                              f"{fingerprint[key]!r} now; resume with the same data and settings, or train "
+                              "into a new --out directory")
+        return None, []
+    state, changes = ckpt.check_compatible(checkpoint, fingerprint, may_change=RESUMABLE_CHANGES)
+    lr_changes = list(state.get("lr_changes") or [])
+    if "lr" in changes:
+        lr_changes.append({"step": state["step"], "from": changes["lr"][0], "to": changes["lr"][1]})
+    return checkpoint, lr_changes
+
+
+def _non_finite_weight(modules) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None (one isfinite pass per tensor)."""
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return name
+    return None
 
 
 class _Reference:
@@ -286,6 +302,7 @@ def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch:
                 l1_kl=cfg.mask_l1 if cfg.mask == "learned" else 0.0, shared_mask=shared,
             )
             stats["mask_zero"] = torch.tensor([zero_fraction(reward_m.detach(), batch.valid)], device=device)
+            stats["mask_mean"] = torch.tensor([mask_mean(reward_m.detach(), batch.valid)], device=device)
         logratio = ratio.sum(-1)
     else:
         logratio = logps - reference.logps[idx].T.reshape(-1).to(device)
@@ -309,8 +326,10 @@ def train(
     out: str | os.PathLike[str],
     model: Any = "smollm2-135m-instruct",
     resume: bool = False,
+    force: bool = False,
     progress: bool = True,
     device: str = "auto",
+    config: TrainConfig | None = None,
     **options: Any,
 ) -> TrainResult:
     """Train ``model`` on preference pairs; write checkpoints, metrics and a final model to ``out``.
@@ -319,9 +338,11 @@ def train(
     ``weight`` / ``label_confidence`` / ``flip_prob`` columns), a pair
     DataFrame, or anything :func:`curate.data.load_pairs` reads. ``model``: a
     name or path for :func:`curate.models.load_causal_lm`, or a ``LoadedModel``
-    (trained in place). ``options``: the fields of :class:`TrainConfig`.
-    ``resume``: continue from the last checkpoint in ``out`` (same data and
-    settings required). Returns the final directory, which
+    (trained in place). ``config`` or ``options``: the fields of :class:`TrainConfig`.
+    A non-empty ``out`` is refused unless ``resume`` (continue the run it
+    holds, from its last checkpoint: same data and settings, except the
+    learning rate, whose change is recorded) or ``force`` (replace its
+    training outputs). Returns the final directory, which
     ``AutoModelForCausalLM.from_pretrained`` loads.
     """
     from accelerate import Accelerator
@@ -329,10 +350,13 @@ def train(
     from curate.data.chat import ChatEncoder
     from curate.models import LoadedModel, load_causal_lm, resolve_device
 
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - set(TrainConfig.__dataclass_fields__))
     if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
-    cfg = TrainConfig(**options)
+        raise CurateError(f"unknown training option {unknown[0]!r}; the options are the fields of TrainConfig: "
+                          f"{', '.join(TrainConfig.__dataclass_fields__)}")
+    if resume and force:
+        raise CurateError("--resume continues the run in --out and --force replaces it: pass one of them")
+    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
     cfg.validate()
     out = Path(out)
     accelerator = Accelerator(cpu=resolve_device(device).type == "cpu")
@@ -384,11 +408,13 @@ def train(
 
     pair_ids = [pairs["pair_id"][int(i)] for i in kept]
     fingerprint = _fingerprint(cfg, loaded.name, pair_ids, epsilon, total)
-    checkpoint = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
+    checkpoint, lr_changes = _prepare_out(out, fingerprint, resume=resume, force=force, main=main)
     if resume and checkpoint is None and main:
         accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
-    if checkpoint is not None:
-        ckpt.check_compatible(checkpoint, fingerprint)
+    accelerator.wait_for_everyone()  # every process has read out's state before the main one claims it
+    if main:  # claim the directory: a later run with other settings is refused, even if this one is killed
+        _write_manifest(out, {"status": "started", "fingerprint": fingerprint})
+    accelerator.wait_for_everyone()
 
     # -- reference ----------------------------------------------------------
     t0 = time.perf_counter()
@@ -428,13 +454,14 @@ def train(
     masks = None
     if cfg.loss == "sparsepo" and cfg.mask == "learned":
         config = policy.config
-        masks = SparsePOMasks(config.num_hidden_layers, config.hidden_size, mode=cfg.mask_mode,
+        masks = SparsePOMasks(config.num_hidden_layers, config.hidden_size, mode=cfg.mask_mode, init=cfg.mask_init,
+                              init_std=getattr(config, "initializer_range", 0.02),
                               eps=getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", 1e-5))
         masks.to(accelerator.device).train()
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     if masks is not None:  # the mask network has its own group (own weight decay), as in SparsePO
         groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = OPTIMIZERS[cfg.optimizer](groups, lr=cfg.lr)
 
     start = 0
     if checkpoint is not None:
@@ -461,8 +488,45 @@ def train(
         "processes": world, "micro_batch": micro, "shared_prompt_forward": shared_prompt,
         "steps": total, "steps_per_epoch": steps_per_epoch, "bf16_autocast": bf16,
         "reference": reference_source, "reference_precompute_s": round(precompute_s, 3),
-        "resumed_from": str(checkpoint) if checkpoint else None,
+        "resumed_from": str(checkpoint) if checkpoint else None, "lr_changes": lr_changes,
+        "fingerprint": fingerprint,
     }
+    probe_idx = np.arange(micro)
+    probe = make_batch([encoding.pairs[i] for i in probe_idx], pad_id).to(accelerator.device)
+
+    def divergence() -> str | None:
+        """Why the current weights are no good checkpoint, or None: every weight, and a probe step's loss and
+        gradient at them, must be finite (weights of 1e30 can still give a finite loss, not a finite gradient)."""
+        bad = _non_finite_weight([policy] + ([masks] if masks is not None else []))
+        if bad is not None:
+            return f"{bad} holds non-finite values"
+        objective, _ = _compute_micro_loss(step_model, policy, reference, masks, probe, probe_idx, cfg=cfg,
+                                           epsilon=epsilon, weights=weights, confidence=confidence, autocast=autocast)
+        accelerator.backward(objective)
+        loss = float(objective.detach())
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            largest = max(float(p.detach().abs().max()) for p in params) if params else float("nan")
+            return f"a probe step gives loss {loss:.4g}, gradient norm {norm:.4g}; max |weight| {largest:.3g}"
+        return None
+
+    def stop_if_diverged(step: int) -> None:
+        """A checkpoint (or the final model) is written only if every weight and a probe forward are finite."""
+        why = divergence()
+        if why is None:
+            return
+        good = ckpt.latest_checkpoint(out / "checkpoints")
+        info["stopped"] = f"diverged at step {step}: {why}"
+        if main:
+            _write_manifest(out, info)
+        raise CurateError(
+            f"training diverged at step {step} ({why}), so no checkpoint was written for it; the last good "
+            f"checkpoint is {good or 'none (no checkpoint was written yet)'}; "
+            + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
+               "train again with a lower --lr")
+        )
 
     # -- steps ----------------------------------------------------------------
     last: dict[str, Any] = {}
@@ -503,7 +567,8 @@ def train(
                 raise CurateError(
                     f"training stopped: the loss became {loss_value} (grad norm {float(grad_norm)}) at step {step + 1}; "
                     f"the last good checkpoint is {good or 'none (no checkpoint was written yet)'}; "
-                    "lower --lr or --beta and resume from it"
+                    + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
+                       "train again with a lower --lr or --beta")
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -517,18 +582,23 @@ def train(
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(last) + "\n")
             if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
+                stop_if_diverged(step + 1)
                 if main:
                     ckpt.save_checkpoint(out / "checkpoints", step + 1, policy=policy,
                                          masks=accelerator.unwrap_model(masks) if masks is not None else None,
                                          optimizer=optimizer, keep=cfg.keep_checkpoints,
-                                         state={"fingerprint": fingerprint, "loss": loss_value})
+                                         state={"fingerprint": fingerprint, "loss": loss_value,
+                                                "lr_changes": lr_changes})
                 accelerator.wait_for_everyone()
             if live:
                 live.update(task, advance=1,
                             description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
 
     final_dir = out / "final"
+    if start < total and not cfg.save_every:
+        stop_if_diverged(total)  # with checkpoints on, the last step's was checked already
     if main:
+        info["status"] = "finished"
         _save_final(policy, loaded.tokenizer, final_dir,
                     accelerator.unwrap_model(masks) if masks is not None else None)
         info["final_loss"] = last.get("loss")
@@ -554,12 +624,12 @@ def _step_metrics(step: int, epoch: int, loss: float, stats: dict[str, list[torc
     }
     if "mask_zero" in gathered:
         metrics["mask_sparsity"] = float(gathered["mask_zero"].mean())
+        metrics["mask_mean"] = float(gathered["mask_mean"].mean())
     return metrics
 
 
 def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
     """A directory ``AutoModelForCausalLM.from_pretrained`` loads (LoRA merged into the weights)."""
-    import shutil
     import tempfile
 
     from safetensors.torch import save_file
@@ -573,11 +643,10 @@ def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
         tokenizer.save_pretrained(tmp)
         if masks is not None:
             save_file(ckpt.trainable_state(masks), str(tmp / "sparsepo_masks.safetensors"))
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
+        remove_inside(final_dir, final_dir.parent)
         os.replace(tmp, final_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_inside(tmp, final_dir.parent)
         raise
 
 
