@@ -91,7 +91,7 @@ def reference_rows(pairs: pl.DataFrame, logps: pl.DataFrame, *, tokenizer, syste
     or TRL would tokenize a row differently from what curate scored.
     """
     from curate.data.chat import ChatEncoder
-    from curate.score import encode_pair
+    from curate.lm import encode_pair
 
     encoder = ChatEncoder(tokenizer, system_prompt=system_prompt, max_length=max_length)
     eot_text = tokenizer.decode([encoder.eot_id])
