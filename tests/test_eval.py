@@ -256,4 +256,4 @@ def test_cli_eval_writes_files(tiny_lm, tmp_path):
     assert (tmp_path / "eval" / "eval.parquet").is_file() and (tmp_path / "eval" / "eval.json").is_file()
     bad = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--ref", str(ref_dir), "--data", str(data),
                                    "--out", str(tmp_path / "eval2"), "--beta", "0"])
-    assert bad.exit_code == 2 and "--beta must be > 0" in bad.output
+    assert bad.exit_code == 2 and "--beta must be a finite number > 0" in bad.output
