@@ -94,6 +94,18 @@ def dpo_losses(chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: floa
     return -(c * F.logsigmoid(logits) + (1 - c) * F.logsigmoid(-logits))
 
 
+@register("ipo", level="sequence",
+          paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences, "
+                "arXiv:2310.12036")
+def ipo_losses(chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: float, chosen_len: Tensor | None = None,
+               rejected_len: Tensor | None = None, **_: Any) -> Tensor:
+    """(r⁺/N⁺ − r⁻/N⁻ − 1/(2β))², N± the reply token counts, as TRL averages per token."""
+    if chosen_len is None or rejected_len is None:
+        raise ValueError("ipo needs chosen_len and rejected_len (reply token counts)")
+    per_token = chosen_logratio / chosen_len.clamp(min=1) - rejected_logratio / rejected_len.clamp(min=1)
+    return (per_token - 1 / (2 * beta)) ** 2
+
+
 @register("cdpo", level="sequence", paper="Mitchell 2023, A note on DPO with noisy preferences (conservative DPO)")
 def cdpo_losses(chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: float, epsilon: float = 0.0,
                 **_: Any) -> Tensor:
@@ -110,18 +122,6 @@ def rdpo_losses(chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: flo
     _check_epsilon(epsilon, upper=0.5)
     logits = beta * (chosen_logratio - rejected_logratio)
     return (-(1 - epsilon) * F.logsigmoid(logits) + epsilon * F.logsigmoid(-logits)) / (1 - 2 * epsilon)
-
-
-@register("ipo", level="sequence",
-          paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences, "
-                "arXiv:2310.12036")
-def ipo_losses(chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: float, chosen_len: Tensor | None = None,
-               rejected_len: Tensor | None = None, **_: Any) -> Tensor:
-    """(r⁺/N⁺ − r⁻/N⁻ − 1/(2β))², N± the reply token counts, as TRL averages per token."""
-    if chosen_len is None or rejected_len is None:
-        raise ValueError("ipo needs chosen_len and rejected_len (reply token counts)")
-    per_token = chosen_logratio / chosen_len.clamp(min=1) - rejected_logratio / rejected_len.clamp(min=1)
-    return (per_token - 1 / (2 * beta)) ** 2
 
 
 @register("hinge", level="sequence", paper="Zhao et al. 2023, SLiC-HF, arXiv:2305.10425")
