@@ -174,7 +174,12 @@ import os, signal, sys, torch
 torch.set_num_threads(1)
 import curate.score as S
 from curate.models import tiny_causal_lm
-kill_at = int(sys.argv[3])
+kill_at = int(sys.argv[3]) if sys.argv[3].isdigit() else 0
+if sys.argv[3] == "pooled":  # die while the pooled states are half written, after every shard
+    def half_pooled(path, shard_paths):
+        path.with_name("." + path.name + ".tmp").write_bytes(b"PK half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    S._write_pooled = half_pooled
 real_write = S.write_parquet
 writes = []
 def write_then_maybe_die(df, path):
@@ -195,26 +200,52 @@ def run_child(data, out, kill_at):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resume_after_sigkill_recomputes_nothing_and_gives_the_same_table(tmp_path):
-    data = write_hh_sample(tmp_path / "hh.jsonl.gz", 9)
-    killed = run_child(data, tmp_path / "run", kill_at=3)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """9 HH pairs scored in one go, in this process with the same model, threads and settings as the children."""
+    root = tmp_path_factory.mktemp("fresh")
+    data = write_hh_sample(root / "hh.jsonl.gz", 9)
+    score(data, out=root / "run", lm=tiny_causal_lm(seed=0), shard_size=2, token_budget=800)
+    return data, RunDir(root / "run")
+
+
+# seeded kill points: after k of the 5 shards (sorted(random.Random(7).sample(range(1, 5), 2)) == [1, 3], and the last),
+# and while pooled.npz is half written after all shards
+@pytest.mark.parametrize("kill_at", ["1", "3", "4", "pooled"])
+def test_resume_after_sigkill_recomputes_nothing_and_gives_the_same_table(tmp_path, uninterrupted, kill_at):
+    data, fresh_run = uninterrupted
+    killed = run_child(data, tmp_path / "run", kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    done = 5 if kill_at == "pooled" else int(kill_at)
     shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("score-*.parquet"))
-    assert shards == ["score-00000.parquet", "score-00001.parquet", "score-00002.parquet"]
-    assert not (tmp_path / "run" / "scores.parquet").exists()
+    assert shards == [f"score-{k:05d}.parquet" for k in range(done)]
+    assert not (tmp_path / "run" / "scores.parquet").exists() and not (tmp_path / "run" / "pooled.npz").exists()
 
     resumed = run_child(data, tmp_path / "run", kill_at=0)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    # the uninterrupted run, in this process with the same model, threads and settings
-    score(data, out=tmp_path / "fresh", lm=tiny_causal_lm(seed=0), shard_size=2, token_budget=800)
-
-    resumed_run, fresh_run = RunDir(tmp_path / "run"), RunDir(tmp_path / "fresh")
-    assert resumed_run.manifest()["score"]["batch"]["shards_resumed"] == 3
+    resumed_run = RunDir(tmp_path / "run")
+    assert resumed_run.manifest()["score"]["batch"]["shards_resumed"] == done
     assert fresh_run.manifest()["score"]["batch"]["shards_resumed"] == 0
     assert resumed_run.scores().height == 9
     assert resumed_run.scores().equals(fresh_run.scores())
     a, b = np.load(resumed_run / "pooled.npz"), np.load(fresh_run / "pooled.npz")
     assert all(np.array_equal(a[k], b[k]) for k in ("pair_id", "mean_chosen", "mean_rejected"))
+
+
+def test_a_run_directory_refuses_another_dataset_unless_forced(tmp_path, tiny):
+    first = write_hh_sample(tmp_path / "a.jsonl.gz", 3)
+    score(first, out=tmp_path / "run", lm=tiny)
+    other = tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in gzip.open(HH, "rt").readlines()[10:13]]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CurateError, match="already holds another dataset.*--force.*new --out"):
+        score(other, out=tmp_path / "run", lm=tiny)
+    score(first, out=tmp_path / "run", lm=tiny)  # the same dataset again: fine
+    table = score(other, out=tmp_path / "run", lm=tiny, force=True)
+    run = RunDir(tmp_path / "run")
+    ids = set(run.pairs()["pair_id"])
+    assert set(table["pair_id"]) == ids and len(ids) == 3  # no stale score rows of the first dataset
+    assert set(np.load(run / "pooled.npz")["pair_id"]) == ids
 
 
 def test_all_pairs_over_max_length_is_one_sentence(tmp_path, tiny):

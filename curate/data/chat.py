@@ -14,18 +14,26 @@ Rules (documented in the README):
   that closes an assistant turn in the template (SmolLM2: ``<|im_end|>``), so
   ``|y|`` counts it, as methods.md requires.
 - Consecutive turns of the same role are merged into one, joined by a blank line.
+- Text is never control: a reply is tokenised with special tokens split, and a
+  prompt whose text contains a special token's string (``<|im_end|>`` in a user
+  turn) is tokenised piecewise, the template's own tokens as control tokens and
+  every message's text with special tokens split, so user text cannot forge a
+  turn boundary. Roles other than system, user and assistant are refused.
 - Too long for ``max_length``: the reply is kept whole and the prompt is cut
   from the left; a reply that alone does not fit raises :class:`ReplyTooLong`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from curate.errors import CurateError
 
 _PROBE = "CURATE_REPLY_PROBE"
+ROLES = ("system", "user", "assistant")
+_CONTENT = re.compile(r"CURATE_CONTENT_(\d+)_")
 
 
 class ReplyTooLong(CurateError):
@@ -63,6 +71,10 @@ class ChatEncoder:
 
     # -- rendering -----------------------------------------------------
     def _messages(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+        unknown = sorted({m["role"] for m in messages} - set(ROLES))
+        if unknown:
+            raise CurateError(f"unknown chat role(s) {unknown}: turns must be system, user or assistant; "
+                              "map them when loading (curate data inspect shows the roles)")
         msgs = merge_same_role(messages)
         if self.system_prompt not in ("default", "none"):
             msgs = [m for m in msgs if m["role"] != "system"]
@@ -70,7 +82,9 @@ class ChatEncoder:
         return msgs
 
     def prompt_text(self, messages: Sequence[Mapping[str, str]]) -> str:
-        msgs = self._messages(messages)
+        return self._render(self._messages(messages))
+
+    def _render(self, msgs: list[dict[str, str]]) -> str:
         if not self.has_template:
             turns = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
             return "\n\n".join(turns) + "\n\nAssistant:"
@@ -116,15 +130,36 @@ class ChatEncoder:
         return tok.eos_token_id
 
     # -- ids -----------------------------------------------------------
+    def _has_control_text(self, text: str) -> bool:
+        return any(token in text for token in self.tokenizer.all_special_tokens)
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _piecewise_ids(self, msgs: list[dict[str, str]]) -> list[int]:
+        """The template rendered around placeholders; template pieces keep their control tokens, texts do not."""
+        rendered = self._render([{"role": m["role"], "content": f"CURATE_CONTENT_{i}_"} for i, m in enumerate(msgs)])
+        ids: list[int] = []
+        for k, piece in enumerate(_CONTENT.split(rendered)):
+            if k % 2:
+                ids += self._text_ids(msgs[int(piece)]["content"])
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        ids = self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
+        msgs = self._messages(messages)
+        if any(self._has_control_text(m["content"]) for m in msgs):
+            ids = self._piecewise_ids(msgs)
+        else:
+            ids = self.tokenizer(self._render(msgs), add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if not self.has_template and bos is not None and getattr(self.tokenizer, "add_bos_token", False):
             ids = [bos] + ids
         return ids
 
     def reply_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eot_id]
+        return self._text_ids(text) + [self.eot_id]
 
     def encode(self, messages: Sequence[Mapping[str, str]], reply: str) -> Encoded:
         prompt, reply_ids = self.prompt_ids(messages), self.reply_ids(reply)

@@ -9,7 +9,6 @@ Anything else goes through :func:`curate.data.load_pairs`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -25,20 +24,10 @@ MAX_EPSILON = 0.5
 
 def read_training_pairs(data: Any, *, limit: int | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Pairs (pair schema + any extra columns) and a description of where they came from."""
-    if isinstance(data, pl.DataFrame):
-        pairs, info = data, {"source": "DataFrame"}
-    elif isinstance(data, (str, Path)) and (Path(data) / "pairs.parquet").is_file():
-        from curate.rundir import RunDir
+    from curate.rundir import resolve_pairs
 
-        pairs, info = RunDir(data).table(), {"source": str(data), "kind": "run or curated directory"}
-    else:
-        from curate.data import load_pairs
-
-        loaded = load_pairs(str(data), limit=limit)
-        pairs = loaded.pairs
-        info = {"source": str(data), "kind": "dataset", "quarantined": loaded.quarantine.height, **loaded.info}
-    if limit is not None:
-        pairs = pairs.head(limit)
+    resolved = resolve_pairs(data, limit=limit, with_scores=True)
+    pairs, info = resolved.pairs, resolved.info
     if pairs.height == 0:
         raise CurateError(f"no pairs to train on in {info['source']}: check the path or the filter that produced it")
     missing = {"pair_id", "prompt", "chosen", "rejected"} - set(pairs.columns)
