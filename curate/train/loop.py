@@ -517,15 +517,20 @@ def train(
         why = divergence()
         if why is None:
             return
+        stop_training(f"diverged at step {step}: {why}",
+                      f"training diverged at step {step} ({why}), so no checkpoint was written for it; the last good",
+                      "train again with a lower --lr")
+
+    def stop_training(stopped: str, head: str, fresh_advice: str) -> None:
+        """Record why training stopped in the manifest and raise, naming the last good checkpoint."""
         good = ckpt.latest_checkpoint(out / "checkpoints")
-        info["stopped"] = f"diverged at step {step}: {why}"
+        info["stopped"] = stopped
         if main:
             _write_manifest(out, info)
         raise CurateError(
-            f"training diverged at step {step} ({why}), so no checkpoint was written for it; the last good "
-            f"checkpoint is {good or 'none (no checkpoint was written yet)'}; "
+            f"{head} checkpoint is {good or 'none (no checkpoint was written yet)'}; "
             + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
-               "train again with a lower --lr")
+               fresh_advice)
         )
 
     # -- steps ----------------------------------------------------------------
@@ -560,16 +565,9 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             loss_value = float(accelerator.reduce(torch.as_tensor(objective_sum, device=accelerator.device), "mean"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                good = ckpt.latest_checkpoint(out / "checkpoints")
-                info["stopped"] = f"non-finite loss ({loss_value}) or gradient at step {step + 1}"
-                if main:
-                    _write_manifest(out, info)
-                raise CurateError(
-                    f"training stopped: the loss became {loss_value} (grad norm {float(grad_norm)}) at step {step + 1}; "
-                    f"the last good checkpoint is {good or 'none (no checkpoint was written yet)'}; "
-                    + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
-                       "train again with a lower --lr or --beta")
-                )
+                stop_training(f"non-finite loss ({loss_value}) or gradient at step {step + 1}",
+                              f"training stopped: the loss became {loss_value} (grad norm {float(grad_norm)}) at "
+                              f"step {step + 1}; the last good", "train again with a lower --lr or --beta")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
