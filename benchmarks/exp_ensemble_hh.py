@@ -79,7 +79,7 @@ def main() -> None:
             if part == "all":
                 row["auc_by_feature_set"] = info["reward"]["auc_by_feature_set"]
                 row["noise"] = {k: info["noise"][k] for k in ("flip_rate", "flip_rate_interval", "identifiable",
-                                                             "flip_prob_rate", "summary")}
+                                                             "conservative_rate", "summary")}
                 row["noise_estimators"] = {k: v["rate"] for k, v in info["noise"]["estimators"].items()}
     out["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,8 @@ def main() -> None:
                        "oof_auc_clean": oriented_auc(np.where(flipped, -margin, margin), seed=d)["auc"],
                        "oof_auc_labels": oriented_auc(margin, seed=d)["auc"], "estimators": {}}
                 for name, est in noise.estimate_all(margin, margins, seed=d).items():
-                    e = {"rate": est.rate, "ece": expected_calibration_error(est.flip_prob_mle, flipped)}
+                    e = {"rate": est.rate, "ece": expected_calibration_error(est.flip_prob, flipped),
+                         "ece_conservative": expected_calibration_error(est.flip_prob_conservative, flipped)}
                     if est.interval is not None:
                         low, high = est.interval
                         e.update(interval=[low, high], width=high - low, identifiable=est.identifiable,

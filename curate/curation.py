@@ -30,8 +30,9 @@ the final orientation of each pair:
   ``rm_margin_mean`` (1 at μ̂ = 0, → 2 for strong pairs, → 0 for pairs the
   ensemble thinks are mislabelled); ``madpo`` = the MADPO weight of the
   logit-scale margin logit(``p_chosen``); times any reweight factors.
-- ``label_confidence`` = 1 − ``flip_prob``, mirrored (= ``flip_prob``) for
-  flipped pairs: the probability that the pair's label, as exported, is right.
+- ``label_confidence`` = 1 − ``flip_prob_conservative``, mirrored for
+  flipped pairs: the probability that the pair's label, as exported, is right,
+  at the flip rate the data support (``--max-flip-prob`` reads the same column).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from curate.data.schema import PAIR_SCHEMA
 from curate.errors import CurateError
 from curate.outdir import check_target, staged_dir
 from curate.rundir import MANIFEST, PAIRS, SCORES, RunDir, write_json, write_parquet
+from curate.scores.noise import ACTION_COLUMN, with_action_column
 
 ACTIONS = ("drop", "flip", "reweight")
 DEFAULT_REWEIGHT_FACTOR = 0.5
@@ -62,7 +64,7 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 STRENGTH_COLUMN = "rm_margin_mean"
 P_CHOSEN_COLUMN = "p_chosen"
-FLIP_PROB_COLUMN = "flip_prob"
+FLIP_PROB_COLUMN = ACTION_COLUMN  # the conservative posterior: what the data support
 
 # MADPO defaults from methods.md section 6 (the reference code's tau is 2).
 MADPO_C_MAX = 2.0
@@ -561,7 +563,7 @@ def column_quantiles(values: pl.Series) -> dict[str, float]:
 
 # Which command writes a score column, so a rule that needs a missing one can name the fix.
 _PRODUCERS = (
-    (("flip_prob",), "curate score --scores noise"),
+    (("flip_prob", ACTION_COLUMN), "curate score --scores noise"),
     (("ln_ches", "ches"), "curate score --scores ches"),
     (("rm_", "p_chosen"), "curate score --scores reward"),
     (("logp",), "curate score --scores logps"),
@@ -697,7 +699,8 @@ def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarra
         confidence = np.where(flipped, flip_prob, 1.0 - flip_prob)
         no_value = np.isnan(confidence)
         if no_value.any():
-            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no flip_prob; their label_confidence is 1")
+            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no {FLIP_PROB_COLUMN}; "
+                            "their label_confidence is 1")
         columns["label_confidence"] = pl.Series(np.where(no_value, 1.0, confidence), dtype=pl.Float64)
         info["confidence_without_score"] = int(no_value.sum())
     return columns, info, warnings
@@ -726,6 +729,7 @@ def curate_pairs(
     holdout: float = 0.0,
 ) -> CurationResult:
     """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O."""
+    table = with_action_column(table)
     if weights not in WEIGHT_SCHEMES:
         raise CurateError(f"--weights must be one of {', '.join(WEIGHT_SCHEMES)}, got {weights!r}")
     check_columns(table, _required_columns(rules, weights, soft_labels))

@@ -50,7 +50,7 @@ FORMATS = ("parquet", "jsonl", "hf", "trl")
 SPLITS = ("train", "holdout")
 TRAINING_SIGNALS = ("weight", "label_confidence")
 # How a score changes when chosen and rejected are swapped.
-MIRRORED = ("flip_prob", "p_chosen", "rm_vote_share")  # x -> 1 - x
+MIRRORED = ("flip_prob", "flip_prob_conservative", "p_chosen", "rm_vote_share")  # x -> 1 - x
 NEGATED = ("rm_margin_mean",)  # x -> -x
 CARD = "README.md"
 MAX_CARD_COLUMNS = 16

@@ -462,7 +462,8 @@ def noise_section(inputs: ReportInputs) -> Section | None:
         parts.append(f"<p>90% interval: {fmt(low)} to {fmt(high)}"
                      + ("" if info.get("identifiable") is not False else
                         f". <b>Not identifiable</b>: the ensemble cannot tell ambiguous pairs from flipped ones at "
-                        f"this strength, so flip_prob uses the interval's lower end, {fmt(info.get('flip_prob_rate'))}")
+                        f"this strength, so curation and training act on the interval's lower end, "
+                        f"{fmt(info.get('conservative_rate'))} (flip_prob_conservative)")
                      + "</p>")
     parts.append(histogram({"flip_prob": flip}, "Per-pair flip probability", "flip_prob"))
     estimators = info.get("estimators") or {}

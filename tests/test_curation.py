@@ -187,7 +187,7 @@ def test_flip_swaps_replies_keeps_id_and_mirrors_signals():
     row8 = flipped.filter(pl.col("chosen") == "bad 8").row(0, named=True)
     assert row8["rejected"] == "good 8"
     assert row8["pair_id"] == row_of(table, 8)["pair_id"]
-    assert json.loads(row8["meta"])["flipped_by"] == "max-flip-prob flip_prob > 0.75"
+    assert json.loads(row8["meta"])["flipped_by"] == "max-flip-prob flip_prob_conservative > 0.75"
     # label confidence: 1 - 0.8 = 0.2 before the flip, mirrored to 0.8 after it
     assert row8["label_confidence"] == pytest.approx(0.8)
     # MADPO on the flipped orientation: p_chosen 0.15 -> margin -logit(0.15)
@@ -217,7 +217,7 @@ def test_rules_apply_in_order_with_audit():
     audit = result.audit
     assert audit.height == 5 + 6 + 7 + 2 + 1
     row9 = audit.filter((pl.col("pair_id") == row_of(table, 9)["pair_id"]) & (pl.col("step") == 2)).row(0, named=True)
-    assert row9["changed"] is False and json.loads(row9["values"]) == {"flip_prob": pytest.approx(0.9)}
+    assert row9["changed"] is False and json.loads(row9["values"]) == {"flip_prob_conservative": pytest.approx(0.9)}
     # overlaps: rule 1 and rule 2 share rows 5..9
     assert result.summary["overlaps"][0][1] == 5
 
@@ -240,7 +240,7 @@ def test_missing_column_lists_the_columns_the_run_has():
     with pytest.raises(CurateError) as err:
         curate_pairs(table, [max_flip_prob_rule("0.5")])
     message = str(err.value)
-    assert "'flip_prob'" in message and "ln_ches" in message and "sae_f7" in message
+    assert "'flip_prob_conservative'" in message and "ln_ches" in message and "sae_f7" in message
     with pytest.raises(CurateError, match="nope"):
         curate_pairs(make_table(), [where_rule("pl.col('nope') > 1")])
     with pytest.raises(CurateError, match="flip_prob"):

@@ -73,7 +73,7 @@ def test_data_card(curated, tmp_path):
     export_curated(curated, "parquet", tmp_path / "pq")
     card = (tmp_path / "pq" / "README.md").read_text()
     assert "synthetic.jsonl" in card and "tiny-random" in card
-    assert "| 1 | ches-drop-top" in card and "| 2 | max-flip-prob flip_prob > 0.7 | flip | 3 | 2 | 0 |" in card
+    assert "| 1 | ches-drop-top" in card and "| 2 | max-flip-prob flip_prob_conservative > 0.7 | flip | 3 | 2 | 0 |" in card
     assert "noise.estimators.em.flip_rate: 0.123" in card and "noise.estimators.cleanlab.rate: 0.2" in card
     assert "flipped by curation in this export: 2 of 11" in card
     # mean ln_ches over the 11 exported pairs (0..10) is 5

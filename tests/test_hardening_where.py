@@ -303,7 +303,7 @@ def test_rule_specs_registry_drives_cli_and_recipes_alike():
     assert [type(s) for s in specs] == [ChesKeepLowest, MaxFlipProb, Where]  # registry order, not argument order
     assert specs[1].value == 0.9 and str(specs[1].action) == "reweight=0.25"
     assert specs[2].action.kind == "flip" and specs[2].expr == "flip_prob > 0.5"
-    assert [s.rule().name for s in specs] == ["ches-keep-lowest 15% ln_ches", "max-flip-prob flip_prob > 0.9",
+    assert [s.rule().name for s in specs] == ["ches-keep-lowest 15% ln_ches", "max-flip-prob flip_prob_conservative > 0.9",
                                               "where flip_prob > 0.5"]
     assert specs[0].flag == "--ches-keep-lowest"
 

@@ -193,3 +193,37 @@ def test_confident_learning_on_one_pair_is_a_clear_error():
 
     with pytest.raises(CurateError, match="too few pairs"):
         noise.confident_learning(np.array([0.9]))
+
+
+def test_averaged_flip_prob_by_hand():
+    """Two grid points: weights are the normalised likelihoods exp(-NLL), the posterior their mixture."""
+    fit = noise.NoisyLogisticFit(eps=0.1, slope=1.0, interval=(0.0, 0.3), lr_statistic=0.0, p_value=1.0,
+                                 grid=np.array([0.1, 0.3]), profile=np.array([10.0, 10.0 + np.log(3.0)]),
+                                 grid_slopes=np.array([1.0, 2.0]))
+    assert fit.posterior_weights() == pytest.approx([0.75, 0.25])
+    assert fit.posterior_mean() == pytest.approx(0.75 * 0.1 + 0.25 * 0.3)
+    m = np.array([0.0, 1.0])
+    # m = 0: p = 1/2 at both points, so P(flip) = eps: 0.75 * 0.1 + 0.25 * 0.3
+    # m = 1: p = sigmoid(1) and sigmoid(2), P(flip) = eps (1 - p) / (eps (1 - p) + (1 - eps) p)
+    by_hand_1 = 0.75 * (0.1 * expit(-1.0) / (0.1 * expit(-1.0) + 0.9 * expit(1.0))) \
+        + 0.25 * (0.3 * expit(-2.0) / (0.3 * expit(-2.0) + 0.7 * expit(2.0)))
+    assert fit.averaged_flip_prob(m) == pytest.approx([0.15, by_hand_1])
+
+
+def test_flip_prob_stays_calibrated_when_the_rate_is_weakly_identified():
+    """A weak ensemble and 25% flips over 30 draws of 800 pairs: the plug-in at the MLE lands near 0 on
+    some draws (miscalibrated there); the likelihood-averaged flip_prob is closer to the flips on average,
+    and the conservative posterior never exceeds what the interval's lower end supports."""
+    plug_in_err, averaged_err = [], []
+    for seed in range(30):
+        margin, _, flipped = simulate_margins(n=800, eps=0.25, scale=1.5, seed=300 + seed)
+        est = noise.mixture_mle(margin)
+        fit = noise.fit_noisy_logistic_profile(margin)
+        plug_in = noise.flip_posterior(expit(fit.slope * margin), fit.eps)
+        plug_in_err.append(abs(plug_in.mean() - flipped.mean()))
+        averaged_err.append(abs(est.flip_prob.mean() - flipped.mean()))
+        low = est.interval[0]
+        if not est.identifiable:
+            assert est.rate_used == low
+            assert est.flip_prob_conservative.mean() <= est.flip_prob.mean() + 1e-9
+    assert np.mean(averaged_err) < np.mean(plug_in_err)

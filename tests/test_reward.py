@@ -194,7 +194,7 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     low, high = noise_info["flip_rate_interval"]
     assert 0 <= low <= noise_info["flip_rate"] <= high <= 0.5
     assert isinstance(noise_info["identifiable"], bool)
-    assert noise_info["flip_prob_rate"] == (noise_info["flip_rate"] if noise_info["identifiable"] else low)
+    assert noise_info["conservative_rate"] == (noise_info["flip_rate"] if noise_info["identifiable"] else low)
     assert "prompt" in manifest["reward"]["fold_grouping"]
     # the policy states were read from the run, aligned by pair_id (mean = sum / length)
     got = reward.policy_feature_set(run, pairs["pair_id"].to_list()[::-1])

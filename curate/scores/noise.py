@@ -37,8 +37,17 @@ negates the margin, so P(clean | m) = 1 - P(clean | -m) forces b = 0 (a free b
 would fit "every label is right" perfectly). With a weak ensemble the
 likelihood is flat along a ridge of (eps, a): ambiguity and flips cannot be
 told apart and the interval is wide; the estimate then says so
-(``identifiable`` False) and its ``flip_prob`` uses the interval's lower end,
-the rate the data support (:attr:`NoiseEstimate.rate_used`).
+(``identifiable`` False).
+
+Two per-pair probabilities come out. ``flip_prob`` is the posterior
+P(flipped | m) averaged over eps with weights proportional to the profile
+likelihood (a flat prior on [0, 1/2)): calibrated where the model holds, also
+when the rate is only weakly identified (a plug-in at the MLE is not: at 1k
+pairs it lands on eps = 0 for data with 30% flips). ``flip_prob_conservative``
+is the posterior at the rate the data support (:attr:`NoiseEstimate.rate_used`:
+the MLE when identifiable, else the interval's lower end): what actions read
+(flip rules, soft labels, ``--epsilon auto``), so a weak ensemble does not
+reverse or drop pairs on a rate the data cannot confirm.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ from scipy.stats import chi2
 from curate.errors import CurateError
 
 DEFAULT_ESTIMATOR = "mixture"
+# The per-pair column that curation rules, soft labels and --epsilon auto act on (see flip_prob_conservative).
+ACTION_COLUMN = "flip_prob_conservative"
 EPS_MAX = 0.499  # a flip rate of 1/2 means the labels carry no information
 # Clean posteriors recovered by inverting the identity are kept in [P_FLOOR, 1 - P_FLOOR]:
 # logit(p) stays within +-4.6 (MADPO weights read it as a margin) instead of +-13.8 at 1e-6.
@@ -76,14 +87,14 @@ class NoiseEstimate:
     details: dict[str, Any] = field(default_factory=dict)
     interval: tuple[float, float] | None = None  # 90% interval for the rate, where the estimator gives one
     identifiable: bool | None = None  # whether the data pin the rate down (None: the estimator cannot tell)
-    rate_used: float | None = None  # the rate flip_prob is computed at (default: rate)
-    flip_prob_mle: np.ndarray | None = None  # the posterior at the point estimate (default: flip_prob)
+    rate_used: float | None = None  # the rate flip_prob_conservative is computed at (default: rate)
+    flip_prob_conservative: np.ndarray | None = None  # what actions read (default: flip_prob)
 
     def __post_init__(self) -> None:
         if self.rate_used is None:
             self.rate_used = self.rate
-        if self.flip_prob_mle is None:
-            self.flip_prob_mle = self.flip_prob
+        if self.flip_prob_conservative is None:
+            self.flip_prob_conservative = self.flip_prob
 
 
 ESTIMATORS: dict[str, Callable[..., NoiseEstimate]] = {}
@@ -101,6 +112,16 @@ def get_estimator(name: str) -> Callable[..., NoiseEstimate]:
     if name not in ESTIMATORS:
         raise CurateError(f"unknown noise estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
     return ESTIMATORS[name]
+
+
+def with_action_column(frame):
+    """``frame`` with :data:`ACTION_COLUMN`; a table that has only ``flip_prob`` (earlier runs, where
+    flip_prob was the conservative posterior, or a user's own estimate) acts on that."""
+    if ACTION_COLUMN in frame.columns or "flip_prob" not in frame.columns:
+        return frame
+    import polars as pl
+
+    return frame.with_columns(pl.col("flip_prob").alias(ACTION_COLUMN))
 
 
 # ------------------------------------------------------------------ the identity
@@ -154,6 +175,26 @@ class NoisyLogisticFit:
     interval: tuple[float, float]
     lr_statistic: float  # 2 [NLL(eps = 0) - NLL(eps hat)], profiled over the slope
     p_value: float  # under the boundary null 1/2 chi2_0 + 1/2 chi2_1
+    grid: np.ndarray  # eps values of the profile
+    profile: np.ndarray  # min over the slope of the NLL at each grid eps
+    grid_slopes: np.ndarray  # the slope that attains it
+
+    def posterior_weights(self) -> np.ndarray:
+        """Weights of the grid's eps under a flat prior: proportional to the profile likelihood."""
+        w = np.exp(-(self.profile - self.profile.min()))
+        return w / w.sum()
+
+    def posterior_mean(self) -> float:
+        return float(self.posterior_weights() @ self.grid)
+
+    def averaged_flip_prob(self, margin: np.ndarray) -> np.ndarray:
+        """P(flipped | m) averaged over eps with the posterior weights (slope profiled at each eps)."""
+        s = np.asarray(margin, dtype=float)
+        out = np.zeros_like(s)
+        for w, eps, slope in zip(self.posterior_weights(), self.grid, self.grid_slopes):
+            if w > 1e-12:
+                out += w * flip_posterior(expit(slope * s), eps)
+        return out
 
     @property
     def width(self) -> float:
@@ -174,7 +215,7 @@ def fit_noisy_logistic_profile(margin: np.ndarray, *, level: float = INTERVAL_LE
     if len(s) < 2 or not np.isfinite(s).all() or s.std() == 0:
         raise CurateError("the noise fit needs finite margins that vary across at least two pairs; add pairs")
     grid = np.arange(0.0, EPS_MAX, grid_step)
-    prof = np.array([profile_nll(s, e)[0] for e in grid])
+    prof, grid_slopes = np.array([profile_nll(s, e) for e in grid]).T
     k = int(np.argmin(prof))
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
     refined = minimize_scalar(lambda e: profile_nll(s, e)[0], bounds=(lo, hi), method="bounded",
@@ -197,7 +238,7 @@ def fit_noisy_logistic_profile(margin: np.ndarray, *, level: float = INTERVAL_LE
             break
     lr = max(0.0, 2.0 * (prof[0] - nll_hat))
     return NoisyLogisticFit(eps_hat, slope, (min(low, eps_hat), max(high, eps_hat)), float(lr),
-                            float(0.5 * chi2.sf(lr, 1)) if lr > 0 else 1.0)
+                            float(0.5 * chi2.sf(lr, 1)) if lr > 0 else 1.0, grid, prof, grid_slopes)
 
 
 @register("mixture")
@@ -206,25 +247,23 @@ def mixture_mle(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
 
     ``rate`` is the MLE; ``interval`` its 90% profile-likelihood interval;
     ``identifiable`` is True when the interval is at most IDENTIFIABLE_WIDTH
-    wide. ``flip_prob`` is the posterior P(flipped | m) =
-    eps (1 - p) / (eps (1 - p) + (1 - eps) p), p = sigmoid(a m), under the fit
-    at ``rate_used``: the MLE when identifiable, else the interval's lower end
-    (with the slope profiled there), the rate the data support: what
-    curation and ``--epsilon auto`` read. ``flip_prob_mle`` is the posterior
-    at the MLE, calibrated where the model holds; its mean equals eps (the
-    likelihood's stationarity condition).
+    wide. ``flip_prob`` is eps (1 - p) / (eps (1 - p) + (1 - eps) p),
+    p = sigmoid(a m), averaged over eps by the profile likelihood (the slope
+    profiled at each eps). ``flip_prob_conservative`` is the same posterior at
+    ``rate_used`` alone: the MLE when identifiable, else the interval's lower
+    end, what curation, soft labels and ``--epsilon auto`` read.
     """
-    fit = fit_noisy_logistic_profile(margin)
+    s = np.asarray(margin, dtype=float)
+    fit = fit_noisy_logistic_profile(s)
     identifiable = fit.width <= IDENTIFIABLE_WIDTH
     used = fit.eps if identifiable else fit.interval[0]
-    slope = fit.slope if identifiable else profile_nll(np.asarray(margin, dtype=float), used)[1]
-    p = expit(slope * np.asarray(margin, dtype=float))
-    p_mle = expit(fit.slope * np.asarray(margin, dtype=float))
+    slope = fit.slope if identifiable else profile_nll(s, used)[1]
+    p = expit(slope * s)
     return NoiseEstimate(
         name="mixture",
         rate=fit.eps,
-        flip_prob=flip_posterior(p, used),
-        flip_prob_mle=flip_posterior(p_mle, fit.eps),
+        flip_prob=fit.averaged_flip_prob(s),
+        flip_prob_conservative=flip_posterior(p, used),
         p_clean=p,
         assumption=(
             "symmetric noise independent of the pair, and a clean posterior that is logistic "
@@ -232,7 +271,7 @@ def mixture_mle(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
         ),
         details={"slope": slope, "lr_statistic": fit.lr_statistic, "no_noise_p_value": fit.p_value,
                  "no_noise_rejected": fit.lr_statistic > LR_CRITICAL, "interval_level": INTERVAL_LEVEL,
-                 "identifiable_width": IDENTIFIABLE_WIDTH},
+                 "identifiable_width": IDENTIFIABLE_WIDTH, "rate_posterior_mean": fit.posterior_mean()},
         interval=fit.interval,
         identifiable=identifiable,
         rate_used=used,
@@ -443,5 +482,6 @@ def summary(estimate: NoiseEstimate) -> str:
         text += f" (90% interval {low:.3f}-{high:.3f})"
     if estimate.identifiable is False:
         text += (f"; the interval is wide: the ensemble cannot tell ambiguous pairs from flipped ones, so "
-                 f"flip_prob uses the interval's lower end {estimate.rate_used:.3f}")
+                 f"curation and training act on the interval's lower end {estimate.rate_used:.3f} "
+                 "(flip_prob_conservative)")
     return text

@@ -496,10 +496,10 @@ def reward_and_noise(
     Columns: ``rm_margin_mean``, ``rm_margin_std``, ``rm_vote_share``,
     ``rm_m_<member>``, ``p_chosen`` (the default estimator's clean posterior that
     the chosen reply is better), ``p_label`` (its probability that the label
-    says chosen: q = eps + (1 - 2 eps) p_chosen), ``rm_out_of_fold`` and
-    ``flip_prob`` (computed at the rate the data support: the estimate's
-    ``rate_used``; what curation and training read) and ``flip_prob_mle``
-    (the posterior at the point estimate, calibrated where the model holds). ``info`` holds the ensemble's OOF AUC/accuracy and every
+    says chosen: q = eps + (1 - 2 eps) p_chosen), ``rm_out_of_fold``, ``flip_prob`` (the
+    estimator's posterior that the label is flipped, calibrated where its model
+    holds) and ``flip_prob_conservative`` (the posterior at the rate the data
+    support, the estimate's ``rate_used``: what curation and training act on). ``info`` holds the ensemble's OOF AUC/accuracy and every
     estimator's rate (what the manifest records). ``groups`` keeps pairs that
     share a prompt or a reply in one fold (:func:`curate.folds.pair_groups`).
     """
@@ -518,7 +518,7 @@ def reward_and_noise(
     columns["p_label"] = noise.noisy_posterior(chosen.p_clean, chosen.rate_used)
     columns["rm_out_of_fold"] = np.full(margins.shape[0], all(m.out_of_fold for m in members))
     columns["flip_prob"] = chosen.flip_prob
-    columns["flip_prob_mle"] = chosen.flip_prob_mle
+    columns["flip_prob_conservative"] = chosen.flip_prob_conservative
     quality = ensemble_quality(members, margins, seeds)
     single = {}
     if len(feature_sets) > 1:  # which features carry the signal: one head per block, first seed
@@ -557,9 +557,10 @@ def reward_and_noise(
             "flip_rate": chosen.rate,
             "flip_rate_interval": None if chosen.interval is None else [float(v) for v in chosen.interval],
             "identifiable": chosen.identifiable,
-            "flip_prob_rate": chosen.rate_used,
-            "flip_prob_basis": ("the interval's lower end (the rate is not identifiable)" if chosen.identifiable is False
-                                else "the estimated rate"),
+            "flip_rate_posterior_mean": chosen.details.get("rate_posterior_mean"),
+            "conservative_rate": chosen.rate_used,
+            "conservative_basis": ("the interval's lower end (the rate is not identifiable)"
+                                   if chosen.identifiable is False else "the estimated rate"),
             "summary": noise.summary(chosen),
             "estimators": {k: _estimate_info(e) for k, e in estimates.items()},
         },

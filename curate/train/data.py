@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from curate.errors import CurateError
+from curate.scores.noise import ACTION_COLUMN, with_action_column
 
 if TYPE_CHECKING:
     from curate.rundir import ScoreSection
@@ -85,10 +86,12 @@ def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
 
 
 def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
-    if "flip_prob" not in pairs.columns:
-        raise CurateError("--epsilon auto needs a flip_prob column: "
+    """--epsilon auto: from the conservative flip posterior (the rate the data support, not a guess)."""
+    pairs = with_action_column(pairs)
+    if ACTION_COLUMN not in pairs.columns:
+        raise CurateError(f"--epsilon auto needs a {ACTION_COLUMN} column: "
                           "run the noise step (`curate score`) on these pairs first")
-    return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
+    return auto_epsilon(pairs[ACTION_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
 def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | Mapping[str, Any] | None", *,
