@@ -276,6 +276,10 @@ def check_all_settings(recipe: dict[str, Any]) -> None:
             raise CurateError(f"features.k must be between 1 and features.n_features ({cfg.n_features}), got {cfg.k}")
     if "filter" in steps:
         check_settings("filter", section("filter"), FILTER_KEYS)
+        try:  # every rule, --where text included, parses before any model loads
+            filter_rules(section("filter"))
+        except CurateError as exc:
+            raise CurateError(f"filter: {exc}") from None
         _check_filter_inputs(recipe)
     if "export" in steps:
         check_settings("export", section("export"), EXPORT_KEYS)
@@ -296,10 +300,10 @@ def check_all_settings(recipe: dict[str, Any]) -> None:
 
 # which score (score.scores) or step makes the column each filter setting reads
 SCORE_COLUMNS = {"ches": ("ln_ches", "ches"), "logps": ("logp_chosen", "logp_rejected"),
-                 "reward": ("rm_margin_mean", "rm_margin_std"), "noise": ("flip_prob",)}
+                 "reward": ("rm_margin_mean", "rm_margin_std"), "noise": ("flip_prob", "flip_prob_conservative")}
 FILTER_NEEDS = {"ches_threshold": "ln_ches", "ches_drop_top": "ln_ches", "ches_keep_lowest": "ln_ches",
-                "min_strength": "rm_margin_mean", "max_margin_std": "rm_margin_std", "max_flip_prob": "flip_prob",
-                "soft_labels": "flip_prob"}
+                "min_strength": "rm_margin_mean", "max_margin_std": "rm_margin_std",
+                "max_flip_prob": "flip_prob_conservative", "soft_labels": "flip_prob_conservative"}
 
 
 def _scores_making(column: str) -> list[str]:
@@ -432,15 +436,22 @@ FILTER_RULE_KEYS = ("ches_threshold", "ches_column", "ches_drop_top", "ches_keep
 FILTER_KEYS = FILTER_RULE_KEYS + ("features", "where", "weights", "soft_labels", "holdout")
 
 
-def filter_step(ctx: Context) -> dict[str, Any]:
-    from curate.curation import filter_run, rules_from_options
+def filter_rules(cfg: dict[str, Any]) -> list[Any]:
+    """The curation rules of a recipe's ``filter`` section (the same specs the CLI flags give)."""
+    from curate.curation import rules_from_options
 
-    cfg = ctx.settings("filter")
-    rules = rules_from_options(
+    return rules_from_options(
         **{k: (str(cfg[k]) if k not in ("ches_column", "noise_action") else cfg[k]) for k in FILTER_RULE_KEYS
            if cfg.get(k) is not None},
         features=[str(f) for f in cfg.get("features") or ()], where=[str(w) for w in cfg.get("where") or ()],
     )
+
+
+def filter_step(ctx: Context) -> dict[str, Any]:
+    from curate.curation import filter_run
+
+    cfg = ctx.settings("filter")
+    rules = filter_rules(cfg)
     summary = filter_run(ctx.run, rules, ctx.run / CURATED, weights=cfg.get("weights", "none"),
                          soft_labels=bool(cfg.get("soft_labels", False)), holdout=float(cfg.get("holdout", 0.0)),
                          force=True)

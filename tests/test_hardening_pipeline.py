@@ -93,6 +93,9 @@ def test_remove_inside_refuses_paths_outside_and_symlinked_escapes(tmp_path):
     ("export.fmt=jsonl", r"export.fmt is not a setting; the valid keys there are format, split"),
     ("eval.data=test", "eval.data must be 'train' or 'holdout'"),
     ("report.ttle=x", r"report.ttle is not a setting"),
+    ("filter.where=['deserialize(\"x\")']", r"filter: .*deserialize"),
+    ("filter.where=['ln_ches >']", r"filter: "),
+    ("filter.max_flip_prob=1.5", r"filter: .*probability in \[0, 1\]"),
 ])
 def test_bad_recipe_values_fail_before_loading(tmp_path, override, message):
     with pytest.raises(CurateError, match=message):
@@ -102,7 +105,7 @@ def test_bad_recipe_values_fail_before_loading(tmp_path, override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["score.scores=[ches,logps]", "filter.max_flip_prob=0.8"],
-     r"filter.max_flip_prob needs the flip_prob column, .*add noise to score.scores"),
+     r"filter.max_flip_prob needs the flip_prob_conservative column, .*add noise to score.scores"),
     (["score.scores=[logps]"], r"filter.ches_drop_top needs the ln_ches column.*add ches to score.scores"),
     (["score.scores=[ches,logps]", "filter.max_flip_prob=null", "filter.min_strength=0.5"],
      "filter.min_strength needs the rm_margin_mean column.*add reward"),
