@@ -702,6 +702,7 @@ def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarra
             warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no {FLIP_PROB_COLUMN}; "
                             "their label_confidence is 1")
         columns["label_confidence"] = pl.Series(np.where(no_value, 1.0, confidence), dtype=pl.Float64)
+        info["label_confidence_from"] = FLIP_PROB_COLUMN
         info["confidence_without_score"] = int(no_value.sum())
     return columns, info, warnings
 

@@ -173,7 +173,10 @@ def test_auto_epsilon():
         auto_epsilon(np.array([0.6, 0.5]), np.zeros(2, bool))
     pairs = make_pairs(2).with_columns(flip_prob=pl.Series([0.2, 0.9]),
                                        meta=pl.Series(["{}", json.dumps({"flipped": True})]))
-    assert epsilon_from_pairs(pairs) == pytest.approx(0.15)
+    assert epsilon_from_pairs(pairs) == pytest.approx(0.15)  # an earlier run's table: flip_prob only
+    # a current run has both; --epsilon auto acts on the conservative posterior, not the calibrated one
+    both = pairs.with_columns(flip_prob_conservative=pl.Series([0.0, 1.0]))
+    assert epsilon_from_pairs(both) == pytest.approx(0.0)
     with pytest.raises(CurateError, match="flip_prob"):
         epsilon_from_pairs(make_pairs(2))
     with pytest.raises(CurateError, match="probabilities"):

@@ -85,6 +85,10 @@ def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
     return epsilon
 
 
+EPSILON_AUTO_SOURCE = (f"auto: mean {ACTION_COLUMN} of the kept pairs (1 - it for flipped ones), the flip "
+                       "posterior at the rate the data support (the interval's lower end when not identifiable)")
+
+
 def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     """--epsilon auto: from the conservative flip posterior (the rate the data support, not a guess)."""
     pairs = with_action_column(pairs)

@@ -45,7 +45,7 @@ from curate.train.batching import (
     reply_forward,
     token_logps,
 )
-from curate.train.data import column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
+from curate.train.data import EPSILON_AUTO_SOURCE, column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
 from curate.train.losses import (
     SEQUENCE_LOSSES,
     TokenTerms,
@@ -481,7 +481,8 @@ def train(
         metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
 
     info: dict[str, Any] = {
-        "config": asdict(cfg), "epsilon": epsilon, "model": loaded.info, "data": data_info, "pairs": n,
+        "config": asdict(cfg), "epsilon": epsilon,
+        "epsilon_source": (EPSILON_AUTO_SOURCE if cfg.epsilon == "auto" else "set in the config"), "model": loaded.info, "data": data_info, "pairs": n,
         "left_out_reply_too_long": len(encoding.too_long), "left_out_pair_ids": encoding.too_long[:100],
         "prompt_truncated": encoding.truncated,
         "truncation_rule": "keep both replies whole; cut the shared prompt from the left until the longer reply fits",
