@@ -261,7 +261,7 @@ def _ches_scores(pairs, scores: Any, notes: list[str]):
             f"{missing} of {pairs.height} evaluated pairs have no {column} in {source}: the scores were computed "
             "for other pairs; score these pairs with `curate score` or leave out --scores"
         )
-    from curate.train.data import flipped_mask
+    from curate.data.schema import flipped_mask
 
     flipped = int(flipped_mask(pairs).sum())
     if flipped:

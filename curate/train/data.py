@@ -8,12 +8,12 @@ Anything else goes through :func:`curate.data.load_pairs`.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import polars as pl
 
+from curate.data.schema import flipped_mask
 from curate.errors import CurateError
 
 if TYPE_CHECKING:
@@ -56,13 +56,6 @@ def column_values(pairs: pl.DataFrame, column: str | None, what: str) -> np.ndar
     if what == "weights" and (values < 0).any():
         raise CurateError(f"--weights column {column!r} has negative weights; weights must be >= 0")
     return values
-
-
-def flipped_mask(pairs: pl.DataFrame) -> np.ndarray:
-    """Which pairs curation flipped (``meta.flipped``), so their label is the opposite of the scored one."""
-    if "meta" not in pairs.columns:
-        return np.zeros(pairs.height, dtype=bool)
-    return np.array([bool(json.loads(m or "{}").get("flipped", False)) for m in pairs["meta"]], dtype=bool)
 
 
 def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
