@@ -87,45 +87,39 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
-def _find(run: Path, name: str, depth: int = 3) -> list[Path]:
-    """Files called ``name`` in ``run`` and its subdirectories (not inside checkpoints), sorted."""
-    found = []
-    for level in range(depth + 1):
-        pattern = "/".join(["*"] * level + [name])
-        found += [p for p in run.glob(pattern) if "checkpoints" not in p.parts and not p.name.startswith(".")]
-    return sorted(set(found))
+def _step_runs(run: Path, step_dir: str, marker: str) -> list[Path]:
+    """The named runs of a step (``RUN/train/NAME/``, ``RUN/eval/NAME/``) that hold ``marker``."""
+    root = run / step_dir
+    return sorted(p for p in root.iterdir() if (p / marker).is_file()) if root.is_dir() else []
 
 
 def load_inputs(run: str | Path) -> ReportInputs:
-    """Read a run directory and the step outputs found inside it."""
-    from curate.rundir import RunDir
+    """Read a run directory and the step outputs in the layout of `curate run` (:mod:`curate.rundir`)."""
+    from curate.rundir import (CURATED_DIR, CURATION, EVAL_DIR, EVAL_SUMMARY, EVAL_TABLE, FEATURES_SUMMARY,
+                               FEATURES_TABLE, METRICS, PAIRS, TRAIN_DIR, RunDir)
 
     run_dir = RunDir(run)
-    if not (run_dir / "pairs.parquet").exists():
-        raise CurateError(f"{run_dir.path} is not a run directory (no pairs.parquet): run `curate score` first")
+    if not run_dir.exists(PAIRS):
+        raise CurateError(f"{run_dir.path} is not a run directory (no {PAIRS}): run `curate score` first")
     inputs = ReportInputs(
         run=run_dir.path, pairs=run_dir.pairs(), quarantine=run_dir.quarantine(),
         scores=run_dir.scores(), manifest=run_dir.manifest(),
     )
-    if (run_dir / "features.parquet").exists():
-        inputs.features = pl.read_parquet(run_dir / "features.parquet")
-        if (run_dir / "features_summary.json").exists():
-            inputs.features_summary = json.loads((run_dir / "features_summary.json").read_text())
-    audits = _find(run_dir.path, "curation.parquet", depth=1)
-    if audits:
-        curated = RunDir(audits[0].parent)
-        inputs.curation_audit = pl.read_parquet(audits[0])
+    if run_dir.exists(FEATURES_TABLE):
+        inputs.features = pl.read_parquet(run_dir / FEATURES_TABLE)
+        if run_dir.exists(FEATURES_SUMMARY):
+            inputs.features_summary = json.loads((run_dir / FEATURES_SUMMARY).read_text())
+    curated = RunDir(run_dir / CURATED_DIR)
+    if curated.exists(CURATION):
+        inputs.curation_audit = pl.read_parquet(curated / CURATION)
         inputs.curated_pairs = curated.pairs()
         inputs.curation = curated.manifest().get("curation")
-    for metrics in _find(run_dir.path, "metrics.jsonl"):
-        manifest = json.loads((metrics.parent / "manifest.json").read_text()) if (metrics.parent / "manifest.json").exists() else {}
-        name = str(metrics.parent.relative_to(run_dir.path)) if metrics.parent != run_dir.path else "train"
-        inputs.trains.append(TrainRun(name, metrics.parent, _read_jsonl(metrics), manifest))
-    for path in _find(run_dir.path, "eval.json"):
-        per_pair = path.parent / "eval.parquet"
-        inputs.evals.append(EvalRun(str(path.parent.relative_to(run_dir.path)), json.loads(path.read_text()),
-                                    pl.read_parquet(per_pair) if per_pair.exists() else None))
-    bench = [p for name in BENCH_FILES for p in _find(run_dir.path, name, depth=1)]
+    for train in _step_runs(run_dir.path, TRAIN_DIR, METRICS):
+        inputs.trains.append(TrainRun(f"{TRAIN_DIR}/{train.name}", train, _read_jsonl(train / METRICS), RunDir(train).manifest()))
+    for ev in _step_runs(run_dir.path, EVAL_DIR, EVAL_SUMMARY):
+        inputs.evals.append(EvalRun(f"{EVAL_DIR}/{ev.name}", json.loads((ev / EVAL_SUMMARY).read_text()),
+                                    pl.read_parquet(ev / EVAL_TABLE) if (ev / EVAL_TABLE).exists() else None))
+    bench = [run_dir / name for name in BENCH_FILES if run_dir.exists(name)]
     if bench:
         inputs.bench = json.loads(bench[0].read_text())
     return inputs

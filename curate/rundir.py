@@ -26,14 +26,15 @@ import json
 import os
 import tempfile
 import hashlib
-import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, Iterator, Mapping, TypeVar
 
 import polars as pl
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 PAIRS = "pairs.parquet"
 QUARANTINE = "quarantine.parquet"
@@ -49,6 +50,8 @@ HOLDOUT = "holdout.parquet"
 EVAL_SUMMARY = "eval.json"
 EVAL_TABLE = "eval.parquet"
 METRICS = "metrics.jsonl"
+# step directories of `curate run` inside RUN (one subdirectory per named train / eval run)
+CURATED_DIR, EXPORT_DIR, TRAIN_DIR, EVAL_DIR = "curated", "export", "train", "eval"
 # what `adopt_pairs(force=True)` removes: everything computed from the pairs of a run
 DERIVED = (SCORES, POOLED, SHARDS, FEATURES_TABLE, FEATURES_SUMMARY, SAE_DIR)
 
@@ -59,34 +62,32 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_parquet(df: pl.DataFrame, path: Path) -> None:
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` that replaces it when the block succeeds, and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.write_parquet(tmp)
-        os.chmod(tmp, _umask_mode())
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; keep the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_inside(tmp, path.parent)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> None:
+    with _replacing(path) as tmp:
+        df.write_parquet(tmp)
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -269,13 +270,8 @@ class RunDir:
 
     def remove_derived(self) -> None:
         """Delete every output computed from the run's pairs, and the manifest that describes them."""
-        for name in DERIVED:
-            path = self.path / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
+        for name in (*DERIVED, MANIFEST):
+            remove_inside(self.path / name, self.path)
 
 
 @dataclass

@@ -45,6 +45,7 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 from curate.rundir import POOLED, SHARDS, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
@@ -151,7 +152,7 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
     plan_path = shard_dir / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in shard_dir.glob("score-*.parquet"):
-            old.unlink()
+            remove_inside(old, shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan, plan_path)
     return shard_dir
