@@ -53,7 +53,8 @@ from curate import where as where_lang
 from curate.data.schema import FLIPPED, GROUP_COLUMN, PAIR_SCHEMA, flipped_mask
 from curate.errors import CurateError
 from curate.outdir import check_target, staged_dir
-from curate.rundir import CURATION, HOLDOUT, MANIFEST, PAIRS, SCORES, RunDir, write_json, write_parquet
+from curate.rundir import (CURATION, HOLDOUT, MANIFEST, PAIRS, SCORES, CurationSection, RunDir, write_json,
+                           write_parquet)
 
 ACTIONS = ("drop", "flip", "reweight")
 DEFAULT_REWEIGHT_FACTOR = 0.5
@@ -820,7 +821,7 @@ def curate_pairs(
 
 
 # ----------------------------------------------------------------- the run-directory step
-SECTION = "curation"
+SECTION = CurationSection.name
 
 
 FILTER_OWNED = (PAIRS, CURATION, HOLDOUT, SCORES, MANIFEST, ".*.tmp")
@@ -907,8 +908,9 @@ def filter_run(
         if scores.width > 1:
             write_parquet(scores, stage / SCORES)
             files.append(SCORES)
-        manifest[SECTION] = {k: v for k, v in summary.items() if k != "dry_run"} | {"files": files}
-        manifest[SECTION]["note"] = "scores.parquet is the source run's, in its orientation; flipped pairs have flipped = true"
+        note = "scores.parquet is the source run's, in its orientation; flipped pairs have flipped = true"
+        section = {k: v for k, v in summary.items() if k != "dry_run"} | {"files": files, "note": note}
+        manifest[SECTION] = CurationSection.from_dict(section).to_dict()
         write_json(manifest, stage / MANIFEST)
     return summary
 
@@ -922,10 +924,10 @@ def incomplete_curation(path: str | Path) -> str | None:
     """
     run = RunDir(path)
     try:
-        section = run.manifest().get(SECTION)
+        section = run.section(CurationSection)
     except (ValueError, OSError):
         return f"its {MANIFEST} cannot be read"
     if section is None:
         return f"it has {CURATION} but no curation section in {MANIFEST}" if (run / CURATION).exists() else None
-    absent = [name for name in section.get("files", [PAIRS]) if not (run / name).exists()]
+    absent = [name for name in section.files if not (run / name).exists()]
     return f"its manifest lists {', '.join(absent)}, which are missing" if absent else None

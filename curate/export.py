@@ -45,7 +45,7 @@ from curate.curation import SECTION, TRAINING_SIGNALS, incomplete_curation, logi
 from curate.data.schema import FLIPPED, GROUP_COLUMN, flipped_mask
 from curate.errors import CurateError
 from curate.outdir import check_target, staged_dir
-from curate.rundir import CURATION, HOLDOUT, PAIRS, RunDir, atomic_write_bytes, write_parquet
+from curate.rundir import CURATION, HOLDOUT, PAIRS, CurationSection, RunDir, atomic_write_bytes, write_parquet
 
 FORMATS = ("parquet", "jsonl", "hf", "trl")
 SPLITS = ("train", "holdout")
@@ -227,7 +227,7 @@ def data_card(
     column_notes: dict[str, str],
 ) -> str:
     """The README.md text written beside an export (pure: no I/O)."""
-    curation = manifest.get(SECTION, {})
+    curation = CurationSection.from_dict(manifest[SECTION]) if SECTION in manifest else None
     n = pairs.height
     lines = [
         "---",
@@ -244,8 +244,8 @@ def data_card(
     ]
     sources = _find({k: v for k, v in manifest.items() if k != SECTION}, ("dataset", "format", "subset", "split", "revision", "data_files"))
     lines += [f"- {k}: `{_fmt(v)}`" for k, v in sources] or ["- (the run's manifest names no source dataset)"]
-    if curation.get("run"):
-        lines.append(f"- curated from run directory `{curation['run']}`")
+    if curation and curation.run:
+        lines.append(f"- curated from run directory `{curation.run}`")
     lines += ["", "## Scores: models and settings", ""]
     sections = [k for k in manifest if k != SECTION]
     if not sections:
@@ -260,28 +260,28 @@ def data_card(
     if not curation:
         lines.append("These pairs were not curated (no `curation` section in the manifest).")
     else:
-        counts = curation.get("counts", {})
+        counts, signals = curation.counts, curation.signals
         lines.append(
             "Rules were applied in this order; each selects on the original scores of every pair entering "
             "curation, `changed` counts the pairs it actually changed."
         )
         lines += ["", "| step | rule | action | matched | changed | missing |", "|---|---|---|---|---|---|"]
-        for row in curation.get("per_rule", []):
+        for row in curation.per_rule:
             lines.append(
                 f"| {row['step']} | {_fmt(row['rule'])} | {row['action']} | {row['matched']} | {row['changed']} | {row['missing']} |"
             )
         lines += [
             "",
             "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
-            f"Per-pair signals: weights `{curation.get('signals', {}).get('weights', 'none')}`, "
-            f"soft labels `{curation.get('signals', {}).get('soft_labels', False)}`.",
+            f"Per-pair signals: weights `{signals.get('weights', 'none')}`, "
+            f"soft labels `{signals.get('soft_labels', False)}`.",
         ]
-        if curation.get("holdout_fraction"):
+        if curation.holdout_fraction:
             lines.append(
-                f"A holdout of {curation['holdout_fraction']:g} (by pair_id hash, stable across runs) was set aside "
+                f"A holdout of {curation.holdout_fraction:g} (by pair_id hash, stable across runs) was set aside "
                 "before any rule and is not in the training split."
             )
-        for warning in curation.get("warnings", []):
+        for warning in curation.warnings:
             lines.append(f"- warning: {warning}")
         lines += ["", "The audit trail (one row per pair and rule, with the values that triggered it) is "
                   f"`{CURATION}` in the curated run directory."]

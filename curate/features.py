@@ -534,8 +534,8 @@ def run_features(
     sae-lens SAE), the ``sae_f{j}`` columns of RUN/scores.parquet and the
     ``features`` section of the manifest.
     """
-    from curate.rundir import (FEATURES_SUMMARY, FEATURES_TABLE, PAIRS, SAE_DIR, SCORES, RunDir, resolve_pairs,
-                               write_json, write_parquet)
+    from curate.rundir import (FEATURES_SUMMARY, FEATURES_TABLE, PAIRS, SAE_DIR, SCORES, FeaturesSection, RunDir,
+                               resolve_pairs, write_json, write_parquet)
     from curate.sae import save_sae
 
     settings = settings or FeatureSettings()
@@ -556,13 +556,10 @@ def run_features(
     if stale:
         write_parquet(rundir.scores().drop(stale), rundir / SCORES)
     rundir.merge_scores(result.activations)
-    rundir.update_manifest("features", {
-        "embedder": result.summary["embedder"],
-        "settings": result.summary["settings"],
-        "columns": [c for c in result.activations.columns if c != "pair_id"],
-        "sae_dir": SAE_DIR,
-        "timings_s": result.summary["timings_s"],
-    })
+    rundir.write_section(FeaturesSection(
+        embedder=result.summary["embedder"], settings=result.summary["settings"],
+        columns=[c for c in result.activations.columns if c != "pair_id"], sae_dir=SAE_DIR,
+        timings_s=result.summary["timings_s"]))
     return result
 
 

@@ -97,6 +97,7 @@ def write_json(obj: Any, path: Path) -> None:
 
 # ------------------------------------------------------------------ manifest sections
 S = TypeVar("S", bound="Section")
+SECTIONS: dict[str, type["Section"]] = {}  # manifest key -> its dataclass (filled as the classes are defined)
 
 
 @dataclass
@@ -105,6 +106,10 @@ class Section:
 
     name: ClassVar[str]
     extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SECTIONS[cls.name] = cls
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -164,6 +169,94 @@ class ScoreSection(Section):
     def __post_init__(self) -> None:
         if isinstance(self.truncation, Mapping):
             self.truncation = Truncation(**self.truncation)
+
+
+@dataclass
+class RewardSection(Section):
+    """The reward ensemble (``curate.scores.reward``): members, feature sets, out-of-fold quality."""
+
+    name: ClassVar[str] = "reward"
+    members: list[dict[str, Any]] = field(default_factory=list)
+    feature_sets: dict[str, int] = field(default_factory=dict)
+    oof_auc: float | None = None
+    out_of_fold: bool | None = None
+    auc_protocol: str | None = None
+    auc_by_feature_set: dict[str, Any] | None = None
+    auc_by_member_group: dict[str, Any] | None = None
+    embedder: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NoiseSection(Section):
+    """The flip-rate estimates (``curate.scores.noise``) and which one set ``flip_prob``."""
+
+    name: ClassVar[str] = "noise"
+    default_estimator: str | None = None
+    flip_rate: float | None = None
+    flip_rate_interval: list[float] | None = None
+    identifiable: bool | None = None
+    flip_prob_rate: float | None = None
+    summary: str | None = None
+    estimators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rate, interval, assumption, ...
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FeaturesSection(Section):
+    """``curate features``: the embedder, the SAE settings and the ``sae_f*`` columns it wrote."""
+
+    name: ClassVar[str] = "features"
+    embedder: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    sae_dir: str = SAE_DIR
+    timings_s: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CurationSection(Section):
+    """``curate filter``: the rules, what each did, the counts, and the files of the curated directory."""
+
+    name: ClassVar[str] = "curation"
+    rules: list[Any] = field(default_factory=list)
+    per_rule: list[dict[str, Any]] = field(default_factory=list)
+    overlaps: list[list[int]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    holdout_fraction: float = 0.0
+    signals: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    run: str | None = None
+    out: str | None = None
+    files: list[str] = field(default_factory=lambda: [PAIRS])
+
+
+@dataclass
+class TrainSection(Section):
+    """``curate train``: the config, data, reference source and how the run ended."""
+
+    name: ClassVar[str] = "train"
+    status: str | None = None  # started | finished
+    fingerprint: dict[str, Any] | None = None  # what a resume must match
+    config: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None  # where the reference log-probs came from
+    stopped: str | None = None
+    final_loss: float | None = None
+    step0_max_abs_logratio: float | None = None
+
+
+@dataclass
+class EvalSection(Section):
+    """``curate eval``'s summary (``eval.json`` of an eval directory)."""
+
+    name: ClassVar[str] = "eval"
+    pairs: int | None = None
+    beta: float | None = None
+    ranking_accuracy: dict[str, float] = field(default_factory=dict)  # reference, policy
+    ranking_accuracy_length_normalised: dict[str, float] = field(default_factory=dict)
+    implicit_reward_accuracy: float | None = None
+    displacement: dict[str, Any] = field(default_factory=dict)
+    spearman_ln_ches_vs_delta_chosen: dict[str, Any] | None = None
 
 
 def dataset_fingerprint(pairs: pl.DataFrame) -> str:
@@ -238,8 +331,9 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def update_manifest(self, section: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Write one section; a known section goes through its dataclass (its fields, then ``extra``)."""
         manifest = self.manifest()
-        manifest[section] = info
+        manifest[section] = SECTIONS[section].from_dict(info).to_dict() if section in SECTIONS else info
         write_json(manifest, self.path / MANIFEST)
         return manifest
 

@@ -46,7 +46,7 @@ import torch
 
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
-from curate.rundir import POOLED, SHARDS, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
+from curate.rundir import POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
 from curate.scores.engine import resolve_prefix_sharing, score_batches
@@ -471,9 +471,9 @@ def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
         name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
         for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
     }
-    noise_info = run.manifest().get("noise") or {}
-    if noise_info.get("summary"):  # the flip rate, its interval, and whether the data identify it
-        summary["noise"] = noise_info["summary"]
+    noise = run.section(NoiseSection)
+    if noise and noise.summary:  # the flip rate, its interval, and whether the data identify it
+        summary["noise"] = noise.summary
     return summary
 
 

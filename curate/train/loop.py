@@ -124,7 +124,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     or ``force`` it is refused, so a second run never mixes its checkpoints
     with (and prunes them against) an older run's.
     """
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, TrainSection
 
     if force:
         if main:
@@ -134,7 +134,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     if not out.is_dir() or not any(out.iterdir()):
         return None, []
     checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
-    owner = ((RunDir(out).manifest().get("train") or {}).get("fingerprint")
+    owner = ((RunDir(out).section(TrainSection) or TrainSection()).fingerprint
              or (ckpt.read_state(checkpoint).get("fingerprint") if checkpoint else None))
     if not resume:
         if owner is None:
@@ -649,9 +649,9 @@ def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
 
 
 def _write_manifest(out: Path, info: dict[str, Any]) -> None:
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, TrainSection
 
-    RunDir(out).update_manifest("train", info)
+    RunDir(out).write_section(TrainSection.from_dict(info))
 
 
 def _progress(*, enabled: bool):
