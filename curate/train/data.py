@@ -8,7 +8,7 @@ Anything else goes through :func:`curate.data.load_pairs`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -84,7 +84,7 @@ def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     return auto_epsilon(pairs["flip_prob"].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
-def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | Mapping[str, Any] | None", *,
+def scored_reference_logps(pairs: pl.DataFrame, section: "ScoreSection", *,
                            model_info: dict[str, Any],
                            system_prompt: str, max_length: int,
                            truncated_any: bool) -> tuple[np.ndarray | None, str]:
@@ -96,11 +96,8 @@ def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | 
     values (scores stay in the original orientation). The caller still checks
     them against a forward of the policy at step 0.
     """
-    from curate.rundir import ScoreSection
-
     if not {"logp_chosen", "logp_rejected"} <= set(pairs.columns):
         return None, "no logp_chosen/logp_rejected scores"
-    section = score_manifest if isinstance(score_manifest, ScoreSection) else ScoreSection.from_dict(score_manifest or {})
     scored_model = section.model or {}
     for key in ("name", "file_sha256"):
         if scored_model.get(key) != model_info.get(key):

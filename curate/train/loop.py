@@ -222,25 +222,28 @@ def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int
     return out
 
 
-# |log-ratio| allowed at step 0 for reused scored log-probs: constant + per reply token. Under
-# bf16 autocast the scorer's batching shows (~4e-3 nats on a tiny model), so its values are
-# reused only when they agree to 1e-3; otherwise they are recomputed in training's own batches.
+# |log-ratio| allowed at step 0 for reused scored log-probs: constant + per reply token. A run
+# scored in another dtype (bf16 weights; fp32 under bf16 autocast: ~4e-3 to 9e-3 nats on a tiny
+# model) is reused only if its values still agree to 1e-3; otherwise they are recomputed in
+# training's own batches.
 REUSE_TOLERANCE_NATS = (1e-3, 0.0)
 
 
 @torch.no_grad()
 def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch, pad_id, autocast,
-                      accelerator) -> tuple[torch.Tensor | None, str]:
+                      accelerator, compute_dtype: str) -> tuple[torch.Tensor | None, str]:
     """Reference log-probs from the scoring run, if it matches and a step-0 probe agrees; else (None, why)."""
     if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
         return None, "computed before training"
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, ScoreSection
 
-    values, why = scored_reference_logps(pairs, RunDir(data).manifest().get("score") or {}, model_info=model_info,
-                                         system_prompt=cfg.system_prompt, max_length=cfg.max_length,
-                                         truncated_any=encoding.truncated > 0)
+    section = RunDir(data).section(ScoreSection) or ScoreSection()
+    values, why = scored_reference_logps(pairs, section, model_info=model_info, system_prompt=cfg.system_prompt,
+                                         max_length=cfg.max_length, truncated_any=encoding.truncated > 0)
     if values is None:
         return None, f"computed before training ({why})"
+    other_dtype = section.dtype not in (None, compute_dtype)
+    dtypes = f"scored in {section.dtype}, training computes in {compute_dtype}; " if other_dtype else ""
     # with policy = reference every log-ratio must be ~0: probe the first batch of pairs
     idx = list(range(min(len(encoding.pairs), 8)))
     batch = make_batch([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
@@ -253,9 +256,13 @@ def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch
     scored = torch.from_numpy(values[idx]).T.reshape(-1)
     tolerance = REUSE_TOLERANCE_NATS[0] + REUSE_TOLERANCE_NATS[1] * batch.valid.sum(-1).cpu().double()
     gap = float((logps - scored).abs().max())
-    if ((logps - scored).abs() > tolerance).any():
-        return None, f"computed before training (scored log-probs differ from the model's by up to {gap:.3g} nats)"
-    return torch.from_numpy(values).float(), f"reused from the scoring run (step-0 check: max gap {gap:.3g} nats)"
+    reuse = not ((logps - scored).abs() > tolerance).any()
+    if other_dtype:
+        accelerator.print(f"reference log-probs: {dtypes}{'reused' if reuse else 'recomputed'} "
+                          f"(they differ by up to {gap:.3g} nats)")
+    if not reuse:
+        return None, f"computed before training ({dtypes}scored log-probs differ from the model's by up to {gap:.3g} nats)"
+    return torch.from_numpy(values).float(), f"reused from the scoring run ({dtypes}step-0 check: max gap {gap:.3g} nats)"
 
 
 def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *,
@@ -427,7 +434,7 @@ def train(
         else:
             reference.logps, reference_source = _reused_reference(
                 data, pairs[kept.tolist()], policy, encoding, loaded.info, cfg, make_batch, pad_id, autocast,
-                accelerator)
+                accelerator, compute_dtype="bfloat16" if bf16 else "float32")
             if reference.logps is None:
                 reference.logps = precompute_reference_logps(
                     policy, encoding.pairs, pad_id=pad_id, batch_size=micro, autocast=autocast,
