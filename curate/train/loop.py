@@ -453,7 +453,7 @@ def train(
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
                                                    lora_dropout=0.0, target_modules="all-linear"))
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_r > 0:
             policy.enable_input_require_grads()
     policy.config.use_cache = False
