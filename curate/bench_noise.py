@@ -249,19 +249,15 @@ def benchmark_dataset(
 ) -> dict[str, Any]:
     """Load pairs (a dataset, or a run directory with its pooled policy states) and run the benchmark."""
     from curate.data.schema import meta_of
-    from curate.rundir import RunDir
+    from curate.rundir import is_run_dir, resolve_pairs
     from curate.scores.reward import build_feature_sets, pretrained_member
 
     if (dataset is None) == (run is None):
         raise CurateError("give exactly one of --dataset or --run")
-    if run is not None:
-        rundir = RunDir(run)
-        pairs = rundir.pairs()
-    else:
-        from curate.data import load_pairs
-
-        rundir = None
-        pairs = load_pairs(dataset, limit=limit).pairs
+    if run is not None and not is_run_dir(run):
+        raise CurateError(f"--run {run} is not a run directory (no pairs.parquet)")
+    resolved = resolve_pairs(dataset or run, limit=limit)
+    pairs, rundir = resolved.pairs, resolved.run
     if pairs.height == 0:
         raise CurateError(f"{dataset or run} has no usable pairs")
     started = time.perf_counter()

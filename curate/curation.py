@@ -4,8 +4,9 @@ A :class:`Rule` selects pairs from the scored table (pairs joined with every
 score column) and names an action:
 
 - ``drop``: the pair leaves the training set;
-- ``flip``: chosen and rejected are swapped (same ``pair_id``; the flip is
-  recorded in ``meta`` and in the audit trail);
+- ``flip``: chosen and rejected are swapped (same ``pair_id``; the pair's
+  ``flipped`` column is set, the rule named in ``meta.flipped_by`` and in the
+  audit trail);
 - ``reweight=F``: the pair's ``weight`` is multiplied by ``F`` (default 0.5).
 
 Semantics, so that a run is easy to reason about and exactly repeatable:
@@ -50,15 +51,17 @@ import polars as pl
 from scipy.special import expit
 
 from curate import where as where_lang
-from curate.data.schema import PAIR_SCHEMA
+from curate.data.schema import FLIPPED, GROUP_COLUMN, PAIR_SCHEMA, flipped_mask
 from curate.errors import CurateError
 from curate.outdir import check_target, staged_dir
-from curate.rundir import MANIFEST, PAIRS, SCORES, RunDir, write_json, write_parquet
+from curate.rundir import (CURATION, HOLDOUT, MANIFEST, PAIRS, SCORES, CurationSection, RunDir, write_json,
+                           write_parquet)
 from curate.scores.noise import ACTION_COLUMN, with_action_column
 
 ACTIONS = ("drop", "flip", "reweight")
 DEFAULT_REWEIGHT_FACTOR = 0.5
 WEIGHT_SCHEMES = ("none", "strength", "madpo")
+TRAINING_SIGNALS = ("weight", "label_confidence")  # per-pair columns curation adds
 SELECTORS = ("above", "below", "top", "bottom", "outside-bottom", "where")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -620,7 +623,6 @@ def _trigger_values(pool: pl.DataFrame, mask: np.ndarray, columns: list[str]) ->
 
 def _with_flip_meta(meta: str | None, rule: str) -> str:
     data = json.loads(meta or "{}")
-    data["flipped"] = True
     data["flipped_by"] = rule
     return json.dumps(data, ensure_ascii=False)
 
@@ -660,18 +662,28 @@ def _rule_report(pool: pl.DataFrame, rule: Rule, step: int, mask: np.ndarray, ch
     return row, warnings
 
 
+NEGATED_PAIR_COLUMNS = ("rating_margin",)  # chosen minus rejected: a flip negates it
+
+
 def _apply_flips(pairs: pl.DataFrame, flipped_by: np.ndarray) -> pl.DataFrame:
-    """Swap chosen and rejected where ``flipped_by`` names a rule, and record it in ``meta``."""
+    """Where ``flipped_by`` names a rule: swap chosen and rejected (and every ``*chosen*`` /
+    ``*rejected*`` column pair, e.g. ``score_chosen`` / ``score_rejected``), negate ``rating_margin``,
+    name the rule in ``meta.flipped_by``. ``flipped`` is relative to the scores' orientation, so
+    curating a curated set again composes."""
     flip = flipped_by != None  # noqa: E711 (elementwise on an object array)
-    if not flip.any():
-        return pairs
-    meta = [_with_flip_meta(m, by) if by is not None else m for m, by in zip(pairs["meta"].to_list(), flipped_by)]
     mask = pl.Series(flip)
-    return pairs.with_columns(
-        chosen=pl.when(mask).then(pl.col("rejected")).otherwise(pl.col("chosen")),
-        rejected=pl.when(mask).then(pl.col("chosen")).otherwise(pl.col("rejected")),
-        meta=pl.Series(meta, dtype=pl.Utf8),
-    )
+    out = pairs.with_columns(pl.Series(FLIPPED, flipped_mask(pairs) ^ flip, dtype=pl.Boolean))
+    if not flip.any():
+        return out
+    swaps = {}
+    for name in pairs.columns:
+        partner = name.replace("chosen", "rejected")
+        if partner != name and partner in pairs.columns:
+            swaps[name] = pl.when(mask).then(pl.col(partner)).otherwise(pl.col(name))
+            swaps[partner] = pl.when(mask).then(pl.col(name)).otherwise(pl.col(partner))
+    negated = {c: pl.when(mask).then(-pl.col(c)).otherwise(pl.col(c)) for c in NEGATED_PAIR_COLUMNS if c in pairs.columns}
+    meta = [_with_flip_meta(m, by) if by is not None else m for m, by in zip(pairs["meta"].to_list(), flipped_by)]
+    return out.with_columns(**swaps, **negated, meta=pl.Series(meta, dtype=pl.Utf8))
 
 
 def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
@@ -728,8 +740,14 @@ def curate_pairs(
     weights: str = "none",
     soft_labels: bool = False,
     holdout: float = 0.0,
+    pair_columns: Sequence[str] | None = None,
 ) -> CurationResult:
-    """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O."""
+    """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O.
+
+    ``pair_columns``: the columns of ``table`` that are the pairs' own (the run's
+    ``pairs.parquet``: the pair schema, ``prompt_id``, loaded extra columns), kept in
+    the output; default the pair schema and ``prompt_id``.
+    """
     table = with_action_column(table)
     if weights not in WEIGHT_SCHEMES:
         raise CurateError(f"--weights must be one of {', '.join(WEIGHT_SCHEMES)}, got {weights!r}")
@@ -770,13 +788,15 @@ def curate_pairs(
         audit.append(_audit_frame(pool["pair_id"].filter(pl.Series(mask)), step, rule.name, str(rule.action),
                                   changed[mask], values))
 
+    if pair_columns is None:
+        pair_columns = [c for c in (*PAIR_SCHEMA, GROUP_COLUMN) if c in table.columns]
+    pair_columns = [c for c in pair_columns if c not in TRAINING_SIGNALS]  # curation writes them anew
     keep = ~dropped
     kept = pool.filter(pl.Series(keep))
-    out = _apply_flips(kept.select(list(PAIR_SCHEMA)), flipped_by[keep])
+    out = _apply_flips(kept.select(pair_columns), flipped_by[keep])
     reweighted = any(r.action.kind == "reweight" for r in rules)
     signal_columns, signals, signal_warnings = _training_signals(
-        kept, flipped_by[keep] != None, factor[keep], weights, soft_labels, reweighted  # noqa: E711
-    )
+        kept, flipped_mask(out), factor[keep], weights, soft_labels, reweighted)
     out = out.with_columns(**signal_columns)
     warnings += signal_warnings
 
@@ -799,16 +819,14 @@ def curate_pairs(
     }
     return CurationResult(
         pairs=out,
-        holdout=table.filter(pl.Series(held)).select(list(PAIR_SCHEMA)),
+        holdout=table.filter(pl.Series(held)).select(pair_columns),
         audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA),
         summary=summary,
     )
 
 
 # ----------------------------------------------------------------- the run-directory step
-CURATION = "curation.parquet"
-HOLDOUT = "holdout.parquet"
-SECTION = "curation"
+SECTION = CurationSection.name
 
 
 FILTER_OWNED = (PAIRS, CURATION, HOLDOUT, SCORES, MANIFEST, ".*.tmp")
@@ -876,7 +894,8 @@ def filter_run(
         if Path(out).resolve() == run_dir.path.resolve():
             raise CurateError(f"--out {out} is the run directory itself: choose a new directory for the curated set")
         check_target(Path(out), force=force, owned=FILTER_OWNED, step="curate filter")
-    result = curate_pairs(run_dir.table(), rules, weights=weights, soft_labels=soft_labels, holdout=holdout)
+    result = curate_pairs(run_dir.table(), rules, weights=weights, soft_labels=soft_labels, holdout=holdout,
+                          pair_columns=run_dir.pairs().columns)
     summary = dict(result.summary, run=str(run_dir.path), out=None if dry_run else str(out), dry_run=dry_run)
     if dry_run:
         return summary
@@ -894,8 +913,9 @@ def filter_run(
         if scores.width > 1:
             write_parquet(scores, stage / SCORES)
             files.append(SCORES)
-        manifest[SECTION] = {k: v for k, v in summary.items() if k != "dry_run"} | {"files": files}
-        manifest[SECTION]["note"] = "scores.parquet is the source run's, in its orientation; flipped pairs have meta.flipped"
+        note = "scores.parquet is the source run's, in its orientation; flipped pairs have flipped = true"
+        section = {k: v for k, v in summary.items() if k != "dry_run"} | {"files": files, "note": note}
+        manifest[SECTION] = CurationSection.from_dict(section).to_dict()
         write_json(manifest, stage / MANIFEST)
     return summary
 
@@ -909,10 +929,10 @@ def incomplete_curation(path: str | Path) -> str | None:
     """
     run = RunDir(path)
     try:
-        section = run.manifest().get(SECTION)
+        section = run.section(CurationSection)
     except (ValueError, OSError):
         return f"its {MANIFEST} cannot be read"
     if section is None:
         return f"it has {CURATION} but no curation section in {MANIFEST}" if (run / CURATION).exists() else None
-    absent = [name for name in section.get("files", [PAIRS]) if not (run / name).exists()]
+    absent = [name for name in section.files if not (run / name).exists()]
     return f"its manifest lists {', '.join(absent)}, which are missing" if absent else None

@@ -240,7 +240,9 @@ def _ches_scores(pairs, scores: Any, notes: list[str]):
     if scores is not None:
         path = Path(str(scores))
         if path.is_dir():
-            path = path / "scores.parquet"
+            from curate.rundir import SCORES
+
+            path = path / SCORES
         if not path.is_file():
             raise CurateError(f"--scores {scores}: no scores.parquet there; pass a run directory that `curate score` wrote")
         table = pl.read_parquet(path)
@@ -261,7 +263,7 @@ def _ches_scores(pairs, scores: Any, notes: list[str]):
             f"{missing} of {pairs.height} evaluated pairs have no {column} in {source}: the scores were computed "
             "for other pairs; score these pairs with `curate score` or leave out --scores"
         )
-    from curate.train.data import flipped_mask
+    from curate.data.schema import flipped_mask
 
     flipped = int(flipped_mask(pairs).sum())
     if flipped:
@@ -400,11 +402,11 @@ def evaluate(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
 
     if out is not None:
-        from curate.rundir import write_json, write_parquet
+        from curate.rundir import EVAL_SUMMARY, EVAL_TABLE, EvalSection, write_json, write_parquet
 
         out = Path(out)
-        write_parquet(table, out / "eval.parquet")
-        write_json(summary, out / "eval.json")
+        write_parquet(table, out / EVAL_TABLE)
+        write_json(EvalSection.from_dict(summary).to_dict(), out / EVAL_SUMMARY)
         summary["out"] = str(out)
     return summary
 

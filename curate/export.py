@@ -3,8 +3,9 @@
 Formats (``out`` is always a directory; ``SPLIT`` is ``train`` or ``holdout``):
 
 - ``parquet``: ``out/SPLIT.parquet``, the pair schema (``pair_id``, ``prompt``
-  as a list of {role, content}, ``chosen``, ``rejected``, ``source``, ``meta``)
-  plus ``weight`` / ``label_confidence`` when curation wrote them;
+  as a list of {role, content}, ``chosen``, ``rejected``, ``source``, ``meta``),
+  ``prompt_id``, ``flipped``, the loader's extra columns, and ``weight`` /
+  ``label_confidence`` when curation wrote them;
 - ``jsonl``: ``out/SPLIT.jsonl``, the same columns, one JSON object a line;
 - ``hf``: ``out`` is a ``datasets`` ``save_to_disk`` directory of those columns
   (``push_to_hub`` uploads it and the card);
@@ -40,15 +41,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from curate.curation import CURATION, HOLDOUT, SECTION, incomplete_curation, logit
-from curate.data.schema import PAIR_SCHEMA, meta_of
+from curate.curation import SECTION, TRAINING_SIGNALS, incomplete_curation, logit
+from curate.data.schema import FLIPPED, GROUP_COLUMN, flipped_mask
 from curate.errors import CurateError
 from curate.outdir import check_target, staged_dir
-from curate.rundir import RunDir, atomic_write_bytes, write_parquet
+from curate.rundir import CURATION, HOLDOUT, PAIRS, CurationSection, RunDir, atomic_write_bytes, write_parquet
 
 FORMATS = ("parquet", "jsonl", "hf", "trl")
 SPLITS = ("train", "holdout")
-TRAINING_SIGNALS = ("weight", "label_confidence")
 # How a score changes when chosen and rejected are swapped.
 MIRRORED = ("flip_prob", "flip_prob_conservative", "p_chosen", "rm_vote_share")  # x -> 1 - x
 NEGATED = ("rm_margin_mean",)  # x -> -x
@@ -57,11 +57,6 @@ MAX_CARD_COLUMNS = 16
 
 
 # ----------------------------------------------------------------- frames
-def flipped_mask(pairs: pl.DataFrame) -> pl.Series:
-    """True for the pairs curation flipped (``meta.flipped``)."""
-    return pl.Series("flipped", [bool(f) for f in meta_of(pairs, "flipped", False)], dtype=pl.Boolean)
-
-
 def oriented_scores(pairs: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     """The scores of ``pairs`` (in their order), re-oriented to their exported labels.
 
@@ -71,7 +66,7 @@ def oriented_scores(pairs: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     if scores.width <= 1:
         return pairs.select("pair_id")
     joined = pairs.select("pair_id").join(scores, on="pair_id", how="left", maintain_order="left")
-    flip = flipped_mask(pairs)
+    flip = pl.Series(flipped_mask(pairs))
     fixes = [
         pl.when(flip).then(1.0 - pl.col(c)).otherwise(pl.col(c)).alias(c) for c in MIRRORED if c in joined.columns
     ] + [pl.when(flip).then(-pl.col(c)).otherwise(pl.col(c)).alias(c) for c in NEGATED if c in joined.columns]
@@ -89,7 +84,7 @@ def oriented_logps(pairs: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     """``pair_id``, ``logp_chosen``, ``logp_rejected`` of ``pairs``, swapped for the pairs curation flipped."""
     joined = pairs.select("pair_id").join(scores.select("pair_id", *LOGP_COLUMNS), on="pair_id", how="left",
                                           maintain_order="left")
-    flip = flipped_mask(pairs)
+    flip = pl.Series(flipped_mask(pairs))
     return joined.with_columns(
         logp_chosen=pl.when(flip).then(pl.col("logp_rejected")).otherwise(pl.col("logp_chosen")),
         logp_rejected=pl.when(flip).then(pl.col("logp_chosen")).otherwise(pl.col("logp_rejected")),
@@ -232,7 +227,7 @@ def data_card(
     column_notes: dict[str, str],
 ) -> str:
     """The README.md text written beside an export (pure: no I/O)."""
-    curation = manifest.get(SECTION, {})
+    curation = CurationSection.from_dict(manifest[SECTION]) if SECTION in manifest else None
     n = pairs.height
     lines = [
         "---",
@@ -247,10 +242,10 @@ def data_card(
         "## Source",
         "",
     ]
-    sources = _find({k: v for k, v in manifest.items() if k != SECTION}, ("dataset", "subset", "split", "revision", "data_files"))
+    sources = _find({k: v for k, v in manifest.items() if k != SECTION}, ("dataset", "format", "subset", "split", "revision", "data_files"))
     lines += [f"- {k}: `{_fmt(v)}`" for k, v in sources] or ["- (the run's manifest names no source dataset)"]
-    if curation.get("run"):
-        lines.append(f"- curated from run directory `{curation['run']}`")
+    if curation and curation.run:
+        lines.append(f"- curated from run directory `{curation.run}`")
     lines += ["", "## Scores: models and settings", ""]
     sections = [k for k in manifest if k != SECTION]
     if not sections:
@@ -265,28 +260,28 @@ def data_card(
     if not curation:
         lines.append("These pairs were not curated (no `curation` section in the manifest).")
     else:
-        counts = curation.get("counts", {})
+        counts, signals = curation.counts, curation.signals
         lines.append(
             "Rules were applied in this order; each selects on the original scores of every pair entering "
             "curation, `changed` counts the pairs it actually changed."
         )
         lines += ["", "| step | rule | action | matched | changed | missing |", "|---|---|---|---|---|---|"]
-        for row in curation.get("per_rule", []):
+        for row in curation.per_rule:
             lines.append(
                 f"| {row['step']} | {_fmt(row['rule'])} | {row['action']} | {row['matched']} | {row['changed']} | {row['missing']} |"
             )
         lines += [
             "",
             "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
-            f"Per-pair signals: weights `{curation.get('signals', {}).get('weights', 'none')}`, "
-            f"soft labels `{curation.get('signals', {}).get('soft_labels', False)}`.",
+            f"Per-pair signals: weights `{signals.get('weights', 'none')}`, "
+            f"soft labels `{signals.get('soft_labels', False)}`.",
         ]
-        if curation.get("holdout_fraction"):
+        if curation.holdout_fraction:
             lines.append(
-                f"A holdout of {curation['holdout_fraction']:g} (by pair_id hash, stable across runs) was set aside "
+                f"A holdout of {curation.holdout_fraction:g} (by pair_id hash, stable across runs) was set aside "
                 "before any rule and is not in the training split."
             )
-        for warning in curation.get("warnings", []):
+        for warning in curation.warnings:
             lines.append(f"- warning: {warning}")
         lines += ["", "The audit trail (one row per pair and rule, with the values that triggered it) is "
                   f"`{CURATION}` in the curated run directory."]
@@ -335,7 +330,9 @@ _PAIR_NOTES = {
     "chosen": "the preferred reply (text)",
     "rejected": "the other reply (text)",
     "source": "where the row came from in the source data",
-    "meta": "JSON object; flipped pairs have flipped: true and flipped_by: the rule",
+    "meta": "JSON object; a flipped pair's has flipped_by: the rule",
+    GROUP_COLUMN: "stable id of the prompt (or the response set): the group a train/test split keeps together",
+    FLIPPED: "true where curation swapped chosen and rejected (scores.parquet keeps the source orientation)",
 }
 
 
@@ -365,7 +362,7 @@ def export_curated(
     problem = incomplete_curation(run.path)
     if problem:
         raise CurateError(f"{run.path} is an incomplete curated directory ({problem}): rerun `curate filter` with --force")
-    source = run / ("pairs.parquet" if split == "train" else HOLDOUT)
+    source = run / (PAIRS if split == "train" else HOLDOUT)
     if not source.exists():
         hint = "run `curate filter RUN --out DIR` first" if split == "train" else "run `curate filter` with --holdout"
         raise CurateError(f"{run.path} has no {source.name}: {hint}")
@@ -377,9 +374,10 @@ def export_curated(
     pairs = pl.read_parquet(source)
     scores = run.scores()
     manifest = run.manifest()
-    signal_cols = [c for c in TRAINING_SIGNALS if c in pairs.columns]
-    data = pairs.select([*PAIR_SCHEMA, *signal_cols])
-    notes = {c: _PAIR_NOTES[c] for c in PAIR_SCHEMA} | {c: _SIGNAL_NOTES[c] for c in signal_cols}
+    data = pairs  # the pair schema, prompt_id, flipped, the loader's extra columns, curation's signals
+    notes = {c: _PAIR_NOTES.get(c) or _SIGNAL_NOTES.get(c) or "a column of the source data, kept by the loader "
+             "(`--columns keep=`, or the source format's own scores); side-named ones follow the exported labels"
+             for c in pairs.columns}
 
     extra: dict[str, Any] = {}
     with staged_dir(out) as stage:

@@ -35,10 +35,6 @@ import polars as pl
 
 from curate.errors import CurateError
 
-FEATURES_TABLE = "features.parquet"
-FEATURES_SUMMARY = "features_summary.json"
-SAE_DIR = "sae"
-
 
 @dataclass
 class FeatureSettings:
@@ -538,25 +534,17 @@ def run_features(
     sae-lens SAE), the ``sae_f{j}`` columns of RUN/scores.parquet and the
     ``features`` section of the manifest.
     """
-    from curate.rundir import RunDir, write_json, write_parquet
+    from curate.rundir import (FEATURES_SUMMARY, FEATURES_TABLE, PAIRS, SAE_DIR, SCORES, FeaturesSection, RunDir,
+                               resolve_pairs, write_json, write_parquet)
     from curate.sae import save_sae
 
     settings = settings or FeatureSettings()
     rundir = RunDir(run)
     if dataset is not None:
-        from curate.data import load_pairs
-
-        loaded = load_pairs(dataset, **(load_kwargs or {}))
-        if rundir.exists("pairs.parquet"):
-            existing = set(rundir.pairs()["pair_id"].to_list())
-            if existing != set(loaded.pairs["pair_id"].to_list()):
-                raise CurateError(
-                    f"{rundir.path} already holds different pairs: omit --dataset to analyse them, or pick a new --out"
-                )
-        else:
-            rundir.write_pairs(loaded.pairs, loaded.quarantine)
-    elif not rundir.exists("pairs.parquet"):
-        raise CurateError(f"{rundir.path} has no pairs.parquet: pass --dataset to load pairs into it")
+        loaded = resolve_pairs(dataset, **(load_kwargs or {}))
+        rundir.adopt_pairs(loaded.pairs, loaded.quarantine, source=str(dataset))
+    elif not rundir.exists(PAIRS):
+        raise CurateError(f"{rundir.path} has no {PAIRS}: pass --dataset to load pairs into it")
     pairs = rundir.pairs()
 
     result = compute_features(pairs, settings=settings, cache_dir=rundir / "cache", show_progress=show_progress)
@@ -566,15 +554,12 @@ def run_features(
     # Replace every earlier sae_f* column, also ones from a larger dictionary.
     stale = [c for c in rundir.scores().columns if c.startswith("sae_f") and c not in result.activations.columns]
     if stale:
-        write_parquet(rundir.scores().drop(stale), rundir / "scores.parquet")
+        write_parquet(rundir.scores().drop(stale), rundir / SCORES)
     rundir.merge_scores(result.activations)
-    rundir.update_manifest("features", {
-        "embedder": result.summary["embedder"],
-        "settings": result.summary["settings"],
-        "columns": [c for c in result.activations.columns if c != "pair_id"],
-        "sae_dir": SAE_DIR,
-        "timings_s": result.summary["timings_s"],
-    })
+    rundir.write_section(FeaturesSection(
+        embedder=result.summary["embedder"], settings=result.summary["settings"],
+        columns=[c for c in result.activations.columns if c != "pair_id"], sae_dir=SAE_DIR,
+        timings_s=result.summary["timings_s"]))
     return result
 
 

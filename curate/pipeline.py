@@ -45,11 +45,12 @@ from typing import Any, Callable, Sequence
 
 from curate.errors import CurateError
 from curate.fsutil import check_slug, remove_inside
+from curate.rundir import (CURATED_DIR, CURATION, EVAL_DIR, EVAL_SUMMARY, EXPORT_DIR, FEATURES_TABLE, HOLDOUT, PAIRS,
+                           SCORES, TRAIN_DIR)
 
 STEPS = ("score", "features", "filter", "export", "train", "eval", "report")
 GLOBAL_KEYS = ("name", "description", "run_dir", "dataset", "load", "model", "device", "seed", "steps")
 STATE = "pipeline.json"
-CURATED, EXPORT, TRAIN, EVAL = "curated", "export", "train", "eval"
 
 
 # ------------------------------------------------------------------ recipes
@@ -374,17 +375,18 @@ def _train_runs(ctx: Context) -> dict[str, dict[str, Any]]:
 
 def load_step(ctx: Context) -> dict[str, Any]:
     """Read the dataset into RUN/pairs.parquet and RUN/quarantine.parquet."""
-    from curate.data import load_pairs
-    from curate.rundir import RunDir
+    from curate.rundir import LoadSection, RunDir, dataset_fingerprint, resolve_pairs
 
     options = dict(ctx.recipe.get("load") or {})
-    loaded = load_pairs(str(ctx.recipe["dataset"]), **options)
+    loaded = resolve_pairs(str(ctx.recipe["dataset"]), **options)
     run = RunDir(ctx.run)
     if ctx.fresh:  # other data: scores of the old pairs must not linger in the join
-        remove_inside(ctx.run / "scores.parquet", ctx.run)
+        remove_inside(ctx.run / SCORES, ctx.run)
     run.write_pairs(loaded.pairs, loaded.quarantine)
-    run.update_manifest("load", {"dataset": str(ctx.recipe["dataset"]), "options": options, **loaded.info,
-                                 "pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height})
+    info = {k: v for k, v in loaded.info.items() if k not in ("source", "kind")}
+    run.write_section(LoadSection.from_dict({**info, "dataset": str(ctx.recipe["dataset"]), "options": options,
+                                             "fingerprint": dataset_fingerprint(loaded.pairs),
+                                             "pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height}))
     return {"pairs": loaded.pairs.height, "quarantined": loaded.quarantine.height}
 
 
@@ -396,7 +398,7 @@ def score_step(ctx: Context) -> dict[str, Any]:
     # the reward ensemble and the features step embed the same replies: one cache for both
     cfg["reward_options"] = {"cache_dir": ctx.run / "cache", **(cfg.get("reward_options") or {})}
     if ctx.fresh:  # columns of other settings (or of the features step) must not outlive them
-        remove_inside(ctx.run / "scores.parquet", ctx.run)
+        remove_inside(ctx.run / SCORES, ctx.run)
     table = score(ctx.run, out=ctx.run, model=ctx.model, device=ctx.device, **cfg)
     out: dict[str, Any] = {"pairs": table.height}
     for name in ("ln_ches", "rm_margin_mean", "flip_prob"):
@@ -407,12 +409,12 @@ def score_step(ctx: Context) -> dict[str, Any]:
 
 def _score_done(ctx: Context) -> bool:
     """Every requested score's columns exist for every pair, and the manifest lists those scores."""
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, ScoreSection
     from curate.score import parse_scores
 
     run = RunDir(ctx.run)
     wanted = parse_scores(ctx.settings("score").get("scores", ("ches", "logps")))
-    recorded = set((run.manifest().get("score") or {}).get("scores") or ())
+    recorded = set((run.section(ScoreSection) or ScoreSection()).scores)
     if not set(wanted) <= recorded:
         return False
     scores = run.scores()
@@ -452,7 +454,7 @@ def filter_step(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.settings("filter")
     rules = filter_rules(cfg)
-    summary = filter_run(ctx.run, rules, ctx.run / CURATED, weights=cfg.get("weights", "none"),
+    summary = filter_run(ctx.run, rules, ctx.run / CURATED_DIR, weights=cfg.get("weights", "none"),
                          soft_labels=bool(cfg.get("soft_labels", False)), holdout=float(cfg.get("holdout", 0.0)),
                          force=True)
     return summary["counts"]
@@ -462,7 +464,7 @@ def export_step(ctx: Context) -> dict[str, Any]:
     from curate.export import export_curated
 
     cfg = ctx.settings("export")
-    summary = export_curated(ctx.run / CURATED, cfg.get("format", "parquet"), ctx.run / EXPORT,
+    summary = export_curated(ctx.run / CURATED_DIR, cfg.get("format", "parquet"), ctx.run / EXPORT_DIR,
                              split=cfg.get("split", "train"), force=True)
     return {"pairs": summary["pairs"], "format": cfg.get("format", "parquet"), "out": summary["out"]}
 
@@ -471,7 +473,7 @@ def _training_data(ctx: Context) -> Path:
     source = ctx.settings("train").get("data", "curated")
     if source not in ("curated", "all"):
         raise CurateError(f"train.data must be 'curated' or 'all', got {source!r}")
-    return ctx.run / CURATED if source == "curated" and "filter" in ctx.recipe["steps"] else ctx.run
+    return ctx.run / CURATED_DIR if source == "curated" and "filter" in ctx.recipe["steps"] else ctx.run
 
 
 CPU_TRAIN_PAIRS = 64  # max_train_pairs "auto" on a CPU: SmolLM2-135M trains at well under 1 pair/s there
@@ -509,7 +511,7 @@ def train_step(ctx: Context) -> dict[str, Any]:
     limit = max_train_pairs(ctx)
     out: dict[str, Any] = {}
     for name, config in train_configs(ctx.recipe).items():
-        target = ctx.run / TRAIN / check_slug(name, "train.runs key")
+        target = ctx.run / TRAIN_DIR / check_slug(name, "train.runs key")
         if ctx.fresh:
             remove_inside(target, ctx.run)
         if (target / "final").is_dir():
@@ -527,7 +529,7 @@ def train_step(ctx: Context) -> dict[str, Any]:
 
 
 def _train_done(ctx: Context) -> bool:
-    return all((ctx.run / TRAIN / name / "final").is_dir() for name in _train_runs(ctx))
+    return all((ctx.run / TRAIN_DIR / name / "final").is_dir() for name in _train_runs(ctx))
 
 
 def eval_step(ctx: Context) -> dict[str, Any]:
@@ -543,7 +545,7 @@ def eval_step(ctx: Context) -> dict[str, Any]:
         pairs = RunDir(_training_data(ctx)).table()
         pairs = pairs.head(limit) if limit else pairs
     elif which == "holdout":
-        path = ctx.run / CURATED / "holdout.parquet"
+        path = ctx.run / CURATED_DIR / HOLDOUT
         if not path.exists():
             raise CurateError("eval.data is 'holdout' but the filter set no pairs aside: set filter.holdout (e.g. 0.1)")
         import polars as pl
@@ -555,7 +557,7 @@ def eval_step(ctx: Context) -> dict[str, Any]:
         pairs = pairs.head(int(max_pairs))
     out = {}
     for name in _train_runs(ctx):
-        summary = evaluate(ctx.run / TRAIN / name / "final", ctx.model, pairs, out=ctx.run / EVAL / name,
+        summary = evaluate(ctx.run / TRAIN_DIR / name / "final", ctx.model, pairs, out=ctx.run / EVAL_DIR / name,
                            scores=ctx.run, device=ctx.device, **{"seed": ctx.seed, **cfg})
         out[name] = {"ranking_accuracy": summary["ranking_accuracy"],
                      "mean_delta_chosen": summary["displacement"]["mean_delta_chosen"]}
@@ -563,7 +565,7 @@ def eval_step(ctx: Context) -> dict[str, Any]:
 
 
 def _eval_done(ctx: Context) -> bool:
-    return all((ctx.run / EVAL / name / "eval.json").is_file() for name in _train_runs(ctx))
+    return all((ctx.run / EVAL_DIR / name / EVAL_SUMMARY).is_file() for name in _train_runs(ctx))
 
 
 def report_step(ctx: Context) -> dict[str, Any]:
@@ -575,11 +577,11 @@ def report_step(ctx: Context) -> dict[str, Any]:
 
 
 STEP_TABLE: dict[str, Step] = {
-    "load": Step("load", load_step, lambda ctx: (ctx.run / "pairs.parquet").is_file()),
+    "load": Step("load", load_step, lambda ctx: (ctx.run / PAIRS).is_file()),
     "score": Step("score", score_step, _score_done),
-    "features": Step("features", features_step, lambda ctx: (ctx.run / "features.parquet").is_file()),
-    "filter": Step("filter", filter_step, lambda ctx: (ctx.run / CURATED / "curation.parquet").is_file()),
-    "export": Step("export", export_step, lambda ctx: (ctx.run / EXPORT / "README.md").is_file()),
+    "features": Step("features", features_step, lambda ctx: (ctx.run / FEATURES_TABLE).is_file()),
+    "filter": Step("filter", filter_step, lambda ctx: (ctx.run / CURATED_DIR / CURATION).is_file()),
+    "export": Step("export", export_step, lambda ctx: (ctx.run / EXPORT_DIR / "README.md").is_file()),
     "train": Step("train", train_step, _train_done),
     "eval": Step("eval", eval_step, _eval_done),
     "report": Step("report", report_step, lambda ctx: False, always=True),
@@ -643,7 +645,7 @@ def run_pipeline(
     order = ["load"] + list(recipe["steps"])
     upstream_ran = False
     for i, name in enumerate(order):
-        if name != "load" and order[i - 1] == "load" and (run / "pairs.parquet").is_file():
+        if name != "load" and order[i - 1] == "load" and (run / PAIRS).is_file():
             _check_loaded_pairs(recipe, run)
         step = table[name]
         if name == "train" and step is STEP_TABLE["train"]:
@@ -683,7 +685,6 @@ def _check_loaded_pairs(recipe: dict[str, Any], run: Path) -> None:
     import polars as pl
 
     from curate.models import resolve_device
-    from curate.rundir import PAIRS
 
     n_pairs = pl.scan_parquet(run / PAIRS).select(pl.len()).collect().item()
     check_against_data(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type)
@@ -694,7 +695,6 @@ def _check_curated_pairs(recipe: dict[str, Any], run: Path) -> None:
     import polars as pl
 
     from curate.models import resolve_device
-    from curate.rundir import PAIRS
 
     data = _training_data(Context(recipe, run))
     if (data / PAIRS).is_file():

@@ -33,6 +33,9 @@ import polars as pl
 
 from curate.data.schema import meta_of
 from curate.errors import CurateError
+from curate.rundir import (CURATED_DIR, CURATION, EVAL_DIR, EVAL_SUMMARY, EVAL_TABLE, FEATURES_SUMMARY, FEATURES_TABLE,
+                           METRICS, PAIRS, TRAIN_DIR, CurationSection, EvalSection, NoiseSection, RewardSection, RunDir,
+                           S, TrainSection)
 
 TOP_PAIRS = 5  # pairs shown at each end of a ranking
 TEXT_PREVIEW = 280  # characters of a reply shown before "more"
@@ -48,13 +51,13 @@ class TrainRun:
     name: str
     path: Path
     metrics: pl.DataFrame  # one row per optimizer step (metrics.jsonl)
-    manifest: dict[str, Any]
+    train: TrainSection
 
 
 @dataclass
 class EvalRun:
     name: str
-    summary: dict[str, Any]  # eval.json
+    summary: EvalSection  # eval.json
     pairs: pl.DataFrame | None  # eval.parquet: one row per pair (log-probs before / after)
 
 
@@ -71,10 +74,14 @@ class ReportInputs:
     features_summary: dict[str, Any] = field(default_factory=dict)  # features_summary.json
     curated_pairs: pl.DataFrame | None = None
     curation_audit: pl.DataFrame | None = None
-    curation: dict[str, Any] | None = None  # the curated manifest's "curation" section
+    curation: CurationSection | None = None  # the curated manifest's section
     trains: list[TrainRun] = field(default_factory=list)
     evals: list[EvalRun] = field(default_factory=list)
     bench: dict[str, Any] | None = None  # planted-flip bench result
+
+    def section(self, cls: type[S]) -> S:
+        """A section of the run's manifest (empty when the step did not run)."""
+        return cls.from_dict(self.manifest.get(cls.name) or {})
 
     def table(self) -> pl.DataFrame:
         if self.scores.width > 1:
@@ -87,45 +94,37 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
-def _find(run: Path, name: str, depth: int = 3) -> list[Path]:
-    """Files called ``name`` in ``run`` and its subdirectories (not inside checkpoints), sorted."""
-    found = []
-    for level in range(depth + 1):
-        pattern = "/".join(["*"] * level + [name])
-        found += [p for p in run.glob(pattern) if "checkpoints" not in p.parts and not p.name.startswith(".")]
-    return sorted(set(found))
+def _step_runs(run: Path, step_dir: str, marker: str) -> list[Path]:
+    """The named runs of a step (``RUN/train/NAME/``, ``RUN/eval/NAME/``) that hold ``marker``."""
+    root = run / step_dir
+    return sorted(p for p in root.iterdir() if (p / marker).is_file()) if root.is_dir() else []
 
 
 def load_inputs(run: str | Path) -> ReportInputs:
-    """Read a run directory and the step outputs found inside it."""
-    from curate.rundir import RunDir
-
+    """Read a run directory and the step outputs in the layout of `curate run` (:mod:`curate.rundir`)."""
     run_dir = RunDir(run)
-    if not (run_dir / "pairs.parquet").exists():
-        raise CurateError(f"{run_dir.path} is not a run directory (no pairs.parquet): run `curate score` first")
+    if not run_dir.exists(PAIRS):
+        raise CurateError(f"{run_dir.path} is not a run directory (no {PAIRS}): run `curate score` first")
     inputs = ReportInputs(
         run=run_dir.path, pairs=run_dir.pairs(), quarantine=run_dir.quarantine(),
         scores=run_dir.scores(), manifest=run_dir.manifest(),
     )
-    if (run_dir / "features.parquet").exists():
-        inputs.features = pl.read_parquet(run_dir / "features.parquet")
-        if (run_dir / "features_summary.json").exists():
-            inputs.features_summary = json.loads((run_dir / "features_summary.json").read_text())
-    audits = _find(run_dir.path, "curation.parquet", depth=1)
-    if audits:
-        curated = RunDir(audits[0].parent)
-        inputs.curation_audit = pl.read_parquet(audits[0])
+    if run_dir.exists(FEATURES_TABLE):
+        inputs.features = pl.read_parquet(run_dir / FEATURES_TABLE)
+        if run_dir.exists(FEATURES_SUMMARY):
+            inputs.features_summary = json.loads((run_dir / FEATURES_SUMMARY).read_text())
+    curated = RunDir(run_dir / CURATED_DIR)
+    if curated.exists(CURATION):
+        inputs.curation_audit = pl.read_parquet(curated / CURATION)
         inputs.curated_pairs = curated.pairs()
-        inputs.curation = curated.manifest().get("curation")
-    for metrics in _find(run_dir.path, "metrics.jsonl"):
-        manifest = json.loads((metrics.parent / "manifest.json").read_text()) if (metrics.parent / "manifest.json").exists() else {}
-        name = str(metrics.parent.relative_to(run_dir.path)) if metrics.parent != run_dir.path else "train"
-        inputs.trains.append(TrainRun(name, metrics.parent, _read_jsonl(metrics), manifest))
-    for path in _find(run_dir.path, "eval.json"):
-        per_pair = path.parent / "eval.parquet"
-        inputs.evals.append(EvalRun(str(path.parent.relative_to(run_dir.path)), json.loads(path.read_text()),
-                                    pl.read_parquet(per_pair) if per_pair.exists() else None))
-    bench = [p for name in BENCH_FILES for p in _find(run_dir.path, name, depth=1)]
+        inputs.curation = curated.section(CurationSection)
+    for train in _step_runs(run_dir.path, TRAIN_DIR, METRICS):
+        inputs.trains.append(TrainRun(f"{TRAIN_DIR}/{train.name}", train, _read_jsonl(train / METRICS),
+                                      RunDir(train).section(TrainSection) or TrainSection()))
+    for ev in _step_runs(run_dir.path, EVAL_DIR, EVAL_SUMMARY):
+        inputs.evals.append(EvalRun(f"{EVAL_DIR}/{ev.name}", EvalSection.from_dict(json.loads((ev / EVAL_SUMMARY).read_text())),
+                                    pl.read_parquet(ev / EVAL_TABLE) if (ev / EVAL_TABLE).exists() else None))
+    bench = [run_dir / name for name in BENCH_FILES if run_dir.exists(name)]
     if bench:
         inputs.bench = json.loads(bench[0].read_text())
     return inputs
@@ -353,7 +352,7 @@ def ches_threshold(inputs: ReportInputs, column_name: str = "ln_ches") -> float 
     """Where the curation's CHES rule cut: its absolute threshold, or the lowest value it selected."""
     if not inputs.curation or inputs.curation_audit is None:
         return None
-    for rule in inputs.curation.get("per_rule", []):
+    for rule in inputs.curation.per_rule:
         if rule.get("column") != column_name or rule.get("matched", 0) == 0:
             continue
         if "threshold" in rule and rule["rule"].startswith("ches-threshold"):
@@ -408,24 +407,23 @@ def ensemble_section(inputs: ReportInputs) -> Section | None:
     mean, std = column(table, "rm_margin_mean"), column(table, "rm_margin_std")
     if mean is None or std is None:
         return None
-    info = inputs.manifest.get("reward") or {}
-    members = info.get("members") or []
-    facts = [f"members: {len(members)}" if members else None,
-             f"ensemble AUC: {fmt(info['oof_auc'])}" if info.get("oof_auc") is not None else None,
-             ("out-of-fold scores" if info.get("out_of_fold") else "in-sample scores (optimistic)")
-             if "out_of_fold" in info else None,
+    info = inputs.section(RewardSection)
+    facts = [f"members: {len(info.members)}" if info.members else None,
+             f"ensemble AUC: {fmt(info.oof_auc)}" if info.oof_auc is not None else None,
+             ("out-of-fold scores" if info.out_of_fold else "in-sample scores (optimistic)")
+             if info.out_of_fold is not None else None,
              f"pairs with mean margin < 0: {(finite(mean) < 0).mean():.1%}"]
     parts: list[str | Plot] = [
         "<p>Secrets of RLHF II: each member's margin r(chosen) − r(rejected), z-scored per member; the mean is the "
         "preference strength, the std the members' disagreement (U-shaped in the mean on HH-RLHF).</p>",
         "<p>" + " · ".join(f for f in facts if f) + "</p>",
     ]
-    if info.get("auc_protocol"):
-        parts.append(f"<p class='note'>AUC: {esc(info['auc_protocol'])}</p>")
+    if info.auc_protocol:
+        parts.append(f"<p class='note'>AUC: {esc(info.auc_protocol)}</p>")
     parts.append(scatter(mean, std, "Preference strength: mean margin vs margin std", "mean margin (strength)",
                          "margin std across members", color=column(table, "rm_vote_share"),
                          color_label="vote share", text=hover_texts(table)))
-    groups = info.get("auc_by_feature_set") or info.get("auc_by_member_group") or {}
+    groups = info.auc_by_feature_set or info.auc_by_member_group or {}
     if groups:
         parts.append("<h3>AUC of each feature set alone</h3>" + html_table(
             [{"features": g, "AUC": a} for g, a in groups.items()]))
@@ -452,21 +450,21 @@ def noise_section(inputs: ReportInputs) -> Section | None:
     flip = column(table, "flip_prob")
     if flip is None:
         return None
-    info = inputs.manifest.get("noise") or {}
-    default = info.get("default_estimator")
+    info = inputs.section(NoiseSection)
+    default = info.default_estimator
     parts: list[str | Plot] = []
-    if info.get("flip_rate") is not None:
-        parts.append(f"<p>Estimated flip rate ({esc(default)}): <b>{fmt(info['flip_rate'])}</b></p>")
-    if info.get("flip_rate_interval"):
-        low, high = info["flip_rate_interval"]
+    if info.flip_rate is not None:
+        parts.append(f"<p>Estimated flip rate ({esc(default)}): <b>{fmt(info.flip_rate)}</b></p>")
+    if info.flip_rate_interval:
+        low, high = info.flip_rate_interval
         parts.append(f"<p>90% interval: {fmt(low)} to {fmt(high)}"
-                     + ("" if info.get("identifiable") is not False else
+                     + ("" if info.identifiable is not False else
                         f". <b>Not identifiable</b>: the ensemble cannot tell ambiguous pairs from flipped ones at "
                         f"this strength, so curation and training act on the interval's lower end, "
-                        f"{fmt(info.get('conservative_rate'))} (flip_prob_conservative)")
+                        f"{fmt(info.conservative_rate)} (flip_prob_conservative)")
                      + "</p>")
     parts.append(histogram({"flip_prob": flip}, "Per-pair flip probability", "flip_prob"))
-    estimators = info.get("estimators") or {}
+    estimators = info.estimators
     if estimators:
         rows = [{"estimator": name + (" (default)" if name == default else ""), "flip rate": e.get("rate"),
                  "90% interval": "-" if not e.get("interval") else f"{e['interval'][0]:.3f}-{e['interval'][1]:.3f}",
@@ -541,12 +539,12 @@ def curation_section(inputs: ReportInputs) -> Section | None:
     if not summary or inputs.curated_pairs is None:
         return None
     parts: list[str | Plot] = []
-    counts = summary.get("counts", {})
+    counts = summary.counts
     parts.append("<p>" + " · ".join(f"{esc(k)}: {esc(fmt(v))}" for k, v in counts.items()) + "</p>")
-    rules = summary.get("per_rule", [])
+    rules = summary.per_rule
     parts.append("<h3>Rules, in order</h3>" + html_table(
         [{k: r.get(k) for k in ("step", "rule", "action", "matched", "changed", "missing")} for r in rules]))
-    overlaps = summary.get("overlaps") or []
+    overlaps = summary.overlaps
     if len(rules) > 1 and overlaps:
         rows = [{"step": r["step"], **{str(o["step"]): n for o, n in zip(rules, counts_row)}}
                 for r, counts_row in zip(rules, overlaps)]
@@ -558,8 +556,8 @@ def curation_section(inputs: ReportInputs) -> Section | None:
         before, after = column(table, name), column(kept, name)
         if before is not None and finite(before).size:
             parts.append(histogram({"before": before, "after": after}, f"{name} before / after curation", name))
-    if summary.get("warnings"):
-        parts.append("<ul class='warn'>" + "".join(f"<li>{esc(w)}</li>" for w in summary["warnings"]) + "</ul>")
+    if summary.warnings:
+        parts.append("<ul class='warn'>" + "".join(f"<li>{esc(w)}</li>" for w in summary.warnings) + "</ul>")
     return Section("curation", "Curation: what each rule did", parts)
 
 
@@ -577,8 +575,7 @@ def training_section(inputs: ReportInputs) -> Section | None:
         rows = []
         for t in inputs.trains:
             last = t.metrics.tail(1).to_dicts()[0] if t.metrics.height else {}
-            rows.append({"run": t.name, "loss": (t.manifest.get("train") or {}).get("config", {}).get("loss")
-                         or (t.manifest.get("train") or {}).get("loss"),
+            rows.append({"run": t.name, "loss": t.train.config.get("loss"),
                          "steps": last.get("step"), "final loss": last.get("loss"),
                          "final reward acc": last.get("reward_accuracy"), "pairs/s": last.get("pairs_per_s")})
         parts.append(html_table(rows))
@@ -614,14 +611,12 @@ def training_section(inputs: ReportInputs) -> Section | None:
 def eval_row(ev: EvalRun) -> dict[str, Any]:
     """The headline numbers of one eval.json (curate.eval.evaluate's summary)."""
     s = ev.summary
-    acc = s.get("ranking_accuracy", {})
-    acc_ln = s.get("ranking_accuracy_length_normalised", {})
-    disp = s.get("displacement", {})
-    rho = (s.get("spearman_ln_ches_vs_delta_chosen") or {}).get("rho")
-    return {"eval": ev.name, "pairs": s.get("pairs"),
+    acc, acc_ln, disp = s.ranking_accuracy, s.ranking_accuracy_length_normalised, s.displacement
+    rho = (s.spearman_ln_ches_vs_delta_chosen or {}).get("rho")
+    return {"eval": ev.name, "pairs": s.pairs,
             "ranking acc before": acc.get("reference"), "ranking acc after": acc.get("policy"),
             "per-token before": acc_ln.get("reference"), "per-token after": acc_ln.get("policy"),
-            "implicit reward acc": s.get("implicit_reward_accuracy"),
+            "implicit reward acc": s.implicit_reward_accuracy,
             "mean Δ log π(chosen)": disp.get("mean_delta_chosen"),
             "mean Δ log π(rejected)": disp.get("mean_delta_rejected"),
             "Spearman(LN-CHES, Δ chosen)": rho}
@@ -664,16 +659,16 @@ def headline(inputs: ReportInputs) -> dict[str, Any]:
     ln = column(table, "ln_ches")
     if ln is not None and finite(ln).size:
         out["median LN-CHES"] = float(np.median(finite(ln)))
-    auc = (inputs.manifest.get("reward") or {}).get("oof_auc")
+    auc = inputs.section(RewardSection).oof_auc
     if auc is not None:
         out["ensemble AUC"] = auc
-    rate = (inputs.manifest.get("noise") or {}).get("flip_rate")
+    rate = inputs.section(NoiseSection).flip_rate
     if rate is not None:
         out["estimated flip rate"] = rate
     if inputs.features_summary.get("auc_sae") is not None:
         out["SAE features AUC"] = inputs.features_summary["auc_sae"]
     if inputs.curation:
-        out["kept after curation"] = inputs.curation.get("counts", {}).get("kept")
+        out["kept after curation"] = inputs.curation.counts.get("kept")
     for t in inputs.trains:
         if t.metrics.height and "loss" in t.metrics.columns:
             out[f"{t.name} final loss"] = t.metrics["loss"][-1]

@@ -26,14 +26,15 @@ import json
 import os
 import tempfile
 import hashlib
-import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, Iterator, Mapping, TypeVar
 
 import polars as pl
 
 from curate.errors import CurateError
+from curate.fsutil import remove_inside
 
 PAIRS = "pairs.parquet"
 QUARANTINE = "quarantine.parquet"
@@ -49,6 +50,8 @@ HOLDOUT = "holdout.parquet"
 EVAL_SUMMARY = "eval.json"
 EVAL_TABLE = "eval.parquet"
 METRICS = "metrics.jsonl"
+# step directories of `curate run` inside RUN (one subdirectory per named train / eval run)
+CURATED_DIR, EXPORT_DIR, TRAIN_DIR, EVAL_DIR = "curated", "export", "train", "eval"
 # what `adopt_pairs(force=True)` removes: everything computed from the pairs of a run
 DERIVED = (SCORES, POOLED, SHARDS, FEATURES_TABLE, FEATURES_SUMMARY, SAE_DIR)
 
@@ -59,34 +62,32 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_parquet(df: pl.DataFrame, path: Path) -> None:
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` that replaces it when the block succeeds, and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.write_parquet(tmp)
-        os.chmod(tmp, _umask_mode())
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; keep the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_inside(tmp, path.parent)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> None:
+    with _replacing(path) as tmp:
+        df.write_parquet(tmp)
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -96,6 +97,7 @@ def write_json(obj: Any, path: Path) -> None:
 
 # ------------------------------------------------------------------ manifest sections
 S = TypeVar("S", bound="Section")
+SECTIONS: dict[str, type["Section"]] = {}  # manifest key -> its dataclass (filled as the classes are defined)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class Section:
 
     name: ClassVar[str]
     extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SECTIONS[cls.name] = cls
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -163,6 +169,96 @@ class ScoreSection(Section):
     def __post_init__(self) -> None:
         if isinstance(self.truncation, Mapping):
             self.truncation = Truncation(**self.truncation)
+
+
+@dataclass
+class RewardSection(Section):
+    """The reward ensemble (``curate.scores.reward``): members, feature sets, out-of-fold quality."""
+
+    name: ClassVar[str] = "reward"
+    members: list[dict[str, Any]] = field(default_factory=list)
+    feature_sets: dict[str, int] = field(default_factory=dict)
+    oof_auc: float | None = None
+    out_of_fold: bool | None = None
+    auc_protocol: str | None = None
+    auc_by_feature_set: dict[str, Any] | None = None
+    auc_by_member_group: dict[str, Any] | None = None
+    embedder: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NoiseSection(Section):
+    """The flip-rate estimates (``curate.scores.noise``) and which one set ``flip_prob``."""
+
+    name: ClassVar[str] = "noise"
+    default_estimator: str | None = None
+    flip_rate: float | None = None
+    flip_rate_interval: list[float] | None = None
+    identifiable: bool | None = None
+    flip_rate_posterior_mean: float | None = None  # the mean of eps under the profile likelihood (flat prior)
+    conservative_rate: float | None = None  # the rate flip_prob_conservative (what actions read) is computed at
+    conservative_basis: str | None = None
+    summary: str | None = None
+    estimators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rate, interval, assumption, ...
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FeaturesSection(Section):
+    """``curate features``: the embedder, the SAE settings and the ``sae_f*`` columns it wrote."""
+
+    name: ClassVar[str] = "features"
+    embedder: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    sae_dir: str = SAE_DIR
+    timings_s: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CurationSection(Section):
+    """``curate filter``: the rules, what each did, the counts, and the files of the curated directory."""
+
+    name: ClassVar[str] = "curation"
+    rules: list[Any] = field(default_factory=list)
+    per_rule: list[dict[str, Any]] = field(default_factory=list)
+    overlaps: list[list[int]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    holdout_fraction: float = 0.0
+    signals: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    run: str | None = None
+    out: str | None = None
+    files: list[str] = field(default_factory=lambda: [PAIRS])
+
+
+@dataclass
+class TrainSection(Section):
+    """``curate train``: the config, data, reference source and how the run ended."""
+
+    name: ClassVar[str] = "train"
+    status: str | None = None  # started | finished
+    fingerprint: dict[str, Any] | None = None  # what a resume must match
+    config: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None  # where the reference log-probs came from
+    stopped: str | None = None
+    final_loss: float | None = None
+    step0_max_abs_logratio: float | None = None
+
+
+@dataclass
+class EvalSection(Section):
+    """``curate eval``'s summary (``eval.json`` of an eval directory)."""
+
+    name: ClassVar[str] = "eval"
+    pairs: int | None = None
+    beta: float | None = None
+    ranking_accuracy: dict[str, float] = field(default_factory=dict)  # reference, policy
+    ranking_accuracy_length_normalised: dict[str, float] = field(default_factory=dict)
+    implicit_reward_accuracy: float | None = None
+    displacement: dict[str, Any] = field(default_factory=dict)
+    spearman_ln_ches_vs_delta_chosen: dict[str, Any] | None = None
 
 
 def dataset_fingerprint(pairs: pl.DataFrame) -> str:
@@ -237,8 +333,9 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def update_manifest(self, section: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Write one section; a known section goes through its dataclass (its fields, then ``extra``)."""
         manifest = self.manifest()
-        manifest[section] = info
+        manifest[section] = SECTIONS[section].from_dict(info).to_dict() if section in SECTIONS else info
         write_json(manifest, self.path / MANIFEST)
         return manifest
 
@@ -269,13 +366,8 @@ class RunDir:
 
     def remove_derived(self) -> None:
         """Delete every output computed from the run's pairs, and the manifest that describes them."""
-        for name in DERIVED:
-            path = self.path / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
+        for name in (*DERIVED, MANIFEST):
+            remove_inside(self.path / name, self.path)
 
 
 @dataclass

@@ -45,7 +45,8 @@ import polars as pl
 import torch
 
 from curate.errors import CurateError
-from curate.rundir import POOLED, SHARDS, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
+from curate.fsutil import remove_inside
+from curate.rundir import POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
 from curate.scores.engine import resolve_prefix_sharing, score_batches
@@ -151,7 +152,7 @@ def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
     plan_path = shard_dir / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
         for old in shard_dir.glob("score-*.parquet"):
-            old.unlink()
+            remove_inside(old, shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan, plan_path)
     return shard_dir
@@ -470,9 +471,9 @@ def score_summary(run_path: str | os.PathLike[str]) -> dict[str, Any]:
         name: {q: float(scores[name].quantile(float(q))) for q in ("0.05", "0.5", "0.95")}
         for name in SUMMARY_COLUMNS if name in scores.columns and scores[name].null_count() < scores.height
     }
-    noise_info = run.manifest().get("noise") or {}
-    if noise_info.get("summary"):  # the flip rate, its interval, and whether the data identify it
-        summary["noise"] = noise_info["summary"]
+    noise = run.section(NoiseSection)
+    if noise and noise.summary:  # the flip rate, its interval, and whether the data identify it
+        summary["noise"] = noise.summary
     return summary
 
 

@@ -182,7 +182,7 @@ def test_flip_swaps_replies_keeps_id_and_mirrors_signals():
     table = make_table()
     result = curate_pairs(table, [max_flip_prob_rule("0.75:flip")], weights="madpo", soft_labels=True)
     assert result.pairs.height == N
-    flipped = result.pairs.filter(pl.col("meta").str.contains('"flipped": true'))
+    flipped = result.pairs.filter(pl.col("flipped"))
     assert sorted(json.loads(m)["row"] for m in flipped["meta"]) == [8, 9]
     row8 = flipped.filter(pl.col("chosen") == "bad 8").row(0, named=True)
     assert row8["rejected"] == "good 8"

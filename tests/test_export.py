@@ -113,7 +113,7 @@ def test_round_trip_with_datasets_and_curate_loader(curated, tmp_path, fmt):
     for pid, row in expected.items():
         assert (got[pid]["chosen"], got[pid]["rejected"]) == (row["chosen"], row["rejected"])
         assert got[pid]["prompt"] == row["prompt"]
-    flipped = [r for r in expected.values() if json.loads(r["meta"]).get("flipped")]
+    flipped = [r for r in expected.values() if r["flipped"]]
     assert len(flipped) == 2 and all(r["chosen"].startswith("bad") for r in flipped)
 
 
@@ -206,3 +206,24 @@ def test_push_to_hub_uploads_the_data_and_the_card(curated, tmp_path, monkeypatc
     monkeypatch.setattr(datasets.Dataset, "push_to_hub", offline)
     with pytest.raises(CurateError, match="local export is complete"):
         export_curated(curated, "hf", tmp_path / "hf", push_to_hub="me/curated", force=True)
+
+
+def test_loaded_columns_survive_filter_and_export_and_follow_flips(tmp_path):
+    run = write_run(tmp_path / "run")
+    pairs = run.pairs().with_columns(
+        prompt_id=pl.format("p{}", pl.int_range(pl.len())), score_chosen=pl.lit(7.0), score_rejected=pl.lit(2.0),
+        rating_margin=pl.lit(5.0), domain=pl.lit("askscience"))
+    run.write_pairs(pairs, pl.DataFrame())
+    run.update_manifest("load", {"dataset": "shp.jsonl", "format": "shp"})
+    filter_run(run.path, [max_flip_prob_rule("0.7:flip")], tmp_path / "cur")  # flips rows 9, 10, 11
+    export_curated(tmp_path / "cur", "parquet", tmp_path / "pq")
+    data = pl.read_parquet(tmp_path / "pq" / "train.parquet")
+    assert data.columns == [*pairs.columns, "flipped"]
+    assert data["prompt_id"].to_list() == [f"p{i}" for i in range(N)]
+    assert data["flipped"].to_list() == [False] * 9 + [True] * 3
+    assert data["score_chosen"].to_list() == [7.0] * 9 + [2.0] * 3
+    assert data["score_rejected"].to_list() == [2.0] * 9 + [7.0] * 3
+    assert data["rating_margin"].to_list() == [5.0] * 9 + [-5.0] * 3
+    assert data["domain"].to_list() == ["askscience"] * N
+    card = (tmp_path / "pq" / "README.md").read_text()
+    assert "- load.format: `shp`" in card and "- `domain`: a column of the source data" in card

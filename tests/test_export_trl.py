@@ -117,7 +117,7 @@ def test_reference_columns_follow_a_flip(scored_run, tmp_path):
     flipped = pairs.with_columns(
         chosen=pl.when(pl.int_range(pl.len()) == 0).then(pl.col("rejected")).otherwise(pl.col("chosen")),
         rejected=pl.when(pl.int_range(pl.len()) == 0).then(pl.col("chosen")).otherwise(pl.col("rejected")),
-        meta=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit('{"flipped": true}')).otherwise(pl.col("meta")),
+        flipped=pl.int_range(pl.len()) == 0,
     )
     curated = RunDir(tmp_path / "cur")
     curated.write_pairs(flipped, run.quarantine())

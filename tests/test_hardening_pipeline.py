@@ -212,12 +212,10 @@ def test_every_entry_point_configures(tmp_path, monkeypatch):
 def test_deletes_in_the_package_go_through_remove_inside():
     import re
 
-    # modules of other engineers (lm: score, rundir; pairs: pairs/build) not yet moved to remove_inside
-    pending = {"curate/score.py", "curate/rundir.py"}
     raw = re.compile(r"rmtree\(|\.unlink\(|shutil\.move\(|os\.remove\(")  # (os.rmdir: empty dirs only)
     offenders = sorted(str(p.relative_to(REPO)) for p in (REPO / "curate").rglob("*.py")
                        if raw.search(p.read_text()) and p.name != "fsutil.py")
-    assert set(offenders) <= pending, f"delete through curate.fsutil.remove_inside in {set(offenders) - pending}"
+    assert not offenders, f"delete through curate.fsutil.remove_inside in {offenders}"
 
 
 def test_batch_size_is_checked_against_the_pairs_the_filter_kept(tmp_path):
@@ -225,7 +223,7 @@ def test_batch_size_is_checked_against_the_pairs_the_filter_kept(tmp_path):
     from tests.test_train_loop import make_pairs
 
     run = tmp_path / "run"
-    RunDir(run / pipeline.CURATED).write_pairs(make_pairs(5), pl.DataFrame())
+    RunDir(run / pipeline.CURATED_DIR).write_pairs(make_pairs(5), pl.DataFrame())
     recipe = pipeline.load_recipe(DEMO, [f"run_dir={run}", "train.max_train_pairs=all", "device=cpu",
                                          "train.runs.dpo.batch_size=6"])
     with pytest.raises(CurateError, match=r"train.runs.dpo.batch_size is 6 but at most 5 pairs reach train run dpo "

@@ -16,7 +16,8 @@ import pytest
 from curate import report
 from curate.curation import curate_pairs, ches_drop_top_rule, max_flip_prob_rule
 from curate.data.schema import pairs_frame, quarantine_frame
-from curate.rundir import RunDir, write_json, write_parquet
+from curate.rundir import (CurationSection, EvalSection, LoadSection, NoiseSection, RewardSection, RunDir, TrainSection,
+                           write_json, write_parquet)
 
 N = 40
 
@@ -60,21 +61,20 @@ def make_run(root: Path, *, scores: bool = True, features: bool = True, curated:
     quarantine = quarantine_frame([{"source": "x:1", "reason": "empty reply", "detail": "", "raw": "{}"}] * 2
                                   + [{"source": "x:9", "reason": "identical replies", "detail": "", "raw": "{}"}])
     run.write_pairs(pairs, quarantine)
-    manifest = {"load": {"dataset": "synthetic"}}
+    run.write_section(LoadSection(dataset="synthetic"))
     if scores:
         run.merge_scores(synthetic_scores(pairs))
-        manifest["reward"] = {"oof_auc": 0.71, "out_of_fold": True, "members": [{"name": n} for n in "abc"],
-                              "auc_by_feature_set": {"policy": 0.7, "embed": 0.68}}
-        manifest["noise"] = {"default_estimator": "mixture", "flip_rate": 0.12,
-                             "estimators": {"mixture": {"rate": 0.12, "assumption": "symmetric noise"},
-                                            "heuristic": {"rate": 0.25, "assumption": "RM error is noise"}}}
-    write_json(manifest, run / "manifest.json")
+        run.write_section(RewardSection(oof_auc=0.71, out_of_fold=True, members=[{"name": n} for n in "abc"],
+                                        auc_by_feature_set={"policy": 0.7, "embed": 0.68}))
+        run.write_section(NoiseSection(default_estimator="mixture", flip_rate=0.12, estimators={
+            "mixture": {"rate": 0.12, "assumption": "symmetric noise"},
+            "heuristic": {"rate": 0.25, "assumption": "RM error is noise"}}))
     if scores and curated:
         result = curate_pairs(run.table(), [ches_drop_top_rule("10"), max_flip_prob_rule("0.9")])
         out = RunDir(run.path / "curated")
         write_parquet(result.pairs, out / "pairs.parquet")
         write_parquet(result.audit, out / "curation.parquet")
-        write_json({"curation": result.summary}, out / "manifest.json")
+        out.write_section(CurationSection.from_dict(result.summary))
     if scores and features:
         write_parquet(pl.DataFrame({
             "feature": [0, 1, 2], "prevalence": [0.5, 0.2, 0.0], "coef": [0.4, -0.2, 0.0],
@@ -95,11 +95,11 @@ def make_run(root: Path, *, scores: bool = True, features: bool = True, curated:
                      "chosen_logps": -40 + drift * s, "rejected_logps": -45 - 2 * s, "pairs_per_s": 0.5}
                     for s in range(1, 6)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            write_json({"train": {"loss": name, "beta": 0.1}}, out / "manifest.json")
+            RunDir(out).write_section(TrainSection(config={"loss": name, "beta": 0.1}))
             ev = run.path / "eval" / name
-            write_json({"pairs": N, "ranking_accuracy": {"reference": 0.45, "policy": 0.55 + drift / 10},
-                        "displacement": {"mean_delta_chosen": drift, "mean_delta_rejected": -3.0},
-                        "spearman_ln_ches_vs_delta_chosen": {"rho": -0.3, "p_value": 0.06, "n": N}},
+            write_json(EvalSection(pairs=N, ranking_accuracy={"reference": 0.45, "policy": 0.55 + drift / 10},
+                                   displacement={"mean_delta_chosen": drift, "mean_delta_rejected": -3.0},
+                                   spearman_ln_ches_vs_delta_chosen={"rho": -0.3, "p_value": 0.06, "n": N}).to_dict(),
                        ev / "eval.json")
             write_parquet(pl.DataFrame({"pair_id": pairs["pair_id"], "delta_chosen": np.linspace(1, -1, N) + drift,
                                         "delta_rejected": np.full(N, -3.0)}), ev / "eval.parquet")
@@ -260,3 +260,16 @@ def test_planted_flip_auroc_reads_the_demo_marker():
     table = pairs.with_columns(flip_prob=pl.Series(flip))
     assert report.planted_flip_auroc(table) == pytest.approx(7 / 8)
     assert report.planted_flip_auroc(synthetic_pairs(4).with_columns(flip_prob=pl.Series([0.1] * 4))) is None
+
+
+def test_manifest_sections_round_trip_through_their_classes(tmp_path):
+    """A producer's plain dict goes through the section's class: fields typed, unknown keys kept, same JSON keys."""
+    run = RunDir(tmp_path / "run")
+    run.update_manifest("noise", {"flip_rate": 0.2, "estimators": {"em": {"rate": 0.2}}, "new_key": [1, 2]})
+    on_disk = json.loads((run / "manifest.json").read_text())["noise"]
+    assert on_disk["flip_rate"] == 0.2 and on_disk["new_key"] == [1, 2] and on_disk["identifiable"] is None
+    noise = run.section(NoiseSection)
+    assert (noise.flip_rate, noise.estimators, noise.extra) == (0.2, {"em": {"rate": 0.2}}, {"new_key": [1, 2]})
+    run.write_section(noise)
+    assert json.loads((run / "manifest.json").read_text())["noise"] == on_disk
+    assert run.section(TrainSection) is None

@@ -171,8 +171,7 @@ def test_auto_epsilon():
     assert auto_epsilon(fp, np.array([False, False, True, False])) == pytest.approx((0.1 + 0.2 + 0.1 + 0.3) / 4)
     with pytest.raises(CurateError, match=">= 0.5"):
         auto_epsilon(np.array([0.6, 0.5]), np.zeros(2, bool))
-    pairs = make_pairs(2).with_columns(flip_prob=pl.Series([0.2, 0.9]),
-                                       meta=pl.Series(["{}", json.dumps({"flipped": True})]))
+    pairs = make_pairs(2).with_columns(flip_prob=pl.Series([0.2, 0.9]), flipped=pl.Series([False, True]))
     assert epsilon_from_pairs(pairs) == pytest.approx(0.15)  # an earlier run's table: flip_prob only
     # a current run has both; --epsilon auto acts on the conservative posterior, not the calibrated one
     both = pairs.with_columns(flip_prob_conservative=pl.Series([0.0, 1.0]))
@@ -260,10 +259,8 @@ def test_reference_logps_reused_from_scores_when_they_match(tmp_path, lm, tiny_l
     first = train(pairs, out=tmp_path / "a", model=lm, max_steps=1, **FAST)
     ref = torch.load(tmp_path / "a" / "reference_logps.pt").double().numpy()
     # pair 0 was flipped by curation: scores stay in the original orientation
-    meta = ["{}"] * 8
-    meta[0] = json.dumps({"flipped": True})
     run = RunDir(tmp_path / "run")
-    run.write_pairs(pairs.with_columns(meta=pl.Series(meta)), pl.DataFrame())
+    run.write_pairs(pairs.with_columns(flipped=pl.int_range(pl.len()) == 0), pl.DataFrame())
     chosen, rejected = ref[:, 0].copy(), ref[:, 1].copy()
     chosen[0], rejected[0] = ref[0, 1], ref[0, 0]
     run.merge_scores(pl.DataFrame({"pair_id": pairs["pair_id"], "logp_chosen": chosen, "logp_rejected": rejected}))

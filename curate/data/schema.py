@@ -8,7 +8,8 @@ heterogeneous metadata survives parquet round trips).
 Loaded pairs also carry ``prompt_id`` (a stable hash of the prompt messages,
 or the response set's id: the group column that splits must keep together)
 and the loader's typed extra columns (``score_chosen``, ``preference_strength``,
-``chosen_from``, ... see docs/usage.md), after the core columns.
+``chosen_from``, ... see docs/usage.md), after the core columns. A curated
+pair table has ``flipped`` (True where curation swapped chosen and rejected).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import polars as pl
 
 Message = Mapping[str, str]
@@ -41,7 +43,8 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 
 ROLES = ("system", "user", "assistant")
 GROUP_COLUMN = "prompt_id"
-RESERVED_COLUMNS = (*PAIR_SCHEMA, GROUP_COLUMN)
+FLIPPED = "flipped"
+RESERVED_COLUMNS = (*PAIR_SCHEMA, GROUP_COLUMN, FLIPPED)
 
 
 def make_prompt_id(prompt: Sequence[Message]) -> str:
@@ -118,6 +121,13 @@ def quarantine_frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
         [{k: row.get(k) for k in QUARANTINE_SCHEMA} for row in rows],
         schema=QUARANTINE_SCHEMA,
     )
+
+
+def flipped_mask(pairs: pl.DataFrame) -> np.ndarray:
+    """True for the pairs curation flipped (the ``flipped`` column; a table without it has none)."""
+    if FLIPPED not in pairs.columns:
+        return np.zeros(pairs.height, dtype=bool)
+    return pairs[FLIPPED].fill_null(False).to_numpy().astype(bool)
 
 
 def meta_of(pairs: pl.DataFrame, key: str, default: Any = None) -> list[Any]:

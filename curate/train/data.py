@@ -8,12 +8,12 @@ Anything else goes through :func:`curate.data.load_pairs`.
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from curate.data.schema import flipped_mask
 from curate.errors import CurateError
 from curate.scores.noise import ACTION_COLUMN, with_action_column
 
@@ -59,13 +59,6 @@ def column_values(pairs: pl.DataFrame, column: str | None, what: str) -> np.ndar
     return values
 
 
-def flipped_mask(pairs: pl.DataFrame) -> np.ndarray:
-    """Which pairs curation flipped (``meta.flipped``), so their label is the opposite of the scored one."""
-    if "meta" not in pairs.columns:
-        return np.zeros(pairs.height, dtype=bool)
-    return np.array([bool(json.loads(m or "{}").get("flipped", False)) for m in pairs["meta"]], dtype=bool)
-
-
 def auto_epsilon(flip_prob: np.ndarray, flipped: np.ndarray) -> float:
     """The flip rate of the pairs actually trained on: mean flip_prob, 1 − flip_prob for flipped pairs.
 
@@ -98,7 +91,7 @@ def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     return auto_epsilon(pairs[ACTION_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
-def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | Mapping[str, Any] | None", *,
+def scored_reference_logps(pairs: pl.DataFrame, section: "ScoreSection", *,
                            model_info: dict[str, Any],
                            system_prompt: str, max_length: int,
                            truncated_any: bool) -> tuple[np.ndarray | None, str]:
@@ -110,11 +103,8 @@ def scored_reference_logps(pairs: pl.DataFrame, score_manifest: "ScoreSection | 
     values (scores stay in the original orientation). The caller still checks
     them against a forward of the policy at step 0.
     """
-    from curate.rundir import ScoreSection
-
     if not {"logp_chosen", "logp_rejected"} <= set(pairs.columns):
         return None, "no logp_chosen/logp_rejected scores"
-    section = score_manifest if isinstance(score_manifest, ScoreSection) else ScoreSection.from_dict(score_manifest or {})
     scored_model = section.model or {}
     for key in ("name", "file_sha256"):
         if scored_model.get(key) != model_info.get(key):

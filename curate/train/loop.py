@@ -124,7 +124,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     or ``force`` it is refused, so a second run never mixes its checkpoints
     with (and prunes them against) an older run's.
     """
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, TrainSection
 
     if force:
         if main:
@@ -134,7 +134,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     if not out.is_dir() or not any(out.iterdir()):
         return None, []
     checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
-    owner = ((RunDir(out).manifest().get("train") or {}).get("fingerprint")
+    owner = ((RunDir(out).section(TrainSection) or TrainSection()).fingerprint
              or (ckpt.read_state(checkpoint).get("fingerprint") if checkpoint else None))
     if not resume:
         if owner is None:
@@ -222,25 +222,28 @@ def precompute_reference_logps(model, encoded: list[EncodedPair], *, pad_id: int
     return out
 
 
-# |log-ratio| allowed at step 0 for reused scored log-probs: constant + per reply token. Under
-# bf16 autocast the scorer's batching shows (~4e-3 nats on a tiny model), so its values are
-# reused only when they agree to 1e-3; otherwise they are recomputed in training's own batches.
+# |log-ratio| allowed at step 0 for reused scored log-probs: constant + per reply token. A run
+# scored in another dtype (bf16 weights; fp32 under bf16 autocast: ~4e-3 to 9e-3 nats on a tiny
+# model) is reused only if its values still agree to 1e-3; otherwise they are recomputed in
+# training's own batches.
 REUSE_TOLERANCE_NATS = (1e-3, 0.0)
 
 
 @torch.no_grad()
 def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch, pad_id, autocast,
-                      accelerator) -> tuple[torch.Tensor | None, str]:
+                      accelerator, compute_dtype: str) -> tuple[torch.Tensor | None, str]:
     """Reference log-probs from the scoring run, if it matches and a step-0 probe agrees; else (None, why)."""
     if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
         return None, "computed before training"
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, ScoreSection
 
-    values, why = scored_reference_logps(pairs, RunDir(data).manifest().get("score") or {}, model_info=model_info,
-                                         system_prompt=cfg.system_prompt, max_length=cfg.max_length,
-                                         truncated_any=encoding.truncated > 0)
+    section = RunDir(data).section(ScoreSection) or ScoreSection()
+    values, why = scored_reference_logps(pairs, section, model_info=model_info, system_prompt=cfg.system_prompt,
+                                         max_length=cfg.max_length, truncated_any=encoding.truncated > 0)
     if values is None:
         return None, f"computed before training ({why})"
+    other_dtype = section.dtype not in (None, compute_dtype)
+    dtypes = f"scored in {section.dtype}, training computes in {compute_dtype}; " if other_dtype else ""
     # with policy = reference every log-ratio must be ~0: probe the first batch of pairs
     idx = list(range(min(len(encoding.pairs), 8)))
     batch = make_batch([encoding.pairs[i] for i in idx], pad_id).to(accelerator.device)
@@ -253,9 +256,13 @@ def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch
     scored = torch.from_numpy(values[idx]).T.reshape(-1)
     tolerance = REUSE_TOLERANCE_NATS[0] + REUSE_TOLERANCE_NATS[1] * batch.valid.sum(-1).cpu().double()
     gap = float((logps - scored).abs().max())
-    if ((logps - scored).abs() > tolerance).any():
-        return None, f"computed before training (scored log-probs differ from the model's by up to {gap:.3g} nats)"
-    return torch.from_numpy(values).float(), f"reused from the scoring run (step-0 check: max gap {gap:.3g} nats)"
+    reuse = not ((logps - scored).abs() > tolerance).any()
+    if other_dtype:
+        accelerator.print(f"reference log-probs: {dtypes}{'reused' if reuse else 'recomputed'} "
+                          f"(they differ by up to {gap:.3g} nats)")
+    if not reuse:
+        return None, f"computed before training ({dtypes}scored log-probs differ from the model's by up to {gap:.3g} nats)"
+    return torch.from_numpy(values).float(), f"reused from the scoring run ({dtypes}step-0 check: max gap {gap:.3g} nats)"
 
 
 def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch: Batch, idx: np.ndarray, *,
@@ -427,7 +434,7 @@ def train(
         else:
             reference.logps, reference_source = _reused_reference(
                 data, pairs[kept.tolist()], policy, encoding, loaded.info, cfg, make_batch, pad_id, autocast,
-                accelerator)
+                accelerator, compute_dtype="bfloat16" if bf16 else "float32")
             if reference.logps is None:
                 reference.logps = precompute_reference_logps(
                     policy, encoding.pairs, pad_id=pad_id, batch_size=micro, autocast=autocast,
@@ -446,7 +453,7 @@ def train(
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
                                                    lora_dropout=0.0, target_modules="all-linear"))
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_r > 0:
             policy.enable_input_require_grads()
     policy.config.use_cache = False
@@ -650,9 +657,9 @@ def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
 
 
 def _write_manifest(out: Path, info: dict[str, Any]) -> None:
-    from curate.rundir import RunDir
+    from curate.rundir import RunDir, TrainSection
 
-    RunDir(out).update_manifest("train", info)
+    RunDir(out).write_section(TrainSection.from_dict(info))
 
 
 def _progress(*, enabled: bool):
