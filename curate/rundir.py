@@ -95,6 +95,16 @@ def write_json(obj: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
 
 
+def fresh_shards(shard_dir: Path, plan: dict[str, Any], *, plan_file: str, pattern: str) -> Path:
+    """``shard_dir`` holding resumable shards made under ``plan``; ``pattern`` shards of other settings are removed."""
+    plan_path = shard_dir / plan_file
+    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
+        for old in shard_dir.glob(pattern):
+            remove_inside(old, shard_dir)
+    write_json(plan, plan_path)
+    return shard_dir
+
+
 # ------------------------------------------------------------------ manifest sections
 S = TypeVar("S", bound="Section")
 SECTIONS: dict[str, type["Section"]] = {}  # manifest key -> its dataclass (filled as the classes are defined)
@@ -177,14 +187,11 @@ class RewardSection(Section):
 
     name: ClassVar[str] = "reward"
     members: list[dict[str, Any]] = field(default_factory=list)
-    feature_sets: dict[str, int] = field(default_factory=dict)
     oof_auc: float | None = None
     out_of_fold: bool | None = None
     auc_protocol: str | None = None
     auc_by_feature_set: dict[str, Any] | None = None
     auc_by_member_group: dict[str, Any] | None = None
-    embedder: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,7 +206,6 @@ class NoiseSection(Section):
     flip_prob_rate: float | None = None
     summary: str | None = None
     estimators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rate, interval, assumption, ...
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -219,30 +225,25 @@ class CurationSection(Section):
     """``curate filter``: the rules, what each did, the counts, and the files of the curated directory."""
 
     name: ClassVar[str] = "curation"
-    rules: list[Any] = field(default_factory=list)
     per_rule: list[dict[str, Any]] = field(default_factory=list)
     overlaps: list[list[int]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     holdout_fraction: float = 0.0
     signals: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    run: str | None = None
-    out: str | None = None
+    run: str | None = None  # the source run directory
     files: list[str] = field(default_factory=lambda: [PAIRS])
 
 
 @dataclass
 class TrainSection(Section):
-    """``curate train``: the config, data, reference source and how the run ended."""
+    """``curate train``: its config and fingerprint, and where the reference log-probs came from."""
 
     name: ClassVar[str] = "train"
     status: str | None = None  # started | finished
     fingerprint: dict[str, Any] | None = None  # what a resume must match
     config: dict[str, Any] = field(default_factory=dict)
     reference: str | None = None  # where the reference log-probs came from
-    stopped: str | None = None
-    final_loss: float | None = None
-    step0_max_abs_logratio: float | None = None
 
 
 @dataclass
@@ -251,7 +252,6 @@ class EvalSection(Section):
 
     name: ClassVar[str] = "eval"
     pairs: int | None = None
-    beta: float | None = None
     ranking_accuracy: dict[str, float] = field(default_factory=dict)  # reference, policy
     ranking_accuracy_length_normalised: dict[str, float] = field(default_factory=dict)
     implicit_reward_accuracy: float | None = None

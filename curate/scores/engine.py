@@ -212,9 +212,9 @@ def score_encoded(
     prefix_sharing: bool | None = None,
     batch_size: int | None = None,
     token_budget: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[list[int]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Score all pairs; returns the engine outputs stacked in input order."""
+    """Score all pairs; returns the engine outputs stacked in input order (``on_batch(indices)`` after each batch)."""
     results: dict[str, torch.Tensor] = {}
     for indices, out in score_batches(
         model, pairs, want_logps=want_logps, prefix_sharing=prefix_sharing,
@@ -226,5 +226,5 @@ def score_encoded(
                 results[name] = torch.empty((len(pairs), *value.shape[1:]), dtype=value.dtype)
             results[name][index] = value
         if on_batch is not None:
-            on_batch(len(indices))
+            on_batch(indices)
     return results

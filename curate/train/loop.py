@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curate.env import progress_bar
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
 from curate.train import checkpoints as ckpt
@@ -542,9 +543,8 @@ def train(
 
     # -- steps ----------------------------------------------------------------
     last: dict[str, Any] = {}
-    bar = _progress(enabled=progress and main and not os.environ.get("CURATE_QUIET"))
-    with bar as live:
-        task = live.add_task(f"train {cfg.loss}", total=total, completed=start) if live else None
+    live, task = progress_bar(f"train {cfg.loss}", total, completed=start, enabled=progress and main)
+    with live:
         for step in range(start, total):
             t_step = time.perf_counter()
             epoch, within = divmod(step, steps_per_epoch)
@@ -595,9 +595,8 @@ def train(
                                          state={"fingerprint": fingerprint, "loss": loss_value,
                                                 "lr_changes": lr_changes})
                 accelerator.wait_for_everyone()
-            if live:
-                live.update(task, advance=1,
-                            description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
+            live.update(task, advance=1,
+                        description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
 
     final_dir = out / "final"
     if start < total and not cfg.save_every:
@@ -659,14 +658,3 @@ def _write_manifest(out: Path, info: dict[str, Any]) -> None:
     from curate.rundir import RunDir, TrainSection
 
     RunDir(out).write_section(TrainSection.from_dict(info))
-
-
-def _progress(*, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from rich.console import Console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True))
