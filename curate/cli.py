@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -98,6 +98,14 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+def show(summary: Any, as_json: bool, render: Callable[[Console], Any]) -> None:
+    """``summary`` as JSON with --json, else ``render(console)`` unless --quiet."""
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render(Console())
+
+
 # ---------------------------------------------------------------- data
 # Options several commands share, defined once so their names and help cannot drift (the format
 # names come from curate.data.formats).
@@ -111,8 +119,8 @@ COLUMNS = typer.Option(None, help=(
     "path like input.messages."))
 LABEL_COLUMN = typer.Option(
     None, help="Label that chooses the side: pku-saferlhf better_response_id (default) or safer_response_id.")
-STRATEGY = typer.Option(
-    "best-random-lower", help="How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all.")
+STRATEGY = typer.Option("best-random-lower", help=(
+    "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."))
 SUBSET = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base.")
 SPLIT = typer.Option(None, help="Split to load (default: train for hub data).")
 DTYPE = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16.")
@@ -231,10 +239,7 @@ def score_cmd(
         engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, force=force,
     )
     summary = score_summary(out or dataset)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        render_score_summary(summary, Console())
+    show(summary, as_json, lambda console: render_score_summary(summary, console))
 
 
 # issue 17: `curate pairs` (pairs from response sets, optionally by pool-CHES)
@@ -283,10 +288,7 @@ def pairs_cmd(
                 limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
                 token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
     summary = pairs_summary(out)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        render_pairs_summary(summary, Console())
+    show(summary, as_json, lambda console: render_pairs_summary(summary, console))
 
 
 # issue 4: `curate bench noise` (planted-flip validation of the noise estimators)
@@ -497,10 +499,7 @@ def filter_cmd(
     )
     summary = filter_run(run, rules, out, weights=weights, soft_labels=soft_labels, holdout=holdout,
                          dry_run=dry_run, force=force)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        _render_filter(summary, Console())
+    show(summary, as_json, lambda console: _render_filter(summary, console))
 
 
 def _render_filter(summary: dict, out: Console) -> None:
@@ -556,13 +555,9 @@ def export_cmd(
 
     summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
                              ref_logps=ref_logps)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        Console().print(
-            f"exported {summary['pairs']} pairs ({summary['flipped']} flipped) as {fmt} to {summary['out']}: "
-            + ", ".join(summary["files"])
-        )
+    show(summary, as_json, lambda console: console.print(
+        f"exported {summary['pairs']} pairs ({summary['flipped']} flipped) as {fmt} to {summary['out']}: "
+        + ", ".join(summary["files"])))
 
 # ---------------------------------------------------------------- train
 # (issue 7: `curate train` goes here)
@@ -683,11 +678,9 @@ def report_cmd(
     from curate.report import write_report
 
     summary = write_report(run, out, title=title)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        Console().print(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.1f} MB): sections "
-                        + ", ".join(summary["sections"]) + f"; {summary['plots']} plots")
+    show(summary, as_json, lambda console: console.print(
+        f"wrote {summary['out']} ({summary['bytes'] / 1e6:.1f} MB): sections " + ", ".join(summary["sections"])
+        + f"; {summary['plots']} plots"))
 
 
 @app.command("run")

@@ -63,7 +63,7 @@ def _umask_mode() -> int:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path) -> Iterator[Path]:
     """A temp file beside ``path`` that replaces it when the block succeeds, and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,14 +79,14 @@ def _replacing(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def write_parquet(df: pl.DataFrame, path: Path) -> None:
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         df.write_parquet(tmp)
 
 

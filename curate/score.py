@@ -45,8 +45,8 @@ import torch
 
 from curate.env import progress_bar
 from curate.errors import CurateError
-from curate.rundir import (POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, dataset_fingerprint, fresh_shards, is_run_dir, resolve_pairs,
-                           write_parquet)
+from curate.rundir import (POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, dataset_fingerprint, fresh_shards, is_run_dir,
+                           replacing, resolve_pairs, write_parquet)
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
 from curate.scores.engine import resolve_prefix_sharing, score_encoded
@@ -403,8 +403,8 @@ def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
     n_rows = sum(f.select(pl.len()).collect().item() for f in frames)
     dim = pl.read_parquet_schema(with_states[0])["pooled_chosen"].size if with_states else 0
     ids = np.asarray(pl.concat([f.select("pair_id").collect() for f in frames])["pair_id"].to_list(), dtype=str)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with replacing(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                 allowZip64=True) as archive:
         with archive.open("pair_id.npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array(fh, ids)
         for column, name in (("pooled_chosen", "mean_chosen"), ("pooled_rejected", "mean_rejected")):
@@ -415,7 +415,6 @@ def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
                 for frame in frames:
                     block = frame.select(column).collect()[column].to_numpy()
                     fh.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ summaries (CLI)
