@@ -90,22 +90,27 @@ def plan_batches(
         key=lambda i: (len(pairs[i].prompt), len(pairs[i].chosen) + len(pairs[i].rejected)),
         reverse=True,
     )
+    if batch_size is not None:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def cost(candidate: list[int]) -> tuple[int, int]:
+        batch = [pairs[i] for i in candidate]
+        return batch_cost(batch, prefix_sharing), attention_cost(batch, prefix_sharing)
+
+    return greedy_batches(order, cost, token_budget, attention_budget)
+
+
+def greedy_batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, int]], token_budget: int,
+                   attention_budget: int | None) -> list[list[int]]:
+    """Cut ``items`` (in order) into batches whose (tokens, attention) cost fits the budgets, at least one item each."""
     batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        candidate = current + [index]
-        if batch_size is not None:
-            fits = len(candidate) <= batch_size
-        else:
-            batch = [pairs[i] for i in candidate]
-            fits = batch_cost(batch, prefix_sharing) <= token_budget and (
-                attention_budget is None or attention_cost(batch, prefix_sharing) <= attention_budget)
-        if current and not fits:
-            batches.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        batches.append(current)
+    for item in items:
+        if batches:
+            tokens, attention = cost(batches[-1] + [item])
+            if tokens <= token_budget and (attention_budget is None or attention <= attention_budget):
+                batches[-1].append(item)
+                continue
+        batches.append([item])
     return batches
 
 
