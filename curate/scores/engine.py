@@ -114,10 +114,13 @@ def greedy_batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, 
     return batches
 
 
-def _reply_scores(model, pairs: Sequence[EncodedPair], prefix_sharing: bool,
-                  want_logps: bool) -> dict[str, torch.Tensor]:
+def forward_batch(
+    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
     prompts, replies, owner = pair_rows(pairs)
-    out = reply_states(model, prompts, replies, owner, shared_prompt=prefix_sharing, probe=True)
+    out = reply_states(model, prompts, replies, owner, shared_prompt=resolve_prefix_sharing(model, prefix_sharing),
+                       probe=True)
     states, lengths = out.states, out.lengths
     rows = torch.arange(len(replies), device=states.device)
     zeros = torch.zeros_like(lengths)
@@ -137,13 +140,6 @@ def _reply_scores(model, pairs: Sequence[EncodedPair], prefix_sharing: bool,
     n = len(pairs)
     return {f"{name}_{side}": value[rows].cpu() for name, value in scores.items()
             for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, 2 * n)))}
-
-
-def forward_batch(
-    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
-) -> dict[str, torch.Tensor]:
-    """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
-    return _reply_scores(model, pairs, resolve_prefix_sharing(model, prefix_sharing), want_logps)
 
 
 def _is_oom(exc: BaseException) -> bool:
