@@ -33,6 +33,7 @@ import torch
 from curate.env import progress_bar
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
+from curate.rundir import RunDir, ScoreSection, TrainSection
 from curate.train import checkpoints as ckpt
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig
 from curate.train.batching import (
@@ -125,8 +126,6 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     or ``force`` it is refused, so a second run never mixes its checkpoints
     with (and prunes them against) an older run's.
     """
-    from curate.rundir import RunDir, TrainSection
-
     if force:
         if main:
             for name in TRAIN_OUTPUTS:
@@ -236,8 +235,6 @@ def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch
     """Reference log-probs from the scoring run, if it matches and a step-0 probe agrees; else (None, why)."""
     if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
         return None, "computed before training"
-    from curate.rundir import RunDir, ScoreSection
-
     section = RunDir(data).section(ScoreSection) or ScoreSection()
     values, why = scored_reference_logps(pairs, section, model_info=model_info, system_prompt=cfg.system_prompt,
                                          max_length=cfg.max_length, truncated_any=encoding.truncated > 0)
@@ -421,7 +418,7 @@ def train(
         accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
     accelerator.wait_for_everyone()  # every process has read out's state before the main one claims it
     if main:  # claim the directory: a later run with other settings is refused, even if this one is killed
-        _write_manifest(out, {"status": "started", "fingerprint": fingerprint})
+        RunDir(out).write_section(TrainSection(status="started", fingerprint=fingerprint))
     accelerator.wait_for_everyone()
 
     # -- reference ----------------------------------------------------------
@@ -534,7 +531,7 @@ def train(
         good = ckpt.latest_checkpoint(out / "checkpoints")
         info["stopped"] = stopped
         if main:
-            _write_manifest(out, info)
+            RunDir(out).write_section(TrainSection.from_dict(info))
         raise CurateError(
             f"{head} checkpoint is {good or 'none (no checkpoint was written yet)'}; "
             + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
@@ -606,7 +603,7 @@ def train(
         _save_final(policy, loaded.tokenizer, final_dir,
                     accelerator.unwrap_model(masks) if masks is not None else None)
         info["final_loss"] = last.get("loss")
-        _write_manifest(out, info)
+        RunDir(out).write_section(TrainSection.from_dict(info))
     accelerator.wait_for_everyone()
     return TrainResult(out, final_dir, total, float(last.get("loss", float("nan"))), last, info)
 
@@ -652,9 +649,3 @@ def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
     except BaseException:
         remove_inside(tmp, final_dir.parent)
         raise
-
-
-def _write_manifest(out: Path, info: dict[str, Any]) -> None:
-    from curate.rundir import RunDir, TrainSection
-
-    RunDir(out).write_section(TrainSection.from_dict(info))
