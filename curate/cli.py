@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -98,35 +98,57 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+def show(summary: Any, as_json: bool, render: Callable[[Console], Any]) -> None:
+    """``summary`` as JSON with --json, else ``render(console)`` unless --quiet."""
+    if as_json:
+        emit_json(summary)
+    elif not _state["quiet"]:
+        render(Console())
+
+
 # ---------------------------------------------------------------- data
-# The dataset options `data inspect` and `score` share (the format names come from curate.data.formats).
-FORMAT_HELP = ("Row format: auto (detected from the first record), hh, hh-prompt, prompt-chosen-rejected, messages, "
-               "implicit-prompt, openai-dpo, sharegpt, orca-dpo, shp, pku-saferlhf, helpsteer2, stack-exchange, "
-               "ultrafeedback-raw, nectar, kto (unpaired data, refused), columns (--columns a=,b=,label=).")
-COLUMNS_HELP = ("Column mapping KEY=COL,...: prompt, chosen, rejected, system, a, b, label, label_means "
-                "(a-preferred|b-preferred|index|sign), keep (an extra column to keep; repeatable); COL may be a dotted "
-                "path like input.messages.")
-LABEL_COLUMN_HELP = "Label that chooses the side: pku-saferlhf better_response_id (default) or safer_response_id."
-STRATEGY_HELP = "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."
+# Options several commands share, defined once so their names and help cannot drift (the format
+# names come from curate.data.formats).
+FORMAT = typer.Option("auto", "--format", help=(
+    "Row format: auto (detected from the first record), hh, hh-prompt, prompt-chosen-rejected, messages, "
+    "implicit-prompt, openai-dpo, sharegpt, orca-dpo, shp, pku-saferlhf, helpsteer2, stack-exchange, "
+    "ultrafeedback-raw, nectar, kto (unpaired data, refused), columns (--columns a=,b=,label=)."))
+COLUMNS = typer.Option(None, help=(
+    "Column mapping KEY=COL,...: prompt, chosen, rejected, system, a, b, label, label_means "
+    "(a-preferred|b-preferred|index|sign), keep (an extra column to keep; repeatable); COL may be a dotted "
+    "path like input.messages."))
+LABEL_COLUMN = typer.Option(
+    None, help="Label that chooses the side: pku-saferlhf better_response_id (default) or safer_response_id.")
+STRATEGY = typer.Option("best-random-lower", help=(
+    "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."))
+SUBSET = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base.")
+SPLIT = typer.Option(None, help="Split to load (default: train for hub data).")
+DTYPE = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16.")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ...")
+MAX_LENGTH = typer.Option(None, help="Token limit per prompt+reply (default: the model's context).")
+SYSTEM_PROMPT = typer.Option("default", help="'default' (the template's own), 'none', or a text.")
+AS_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
 @data_app.command("inspect")
 @handle_errors
 def data_inspect(
     dataset: str = typer.Argument(..., help="Hub name (hh-rlhf, ultrafeedback, org/name) or a local file/dir."),
-    subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
-    split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
+    subset: Optional[str] = SUBSET,
+    split: Optional[str] = SPLIT,
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
-    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
-    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
-    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
+    fmt: str = FORMAT,
+    columns: Optional[str] = COLUMNS,
+    label_column: Optional[str] = LABEL_COLUMN,
+    strategy: str = STRATEGY,
     keep_empty: bool = typer.Option(False, help="Keep pairs whose reply is empty instead of quarantining them."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many rows."),
     streaming: bool = typer.Option(False, help="Stream hub data instead of downloading it whole (use with --limit)."),
     model: Optional[str] = typer.Option(None, help="Also report token lengths under this model's tokenizer."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    system_prompt: str = SYSTEM_PROMPT,
     max_length: Optional[int] = typer.Option(None, help="With --model: count pairs whose reply alone exceeds this."),
     out: Optional[Path] = typer.Option(None, help="Write pairs.parquet and quarantine.parquet here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Count pairs, list quarantined rows with reasons, and show length statistics."""
     validate.integer("--limit", limit, example="100")
@@ -174,23 +196,23 @@ def score_cmd(
     limit: Optional[int] = typer.Option(None, help="Score at most this many pairs (a quick look)."),
     batch_size: str = typer.Option("auto", help="Pairs per batch, or 'auto' (fill a token budget; back off on GPU OOM)."),
     token_budget: Optional[int] = typer.Option(None, help="Padded tokens per batch with --batch-size auto."),
-    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    max_length: Optional[int] = MAX_LENGTH,
+    system_prompt: str = SYSTEM_PROMPT,
     prefix_sharing: Optional[bool] = typer.Option(
         None, "--prefix-sharing/--no-prefix-sharing",
         help="Run each prompt once and reuse its KV cache for both replies (default: on CPU yes, on GPU no)."),
     shard_size: int = typer.Option(512, help="Pairs per resumable shard."),
-    subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
-    split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
-    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
-    columns: Optional[str] = typer.Option(None, help=COLUMNS_HELP),
-    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
-    strategy: str = typer.Option("best-random-lower", help=STRATEGY_HELP),
+    subset: Optional[str] = SUBSET,
+    split: Optional[str] = SPLIT,
+    fmt: str = FORMAT,
+    columns: Optional[str] = COLUMNS,
+    label_column: Optional[str] = LABEL_COLUMN,
+    strategy: str = STRATEGY,
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
     force: bool = typer.Option(False, "--force", help="Replace a run directory that holds another dataset (and its scores)."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
     ray_address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
@@ -217,10 +239,7 @@ def score_cmd(
         engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, force=force,
     )
     summary = score_summary(out or dataset)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        render_score_summary(summary, Console())
+    show(summary, as_json, lambda console: render_score_summary(summary, console))
 
 
 # issue 17: `curate pairs` (pairs from response sets, optionally by pool-CHES)
@@ -239,16 +258,16 @@ def pairs_cmd(
     columns: Optional[str] = typer.Option(None, help="Long table columns: prompt=COL,response=COL,score=COL."),
     rating: str = typer.Option("mean", help="UltraFeedback rating: mean, overall_score, fine-grained_score or an aspect."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many records."),
-    dtype: str = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    max_length: Optional[int] = typer.Option(None, help="Token limit per prompt+reply (default: the model's context)."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    max_length: Optional[int] = MAX_LENGTH,
+    system_prompt: str = SYSTEM_PROMPT,
     token_budget: Optional[int] = typer.Option(None, help="Padded tokens per forward batch."),
     shard_size: int = typer.Option(256, help="Prompts per resumable shard."),
     prefix_sharing: Optional[bool] = typer.Option(
         None, "--prefix-sharing/--no-prefix-sharing",
         help="Run each prompt once for all its replies (default: on CPU yes, on GPU no)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Build preference pairs from response sets (k rated replies per prompt) into a run directory."""
     from curate.pairs.strategies import STRATEGIES
@@ -269,10 +288,7 @@ def pairs_cmd(
                 limit=limit, device=device, dtype=dtype, max_length=max_length, system_prompt=system_prompt,
                 token_budget=token_budget, shard_size=shard_size, prefix_sharing=prefix_sharing)
     summary = pairs_summary(out)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        render_pairs_summary(summary, Console())
+    show(summary, as_json, lambda console: render_pairs_summary(summary, console))
 
 
 # issue 4: `curate bench noise` (planted-flip validation of the noise estimators)
@@ -347,8 +363,8 @@ def features_cmd(
     run: Optional[Path] = typer.Argument(None, help="Existing run directory with pairs.parquet (or use --dataset/--out)."),
     dataset: Optional[str] = typer.Option(None, help="Hub name or local file to load into --out first."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory to create or reuse when --dataset is given."),
-    subset: Optional[str] = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base."),
-    split: Optional[str] = typer.Option(None, help="Split to load (default: train for hub data)."),
+    subset: Optional[str] = SUBSET,
+    split: Optional[str] = SPLIT,
     limit: Optional[int] = typer.Option(None, help="Read at most this many rows of --dataset."),
     embedder: str = typer.Option("all-minilm-l6-v2", help="Sentence-embedding model: the bundled default, a hub id or a path."),
     n_features: int = typer.Option(32, "--n-features", help="Dictionary size M."),
@@ -463,7 +479,7 @@ def filter_cmd(
     holdout: float = typer.Option(0.0, help="Set aside this fraction of pairs (by pair_id hash) before any rule."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what each rule would do; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Drop, flip or reweight pairs by their scores, in order: CHES, strength/noise, --feature, --where.
 
@@ -483,10 +499,7 @@ def filter_cmd(
     )
     summary = filter_run(run, rules, out, weights=weights, soft_labels=soft_labels, holdout=holdout,
                          dry_run=dry_run, force=force)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        _render_filter(summary, Console())
+    show(summary, as_json, lambda console: _render_filter(summary, console))
 
 
 def _render_filter(summary: dict, out: Console) -> None:
@@ -529,7 +542,7 @@ def export_cmd(
     split: str = typer.Option("train", help="train (the curated pairs) or holdout (the untouched pairs set aside)."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this hub dataset repo (needs network and a token)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
     ref_logps: Optional[bool] = typer.Option(
         None, "--ref-logps/--no-ref-logps",
         help="--format trl: TRL reference columns ref_chosen_logps/ref_rejected_logps (default: when the run has logps)."),
@@ -542,13 +555,9 @@ def export_cmd(
 
     summary = export_curated(curated, fmt, out, split=split, force=force, push_to_hub=push_to_hub,
                              ref_logps=ref_logps)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        Console().print(
-            f"exported {summary['pairs']} pairs ({summary['flipped']} flipped) as {fmt} to {summary['out']}: "
-            + ", ".join(summary["files"])
-        )
+    show(summary, as_json, lambda console: console.print(
+        f"exported {summary['pairs']} pairs ({summary['flipped']} flipped) as {fmt} to {summary['out']}: "
+        + ", ".join(summary["files"])))
 
 # ---------------------------------------------------------------- train
 # (issue 7: `curate train` goes here)
@@ -562,7 +571,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (--lr may change)."),
     force: bool = typer.Option(False, "--force", help="Replace the training run already in --out."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
     config: TrainConfig = None,
 ) -> None:
     """Train DPO-family or SparsePO losses on curated pairs, using their weights and soft labels."""
@@ -612,12 +621,12 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(128, help="Tokens per sampled reply (--generate)."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (--generate); 0 is greedy."),
     seed: int = typer.Option(0, help="Seed for choosing and sampling the --generate prompts."),
-    system_prompt: str = typer.Option("default", help="'default' (the template's own), 'none', or a text."),
+    system_prompt: str = SYSTEM_PROMPT,
     max_length: Optional[int] = typer.Option(None, help="Token limit per sequence (default: the model's context)."),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per forward (default: a token budget)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32 (default: log-prob changes are small) or bf16."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
     from curate.eval import evaluate, summary_rows
@@ -663,17 +672,15 @@ def report_cmd(
     run: Path = typer.Argument(..., help="Run directory (curated, train/ and eval/ directories inside it are found too)."),
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html)."),
     title: Optional[str] = typer.Option(None, help="Page title (default: the run directory's name)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Write one self-contained HTML report (opens offline) of everything the run computed."""
     from curate.report import write_report
 
     summary = write_report(run, out, title=title)
-    if as_json:
-        emit_json(summary)
-    elif not _state["quiet"]:
-        Console().print(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.1f} MB): sections "
-                        + ", ".join(summary["sections"]) + f"; {summary['plots']} plots")
+    show(summary, as_json, lambda console: console.print(
+        f"wrote {summary['out']} ({summary['bytes'] / 1e6:.1f} MB): sections " + ", ".join(summary["sections"])
+        + f"; {summary['plots']} plots"))
 
 
 @app.command("run")

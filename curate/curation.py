@@ -302,29 +302,38 @@ class ChesThreshold(RuleSpec):
         return Rule(f"ches-threshold {self.column} > {self.value:g}", "above", self.column, self.value, self.action)
 
 
-@register
 @dataclass(frozen=True)
-class ChesDropTop(RuleSpec):
-    """The highest PCT percent of pairs by CHES (the most likelihood displacement)."""
+class _ChesPercent(RuleSpec):
+    """A CHES rule on a percentage of the pairs entering curation."""
 
-    option: ClassVar[str] = "ches_drop_top"
     percent: float
     action: Action = field(default_factory=Action)
     column: str = "ln_ches"
+    select: ClassVar[str]
 
     @classmethod
     def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
-        value, action = _ches_action(str(text), "--ches-drop-top")
-        return cls(_number(value, "--ches-drop-top", 1e-12, 100, _PERCENT), action, ches_column)
+        flag = "--" + cls.option.replace("_", "-")
+        value, action = _ches_action(str(text), flag)
+        return cls(_number(value, flag, 1e-12, 100, _PERCENT), action, ches_column)
 
     def rule(self):
-        return Rule(f"ches-drop-top {self.percent:g}% {self.column}", "top", self.column, self.percent, self.action,
-                    percent=True)
+        return Rule(f"{self.option.replace('_', '-')} {self.percent:g}% {self.column}", self.select, self.column,
+                    self.percent, self.action, percent=True)
 
 
 @register
 @dataclass(frozen=True)
-class ChesKeepLowest(RuleSpec):
+class ChesDropTop(_ChesPercent):
+    """The highest PCT percent of pairs by CHES (the most likelihood displacement)."""
+
+    option: ClassVar[str] = "ches_drop_top"
+    select: ClassVar[str] = "top"
+
+
+@register
+@dataclass(frozen=True)
+class ChesKeepLowest(_ChesPercent):
     """Every pair except the lowest PCT percent by CHES (the paper kept ~5-15% on refusal data).
 
     A keep-style rule: unscored pairs are never among the kept ones, so they
@@ -332,18 +341,7 @@ class ChesKeepLowest(RuleSpec):
     """
 
     option: ClassVar[str] = "ches_keep_lowest"
-    percent: float
-    action: Action = field(default_factory=Action)
-    column: str = "ln_ches"
-
-    @classmethod
-    def parse(cls, text, *, ches_column="ln_ches", noise_action="drop"):
-        value, action = _ches_action(str(text), "--ches-keep-lowest")
-        return cls(_number(value, "--ches-keep-lowest", 1e-12, 100, _PERCENT), action, ches_column)
-
-    def rule(self):
-        return Rule(f"ches-keep-lowest {self.percent:g}% {self.column}", "outside-bottom", self.column, self.percent,
-                    self.action, percent=True)
+    select: ClassVar[str] = "outside-bottom"
 
 
 @dataclass(frozen=True)

@@ -208,17 +208,13 @@ def _loaded_name(encoder: torch.nn.Module) -> str:
     return getattr(getattr(encoder, "config", None), "_name_or_path", "") or type(encoder).__name__
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(model: str | tuple[torch.nn.Module, Any], device: str):
     """(encoder, tokenizer, device) from a name (via curate.models.load_embedder) or a loaded pair."""
     if not isinstance(model, str):
+        from curate.models import resolve_device
+
         encoder, tokenizer = model
-        device = _resolve_device(device)
+        device = str(resolve_device(device))
         return encoder.to(device), tokenizer, device
     from curate.models import load_embedder
 

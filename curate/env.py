@@ -35,3 +35,19 @@ def configure() -> None:
     if "transformers" in sys.modules:  # imported already: the environment variable came too late
         sys.modules["transformers"].utils.logging.set_verbosity_error()
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def progress_bar(label: str, total: int, *, completed: int = 0, enabled: bool = True, rate: bool = False):
+    """curate's own progress bar and its task, on stderr (stdout is for results such as --json).
+
+    Off when ``enabled`` is False or under ``CURATE_QUIET=1`` (``--quiet``, ``--json``); ``rate``
+    adds a pairs/s column fed by ``progress.update(task, rate=...)``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    rate_column = [TextColumn("{task.fields[rate]} pairs/s")] if rate else []
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *rate_column,
+                        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                        disable=not enabled or os.environ.get("CURATE_QUIET") == "1")
+    return progress, progress.add_task(label, total=total, completed=completed, **({"rate": "-"} if rate else {}))

@@ -28,12 +28,6 @@ def check_slug(name: object, key: str) -> str:
     return name
 
 
-def is_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` resolves to somewhere strictly below ``root`` (not ``root`` itself)."""
-    resolved, base = Path(path).resolve(), Path(root).resolve()
-    return resolved != base and resolved.is_relative_to(base)
-
-
 def remove_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
     """Delete the file or directory ``path`` if it exists; refuse unless it lies strictly inside ``root``.
 

@@ -49,7 +49,6 @@ BENCH_FILES = ("bench_noise.json", "bench.json")  # planted-flip bench output (c
 @dataclass
 class TrainRun:
     name: str
-    path: Path
     metrics: pl.DataFrame  # one row per optimizer step (metrics.jsonl)
     train: TrainSection
 
@@ -119,10 +118,11 @@ def load_inputs(run: str | Path) -> ReportInputs:
         inputs.curated_pairs = curated.pairs()
         inputs.curation = curated.section(CurationSection)
     for train in _step_runs(run_dir.path, TRAIN_DIR, METRICS):
-        inputs.trains.append(TrainRun(f"{TRAIN_DIR}/{train.name}", train, _read_jsonl(train / METRICS),
+        inputs.trains.append(TrainRun(f"{TRAIN_DIR}/{train.name}", _read_jsonl(train / METRICS),
                                       RunDir(train).section(TrainSection) or TrainSection()))
     for ev in _step_runs(run_dir.path, EVAL_DIR, EVAL_SUMMARY):
-        inputs.evals.append(EvalRun(f"{EVAL_DIR}/{ev.name}", EvalSection.from_dict(json.loads((ev / EVAL_SUMMARY).read_text())),
+        summary = EvalSection.from_dict(json.loads((ev / EVAL_SUMMARY).read_text()))
+        inputs.evals.append(EvalRun(f"{EVAL_DIR}/{ev.name}", summary,
                                     pl.read_parquet(ev / EVAL_TABLE) if (ev / EVAL_TABLE).exists() else None))
     bench = [run_dir / name for name in BENCH_FILES if run_dir.exists(name)]
     if bench:

@@ -63,7 +63,7 @@ def _umask_mode() -> int:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path) -> Iterator[Path]:
     """A temp file beside ``path`` that replaces it when the block succeeds, and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,20 +79,30 @@ def _replacing(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def write_parquet(df: pl.DataFrame, path: Path) -> None:
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         df.write_parquet(tmp)
 
 
 def write_json(obj: Any, path: Path) -> None:
     text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
     atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
+
+
+def fresh_shards(shard_dir: Path, plan: dict[str, Any], *, plan_file: str, pattern: str) -> Path:
+    """``shard_dir`` holding resumable shards made under ``plan``; ``pattern`` shards of other settings are removed."""
+    plan_path = shard_dir / plan_file
+    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
+        for old in shard_dir.glob(pattern):
+            remove_inside(old, shard_dir)
+    write_json(plan, plan_path)
+    return shard_dir
 
 
 # ------------------------------------------------------------------ manifest sections
@@ -177,14 +187,11 @@ class RewardSection(Section):
 
     name: ClassVar[str] = "reward"
     members: list[dict[str, Any]] = field(default_factory=list)
-    feature_sets: dict[str, int] = field(default_factory=dict)
     oof_auc: float | None = None
     out_of_fold: bool | None = None
     auc_protocol: str | None = None
     auc_by_feature_set: dict[str, Any] | None = None
     auc_by_member_group: dict[str, Any] | None = None
-    embedder: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,7 +208,6 @@ class NoiseSection(Section):
     conservative_basis: str | None = None
     summary: str | None = None
     estimators: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rate, interval, assumption, ...
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -221,30 +227,25 @@ class CurationSection(Section):
     """``curate filter``: the rules, what each did, the counts, and the files of the curated directory."""
 
     name: ClassVar[str] = "curation"
-    rules: list[Any] = field(default_factory=list)
     per_rule: list[dict[str, Any]] = field(default_factory=list)
     overlaps: list[list[int]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     holdout_fraction: float = 0.0
     signals: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    run: str | None = None
-    out: str | None = None
+    run: str | None = None  # the source run directory
     files: list[str] = field(default_factory=lambda: [PAIRS])
 
 
 @dataclass
 class TrainSection(Section):
-    """``curate train``: the config, data, reference source and how the run ended."""
+    """``curate train``: its config and fingerprint, and where the reference log-probs came from."""
 
     name: ClassVar[str] = "train"
     status: str | None = None  # started | finished
     fingerprint: dict[str, Any] | None = None  # what a resume must match
     config: dict[str, Any] = field(default_factory=dict)
     reference: str | None = None  # where the reference log-probs came from
-    stopped: str | None = None
-    final_loss: float | None = None
-    step0_max_abs_logratio: float | None = None
 
 
 @dataclass
@@ -253,7 +254,6 @@ class EvalSection(Section):
 
     name: ClassVar[str] = "eval"
     pairs: int | None = None
-    beta: float | None = None
     ranking_accuracy: dict[str, float] = field(default_factory=dict)  # reference, policy
     ranking_accuracy_length_normalised: dict[str, float] = field(default_factory=dict)
     implicit_reward_accuracy: float | None = None

@@ -32,7 +32,6 @@ and different settings start the shards afresh.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -44,12 +43,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from curate.env import progress_bar
 from curate.errors import CurateError
-from curate.fsutil import remove_inside
-from curate.rundir import POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, is_run_dir, resolve_pairs, write_json, write_parquet
+from curate.rundir import (POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, dataset_fingerprint, fresh_shards, is_run_dir,
+                           replacing, resolve_pairs, write_parquet)
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
 from curate.lm import EncodedPair, encode_pairs, probe_layer
-from curate.scores.engine import resolve_prefix_sharing, score_batches
+from curate.scores.engine import resolve_prefix_sharing, score_encoded
 
 MODEL_SCORES = ("ches", "logps")
 DELEGATED_SCORES = ("reward", "noise")
@@ -124,40 +124,18 @@ def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batc
     encoded, skipped = encoding.pairs, encoding.skipped
     if skipped and on_batch is not None:
         on_batch(len(skipped), 0)
-    outputs: dict[str, torch.Tensor] = {}
-    if encoded:
-        for indices, out in score_batches(
-            lm.model, encoded, want_logps="logps" in scores, prefix_sharing=prefix_sharing,
-            batch_size=batch_size, token_budget=token_budget,
-        ):
-            index = torch.tensor(indices)
-            for name, value in out.items():
-                outputs.setdefault(name, torch.empty((len(encoded), *value.shape[1:]), dtype=value.dtype))
-                outputs[name][index] = value
-            if on_batch is not None:
-                on_batch(len(indices), sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected)
-                                           for i in indices))
-    cols = pair_columns(encoded, outputs, scores) if encoded else {}
+    def progress(indices: list[int]) -> None:
+        if on_batch is not None:
+            on_batch(len(indices), sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected)
+                                       for i in indices))
+
+    cols = pair_columns(encoded, score_encoded(
+        lm.model, encoded, want_logps="logps" in scores, prefix_sharing=prefix_sharing, batch_size=batch_size,
+        token_budget=token_budget, on_batch=progress), scores) if encoded else {}
     return _shard_frame(pairs["pair_id"].to_list(), cols, encoding.cut, skipped)
 
 
 # ------------------------------------------------------------------ run directory plumbing
-def _pairs_digest(pairs: pl.DataFrame) -> str:
-    return hashlib.sha256("\n".join(pairs["pair_id"].to_list()).encode()).hexdigest()[:16]
-
-
-def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> Path:
-    """The shard directory for ``plan``; shards made under other settings are removed."""
-    shard_dir = run / SHARDS
-    plan_path = shard_dir / "plan.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
-        for old in shard_dir.glob("score-*.parquet"):
-            remove_inside(old, shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json(plan, plan_path)
-    return shard_dir
-
-
 def _shard_path(shard_dir: Path, k: int) -> Path:
     return shard_dir / f"score-{k:05d}.parquet"
 
@@ -172,20 +150,6 @@ def _quarantine_rows(pairs: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame
         raw = json.dumps({k: row[k] for k in ("pair_id", "prompt", "chosen", "rejected")}, ensure_ascii=False)
         rows.append({"source": row["source"], "reason": reason, "detail": detail, "raw": raw})
     return quarantine_frame(rows)
-
-
-def _progress(total: int, done: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    quiet = os.environ.get("CURATE_QUIET") == "1"
-    progress = Progress(
-        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} pairs/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=quiet, transient=False, console=Console(stderr=True),  # stdout is for results (--json)
-    )
-    task = progress.add_task("score", total=total, completed=done, rate="-")
-    return progress, task
 
 
 def _versions() -> dict[str, str]:
@@ -343,15 +307,15 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         load_seconds = time.time() - t0
         prefix_sharing, effective_max = facts["prefix_sharing"], facts["max_length"]
 
-        plan = {"pairs": _pairs_digest(pairs), "n_pairs": pairs.height, "model": facts["info"],
+        plan = {"pairs": dataset_fingerprint(pairs), "n_pairs": pairs.height, "model": facts["info"],
                 "scores": sorted(scores), "max_length": effective_max, "system_prompt": system_prompt,
                 "shard_size": shard_size}
-        shard_dir = _prepare_shards(run, plan)
+        shard_dir = fresh_shards(run / SHARDS, plan, plan_file="plan.json", pattern="score-*.parquet")
         n_shards = -(-pairs.height // shard_size)
         todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]
         done_pairs = pairs.height - sum(min(shard_size, pairs.height - k * shard_size) for k in todo)
 
-        progress, task = _progress(pairs.height, done_pairs)
+        progress, task = progress_bar("scoring", pairs.height, completed=done_pairs, rate=True)
         counters = {"pairs": 0, "tokens": 0}
         t_score = time.time()
 
@@ -439,8 +403,8 @@ def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
     n_rows = sum(f.select(pl.len()).collect().item() for f in frames)
     dim = pl.read_parquet_schema(with_states[0])["pooled_chosen"].size if with_states else 0
     ids = np.asarray(pl.concat([f.select("pair_id").collect() for f in frames])["pair_id"].to_list(), dtype=str)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with replacing(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                 allowZip64=True) as archive:
         with archive.open("pair_id.npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array(fh, ids)
         for column, name in (("pooled_chosen", "mean_chosen"), ("pooled_rejected", "mean_rejected")):
@@ -451,7 +415,6 @@ def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
                 for frame in frames:
                     block = frame.select(column).collect()[column].to_numpy()
                     fh.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ summaries (CLI)

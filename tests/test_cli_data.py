@@ -41,10 +41,10 @@ def test_overlap(hh_path, tmp_path):
 def test_format_help_lists_exactly_the_accepted_values():
     import re
 
-    from curate.cli import FORMAT_HELP
+    from curate.cli import FORMAT
     from curate.data.load import FORMAT_CHOICES
 
-    names = re.sub(r"\([^)]*\)", "", FORMAT_HELP.split("Row format: ", 1)[1]).rstrip(". ")
+    names = re.sub(r"\([^)]*\)", "", FORMAT.help.split("Row format: ", 1)[1]).rstrip(". ")
     listed = [name.strip() for name in names.split(",")]
     assert sorted(listed) == sorted(FORMAT_CHOICES)
 

@@ -4,9 +4,7 @@ A tiny random llama (SmolLM2's tokenizer and chat template) scores real HH
 pairs in fp32; TRL then trains on the export on CPU.
 """
 
-import gzip
 import math
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -15,12 +13,10 @@ import torch
 
 from curate.errors import CurateError
 from curate.export import export_curated
-from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
 from curate.score import score
+from tests.conftest import write_hh_head
 
-REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
 N_PAIRS = 6
 
 trl = pytest.importorskip("trl")
@@ -29,25 +25,10 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny = tiny_causal_lm(seed=0)
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def scored_run(tmp_path_factory, model_dir):
-    if not HH.exists():
-        pytest.skip(f"shared HH sample not found at {HH}")
+def scored_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("trl")
-    with gzip.open(HH, "rt") as fh:
-        lines = [next(fh) for _ in range(N_PAIRS)]
-    data = root / "hh.jsonl.gz"
-    with gzip.open(data, "wt") as fh:
-        fh.writelines(lines)
-    score(str(data), model=str(model_dir), out=root / "run", scores="logps", dtype="fp32", device="cpu")
+    data = write_hh_head(root / "hh.jsonl.gz", N_PAIRS)
+    score(str(data), model=str(tiny_model_dir), out=root / "run", scores="logps", dtype="fp32", device="cpu")
     return root / "run"
 
 
@@ -66,10 +47,10 @@ def _dpo_config(tmp_path, **overrides):
     return trl.DPOConfig(**settings)
 
 
-def _policy(model_dir):
+def _policy(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def _step0_loss(trainer) -> float:
@@ -79,14 +60,14 @@ def _step0_loss(trainer) -> float:
         return float(trainer.compute_loss(trainer.model, batch))
 
 
-def test_reference_columns_equal_trls_own_precompute_and_the_step0_loss_is_log2(exported, model_dir, tmp_path):
+def test_reference_columns_equal_trls_own_precompute_and_the_step0_loss_is_log2(exported, tiny_model_dir, tmp_path):
     summary, dataset = exported
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names)
     assert summary["trl_max_length_needed"] > 0
     assert len(dataset) == N_PAIRS
 
     # TRL's own precompute, from the same rows without curate's columns
-    model, tokenizer = _policy(model_dir)
+    model, tokenizer = _policy(tiny_model_dir)
     plain = dataset.select_columns(["prompt", "chosen", "rejected"])
     trl_trainer = trl.DPOTrainer(model=model, args=_dpo_config(tmp_path / "a"), train_dataset=plain,
                                  processing_class=tokenizer)
@@ -99,7 +80,7 @@ def test_reference_columns_equal_trls_own_precompute_and_the_step0_loss_is_log2(
     # curate's columns used as they are: TRL must not recompute them
     from curate.trl_reference import dpo_trainer_with_reference
 
-    model, tokenizer = _policy(model_dir)
+    model, tokenizer = _policy(tiny_model_dir)
     trainer_cls = dpo_trainer_with_reference()
     trainer_cls.compute_ref_log_probs = lambda *a, **k: pytest.fail("recomputed the reference log-probs")
     ours_trainer = trainer_cls(model=model, args=_dpo_config(tmp_path / "b"), train_dataset=dataset,
@@ -141,11 +122,11 @@ def test_reference_export_needs_log_prob_scores(scored_run, tmp_path):
     assert isinstance(pl.read_parquet(tmp_path / "conv/train.parquet")["prompt"][0], pl.Series)
 
 
-def _reward_loss(dataset, model_dir, tmp_path) -> float:
+def _reward_loss(dataset, tiny_model_dir, tmp_path) -> float:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = LlamaConfig.from_pretrained(model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config).float()
     args = trl.RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=N_PAIRS, max_length=None,
@@ -156,7 +137,7 @@ def _reward_loss(dataset, model_dir, tmp_path) -> float:
         return float(trainer.compute_loss(trainer.model, batch))
 
 
-def test_reward_trainer_loss_ignores_curates_columns(scored_run, tmp_path, model_dir):
+def test_reward_trainer_loss_ignores_curates_columns(scored_run, tmp_path, tiny_model_dir):
     """curate's margin is exported as curate_margin; a column named margin would shift RewardTrainer's loss."""
     import shutil
 
@@ -166,8 +147,8 @@ def test_reward_trainer_loss_ignores_curates_columns(scored_run, tmp_path, model
     dataset = datasets.load_dataset("parquet", data_files=str(tmp_path / "out/train.parquet"), split="train")
     assert "curate_margin" in dataset.column_names and "margin" not in dataset.column_names
 
-    with_curate = _reward_loss(dataset, model_dir, tmp_path / "a")
-    without = _reward_loss(dataset.select_columns(["prompt", "chosen", "rejected"]), model_dir, tmp_path / "b")
+    with_curate = _reward_loss(dataset, tiny_model_dir, tmp_path / "a")
+    without = _reward_loss(dataset.select_columns(["prompt", "chosen", "rejected"]), tiny_model_dir, tmp_path / "b")
     assert with_curate == pytest.approx(without, abs=1e-7)
-    shifted = _reward_loss(dataset.rename_column("curate_margin", "margin"), model_dir, tmp_path / "c")
+    shifted = _reward_loss(dataset.rename_column("curate_margin", "margin"), tiny_model_dir, tmp_path / "c")
     assert abs(shifted - without) > 1e-3  # the column name TRL reads does change the loss

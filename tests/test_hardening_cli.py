@@ -45,17 +45,11 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory, hh_path) -> Path:
+def scored_run(tmp_path_factory, hh_path, tiny_model_dir) -> Path:
     """HH pairs scored by `curate score --json` (subprocess), plus a flip_prob column with unscored pairs."""
-    from curate.models import tiny_causal_lm
-
     root = tmp_path_factory.mktemp("hardening")
-    model_dir = root / "tiny-model"
-    tiny = tiny_causal_lm(seed=0)
-    tiny.model.save_pretrained(model_dir)
-    tiny.tokenizer.save_pretrained(model_dir)
     run = root / "run"
-    result = cli("score", "--dataset", str(hh_path), "--limit", str(N_PAIRS), "--model", str(model_dir),
+    result = cli("score", "--dataset", str(hh_path), "--limit", str(N_PAIRS), "--model", str(tiny_model_dir),
                  "--out", str(run), "--device", "cpu", "--dtype", "fp32", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = strict_json(result.stdout)  # one document: no progress bar or log line before it

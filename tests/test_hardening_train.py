@@ -171,21 +171,18 @@ def test_cli_parses_text_options_and_passes_new_options(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--bf16 must be auto, on or off" in result.output
 
 
-def test_cli_refuses_a_second_run_into_the_same_out(tmp_path, tiny_lm, monkeypatch):
+def test_cli_refuses_a_second_run_into_the_same_out(tmp_path, tiny_model_dir, monkeypatch):
     from typer.testing import CliRunner
 
     from curate.cli import app
     from curate.rundir import RunDir
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    model_dir = tmp_path / "tiny-model"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
     run = RunDir(tmp_path / "run")
     import polars as pl
 
     run.write_pairs(make_pairs(8), pl.DataFrame())
-    args = ["train", str(run.path), "--model", str(model_dir), "--batch-size", "4", "--max-steps", "1",
+    args = ["train", str(run.path), "--model", str(tiny_model_dir), "--batch-size", "4", "--max-steps", "1",
             "--bf16", "off", "--save-every", "1", "--json"]
     assert CliRunner().invoke(app, args).exit_code == 0
     again = CliRunner().invoke(app, args + ["--beta", "0.3"])

@@ -92,13 +92,10 @@ def test_min_ches_on_nectar_picks_the_lowest_ln_ches_valid_pair_with_k_forwards(
     np.testing.assert_allclose(after["ln_ches"].to_numpy(), before["ln_ches"].to_numpy(), rtol=1e-4)
 
 
-def test_cli_end_to_end_on_a_saved_tiny_model(tiny_lm, tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
+def test_cli_end_to_end_on_a_saved_tiny_model(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "CURATE_QUIET": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "curate.cli", "pairs", str(FIXTURES / "ultrafeedback_raw.jsonl"),
-           "--strategy", "max-margin-low-ches", "--model", str(model_dir), "--device", "cpu", "--dtype", "fp32",
+           "--strategy", "max-margin-low-ches", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
            "--out", str(tmp_path / "run"), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr

@@ -247,13 +247,10 @@ def test_cli_report_json(tmp_path):
 
 # ------------------------------------------------------------------ every real step, with a tiny model
 @pytest.mark.slow
-def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_lm):
+def test_every_step_end_to_end_with_a_tiny_model(tmp_path, tiny_model_dir):
     """All seven steps through the real library functions: a tiny random llama, MiniLM for the features."""
-    model_dir = tmp_path / "tiny"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
     recipe = write_recipe(
-        tmp_path, dataset=str(REPO / "data" / "demo" / "pairs.jsonl"), model=str(model_dir), device="cpu",
+        tmp_path, dataset=str(REPO / "data" / "demo" / "pairs.jsonl"), model=str(tiny_model_dir), device="cpu",
         load={"limit": 24},
         score={"scores": ["ches", "logps", "reward", "noise"], "dtype": "fp32",
                "reward_options": {"embedder": None, "folds": 2, "seeds": [0]}},

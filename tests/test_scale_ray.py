@@ -4,10 +4,7 @@ One local Ray runtime (2 CPUs, a small object store, no dashboard) serves the
 whole module; a few real HH pairs and a tiny random model keep it short.
 """
 
-import gzip
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,12 +13,9 @@ from typer.testing import CliRunner
 
 from curate.cli import app
 from curate.errors import CurateError
-from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
 from curate.score import score
-
-REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
+from tests.conftest import REPO, write_hh_head
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -37,28 +31,9 @@ def ray_runtime():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny = tiny_causal_lm(seed=0)
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def hh_file(tmp_path_factory):
     """10 real HH pairs, one with a reply too long for max_length=300 (quarantined)."""
-    if not HH.exists():
-        pytest.skip(f"shared HH sample not found at {HH}")
-    with gzip.open(HH, "rt") as fh:
-        lines = [next(fh) for _ in range(10)]
-    record = json.loads(lines[3])
-    record["chosen"] += " word" * 400
-    lines[3] = json.dumps(record) + "\n"
-    path = tmp_path_factory.mktemp("hh") / "hh.jsonl.gz"
-    with gzip.open(path, "wt") as fh:
-        fh.writelines(lines)
-    return path
+    return write_hh_head(tmp_path_factory.mktemp("hh") / "hh.jsonl.gz", 10, long_reply_at=3)
 
 
 SETTINGS = dict(dtype="fp32", device="cpu", shard_size=3, max_length=300)
@@ -72,10 +47,10 @@ def assert_same_scores(a: pl.DataFrame, b: pl.DataFrame) -> None:
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=column)
 
 
-def test_ray_with_two_workers_matches_local_and_records_the_engine(ray_runtime, model_dir, hh_file, tmp_path):
-    local = score(str(hh_file), model=str(model_dir), out=tmp_path / "local", **SETTINGS)
+def test_ray_with_two_workers_matches_local_and_records_the_engine(ray_runtime, tiny_model_dir, hh_file, tmp_path):
+    local = score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "local", **SETTINGS)
     result = CliRunner().invoke(app, [
-        "score", "--dataset", str(hh_file), "--model", str(model_dir), "--out", str(tmp_path / "ray"),
+        "score", "--dataset", str(hh_file), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ray"),
         "--dtype", "fp32", "--device", "cpu", "--shard-size", "3", "--max-length", "300",
         "--engine", "ray", "--num-workers", "2", "--json",
     ])
@@ -99,34 +74,34 @@ def test_ray_with_two_workers_matches_local_and_records_the_engine(ray_runtime, 
     assert manifest["model"] == RunDir(tmp_path / "local").manifest()["score"]["model"]
 
 
-def test_resume_skips_shards_whichever_engine_wrote_them(ray_runtime, model_dir, hh_file, tmp_path):
-    first = score(str(hh_file), model=str(model_dir), out=tmp_path / "run", engine="ray", num_workers=2, **SETTINGS)
+def test_resume_skips_shards_whichever_engine_wrote_them(ray_runtime, tiny_model_dir, hh_file, tmp_path):
+    first = score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "run", engine="ray", num_workers=2, **SETTINGS)
     shards = sorted((tmp_path / "run/shards").glob("score-*.parquet"))
     assert len(shards) == 4
     shards[1].unlink()  # as if the worker holding shard 1 had died with the driver
     kept = {p.name: p.stat().st_mtime_ns for p in shards if p.exists()}
 
-    again = score(str(hh_file), model=str(model_dir), out=tmp_path / "run", engine="local", **SETTINGS)
+    again = score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "run", engine="local", **SETTINGS)
     assert RunDir(tmp_path / "run").manifest()["score"]["batch"]["shards_resumed"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in shards if p.name in kept} == kept
     assert_same_scores(first, again)
 
     (tmp_path / "run/shards" / shards[2].name).unlink()
-    third = score(str(hh_file), model=str(model_dir), out=tmp_path / "run", engine="ray", num_workers=1, **SETTINGS)
+    third = score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "run", engine="ray", num_workers=1, **SETTINGS)
     assert RunDir(tmp_path / "run").manifest()["score"]["batch"]["shards_resumed"] == 3
     assert_same_scores(first, third)
 
 
-def test_more_workers_than_the_cluster_can_place_is_refused(ray_runtime, model_dir, hh_file, tmp_path):
+def test_more_workers_than_the_cluster_can_place_is_refused(ray_runtime, tiny_model_dir, hh_file, tmp_path):
     with pytest.raises(CurateError, match="--num-workers"):
-        score(str(hh_file), model=str(model_dir), out=tmp_path / "cpu", engine="ray", num_workers=3, **SETTINGS)
+        score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "cpu", engine="ray", num_workers=3, **SETTINGS)
     with pytest.raises(CurateError, match="GPUs"):
-        score(str(hh_file), model=str(model_dir), out=tmp_path / "gpu", engine="ray", gpus_per_worker=1, **SETTINGS)
+        score(str(hh_file), model=str(tiny_model_dir), out=tmp_path / "gpu", engine="ray", gpus_per_worker=1, **SETTINGS)
 
 
-def test_without_ray_the_engine_says_how_to_install_it(model_dir, hh_file, tmp_path, monkeypatch):
+def test_without_ray_the_engine_says_how_to_install_it(tiny_model_dir, hh_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    result = CliRunner().invoke(app, ["score", "--dataset", str(hh_file), "--model", str(model_dir),
+    result = CliRunner().invoke(app, ["score", "--dataset", str(hh_file), "--model", str(tiny_model_dir),
                                       "--out", str(tmp_path / "r"), "--engine", "ray"])
     assert result.exit_code != 0
     assert "pip install 'curate[ray]'" in " ".join(result.output.split())  # rich wraps long lines

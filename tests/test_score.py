@@ -21,8 +21,8 @@ from curate.score import parse_scores, score
 from curate.lm import probe_layer
 from curate.errors import CurateError
 
-REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz"
+from tests.conftest import HH_SAMPLE as HH, REPO, write_hh_head
+
 COLUMNS = ["ches", "ln_ches", "hidden_inner", "edit_distance_norm", "logp_chosen", "logp_rejected",
            "logp_mean_chosen", "logp_mean_rejected", "n_tokens_prompt", "n_tokens_chosen", "n_tokens_rejected"]
 
@@ -31,17 +31,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_hh_sample(path: Path, n: int, *, long_reply_at: int | None = None) -> Path:
-    """The first n HH lines (plus one broken line) as a local jsonl.gz in a temp dir."""
-    with gzip.open(HH, "rt") as fh:
-        lines = [next(fh) for _ in range(n)]
-    if long_reply_at is not None:
-        record = json.loads(lines[long_reply_at])
-        record["chosen"] += " word" * 400
-        lines[long_reply_at] = json.dumps(record) + "\n"
-    lines.append(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"}) + "\n")
-    with gzip.open(path, "wt") as fh:
-        fh.writelines(lines)
-    return path
+    """The first n HH lines plus one pair with equal replies (refused), as a local jsonl.gz."""
+    return write_hh_head(path, n, long_reply_at=long_reply_at, tie=True)
 
 
 @pytest.fixture(scope="module")
@@ -263,16 +254,13 @@ def test_changed_settings_start_the_shards_afresh(tmp_path, tiny):
     assert_table_matches_reference(tiny, RunDir(tmp_path / "run"), system_prompt="none")
 
 
-def test_cli_score_with_a_local_model_dir(tmp_path, tiny):
+def test_cli_score_with_a_local_model_dir(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
     from curate.cli import app
 
-    model_dir = tmp_path / "tiny-model"
-    tiny.model.save_pretrained(model_dir)
-    tiny.tokenizer.save_pretrained(model_dir)
     data = write_hh_sample(tmp_path / "hh.jsonl.gz", 3)
-    result = CliRunner().invoke(app, ["--quiet", "score", "--dataset", str(data), "--model", str(model_dir),
+    result = CliRunner().invoke(app, ["--quiet", "score", "--dataset", str(data), "--model", str(tiny_model_dir),
                                       "--out", str(tmp_path / "run"), "--dtype", "fp32", "--device", "cpu",
                                       "--batch-size", "2", "--json"])
     assert result.exit_code == 0, result.output

@@ -15,14 +15,6 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tiny_lm):
-    path = tmp_path / "tiny-model"
-    tiny_lm.model.save_pretrained(path)
-    tiny_lm.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def curated(tmp_path):
     from tests.test_train_loop import make_pairs
 
@@ -33,9 +25,9 @@ def curated(tmp_path):
     return run.path
 
 
-def test_train_cli_cdpo_epsilon_auto_json(curated, tiny_dir, monkeypatch):
+def test_train_cli_cdpo_epsilon_auto_json(curated, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_dir), "--loss", "cdpo", "--epsilon", "auto",
+    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_model_dir), "--loss", "cdpo", "--epsilon", "auto",
                                  "--weights", "weight", "--batch-size", "4", "--max-steps", "2", "--bf16", "off",
                                  "--lr", "1e-3", "--json"])
     assert result.exit_code == 0, result.output
@@ -46,8 +38,8 @@ def test_train_cli_cdpo_epsilon_auto_json(curated, tiny_dir, monkeypatch):
     assert len((curated / "train" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_train_cli_errors_are_one_sentence(curated, tiny_dir):
-    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_dir), "--loss", "nope"])
+def test_train_cli_errors_are_one_sentence(curated, tiny_model_dir):
+    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_model_dir), "--loss", "nope"])
     assert result.exit_code == 2 and "unknown --loss" in result.output
-    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_dir), "--soft-labels", "label_confidence"])
+    result = runner.invoke(app, ["train", str(curated), "--model", str(tiny_model_dir), "--soft-labels", "label_confidence"])
     assert result.exit_code == 2 and "label_confidence" in result.output

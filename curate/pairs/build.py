@@ -37,31 +37,22 @@ import torch
 
 from curate.data.response_sets import read_response_sets
 from curate.data.schema import GROUP_COLUMN, quarantine_frame
+from curate.env import progress_bar
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
 from curate.pairs.pooling import pool_response_sets
 from curate.pairs.strategies import CHES_STRATEGIES, DEFAULT_STRATEGY, STRATEGIES, select_pairs
-from curate.rundir import SCORES, RunDir, atomic_write_bytes, write_json, write_parquet
+from curate.rundir import SCORES, SHARDS, RunDir, atomic_write_bytes, fresh_shards, write_parquet
 from curate.scores.ches import ches_matrix
 from curate.scores.engine import resolve_prefix_sharing
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SHARD_SIZE = 256  # prompts per resumable shard
-SHARD_DIR = "shards"
 PLAN = "pool-plan.json"
 
 
 def _shard_path(run: RunDir, k: int) -> Path:
-    return run / SHARD_DIR / f"pool-{k:05d}.npz"
-
-
-def _prepare_shards(run: RunDir, plan: dict[str, Any]) -> None:
-    """Keep the shards made under ``plan``; remove those made under other settings."""
-    plan_path = run / SHARD_DIR / PLAN
-    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan, default=str)):
-        for old in (run / SHARD_DIR).glob("pool-*.npz"):
-            remove_inside(old, run.path)
-    write_json(plan, plan_path)
+    return run / SHARDS / f"pool-{k:05d}.npz"
 
 
 def _sets_digest(sets: pl.DataFrame) -> str:
@@ -103,7 +94,7 @@ def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: i
     n_shards = -(-len(prompt_ids) // shard_size)
     sums: np.ndarray | None = None
     pooled_now = resumed = 0
-    progress, task = _progress(len(encoded))
+    progress, task = progress_bar("pooling responses", len(encoded))
     with progress:
         for k in range(n_shards):
             sums, pooled, was_resumed = _pool_shard(run, lm, encoded, sets, np.flatnonzero(row_shard == k), k, sums,
@@ -112,16 +103,6 @@ def _pool_sets(run: RunDir, lm, encoded: list, sets: pl.DataFrame, shard_size: i
             resumed += was_resumed
             progress.update(task, advance=int((row_shard == k).sum()))
     return sums, {"n_shards": n_shards, "shards_resumed": resumed, "responses_pooled_this_session": pooled_now}
-
-
-def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]pooling responses"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=Console(stderr=True),
-                        disable=os.environ.get("CURATE_QUIET") == "1")
-    return progress, progress.add_task("pool", total=total)
 
 
 def _pool_shard(run: RunDir, lm, encoded: list, sets: pl.DataFrame, rows: np.ndarray, k: int,
@@ -228,7 +209,7 @@ def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, rev
     encoded, refused, n_cut = _encode(encoder, sets)
     plan = {"sets": _sets_digest(sets), "model": lm.info, "dtype": str(lm.dtype), "max_length": max_length or context,
             "system_prompt": system_prompt, "shard_size": shard_size}
-    _prepare_shards(run, plan)
+    fresh_shards(run / SHARDS, plan, plan_file=PLAN, pattern="pool-*.npz")
     t1 = time.time()
     prefix_sharing = resolve_prefix_sharing(lm.model, prefix_sharing)
     sums, shard_info = _pool_sets(run, lm, encoded, sets, shard_size, token_budget, prefix_sharing)

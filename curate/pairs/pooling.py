@@ -30,22 +30,9 @@ from typing import Callable, Sequence
 import torch
 
 from curate.lm import reply_states
-from curate.scores.engine import _is_oom, default_attention_budget, default_token_budget, resolve_prefix_sharing
+from curate.scores.engine import (_is_oom, default_attention_budget, default_token_budget, greedy_batches,
+                                  resolve_prefix_sharing)
 from curate.scores.logps import span_sum
-
-
-def _batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, int]], token_budget: int,
-             attention_budget: int | None) -> list[list[int]]:
-    """Cut ``items`` (already longest first) into batches whose (tokens, attention) cost fits the budgets."""
-    batches: list[list[int]] = []
-    for item in items:
-        if batches:
-            tokens, attention = cost(batches[-1] + [item])
-            if tokens <= token_budget and (attention_budget is None or attention <= attention_budget):
-                batches[-1].append(item)
-                continue
-        batches.append([item])
-    return batches
 
 
 def _sums(model, prompts, replies, owner, shared: bool) -> torch.Tensor:
@@ -99,7 +86,7 @@ def pool_response_sets(model, encoded: Sequence[tuple[Sequence[int], Sequence[in
             return items, _sums(model, [encoded[i][0] for i in items], [encoded[i][1] for i in items],
                                 list(range(len(items))), False)
 
-    pending = _batches(order, cost, budget, attention_budget)
+    pending = greedy_batches(order, cost, budget, attention_budget)
     out: torch.Tensor | None = None
     while pending:
         batch = pending.pop(0)

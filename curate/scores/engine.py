@@ -90,29 +90,37 @@ def plan_batches(
         key=lambda i: (len(pairs[i].prompt), len(pairs[i].chosen) + len(pairs[i].rejected)),
         reverse=True,
     )
+    if batch_size is not None:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def cost(candidate: list[int]) -> tuple[int, int]:
+        batch = [pairs[i] for i in candidate]
+        return batch_cost(batch, prefix_sharing), attention_cost(batch, prefix_sharing)
+
+    return greedy_batches(order, cost, token_budget, attention_budget)
+
+
+def greedy_batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, int]], token_budget: int,
+                   attention_budget: int | None) -> list[list[int]]:
+    """Cut ``items`` (in order) into batches whose (tokens, attention) cost fits the budgets, at least one item each."""
     batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        candidate = current + [index]
-        if batch_size is not None:
-            fits = len(candidate) <= batch_size
-        else:
-            batch = [pairs[i] for i in candidate]
-            fits = batch_cost(batch, prefix_sharing) <= token_budget and (
-                attention_budget is None or attention_cost(batch, prefix_sharing) <= attention_budget)
-        if current and not fits:
-            batches.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        batches.append(current)
+    for item in items:
+        if batches:
+            tokens, attention = cost(batches[-1] + [item])
+            if tokens <= token_budget and (attention_budget is None or attention <= attention_budget):
+                batches[-1].append(item)
+                continue
+        batches.append([item])
     return batches
 
 
-def _reply_scores(model, pairs: Sequence[EncodedPair], prefix_sharing: bool,
-                  want_logps: bool) -> dict[str, torch.Tensor]:
+def forward_batch(
+    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
     prompts, replies, owner = pair_rows(pairs)
-    out = reply_states(model, prompts, replies, owner, shared_prompt=prefix_sharing, probe=True)
+    out = reply_states(model, prompts, replies, owner, shared_prompt=resolve_prefix_sharing(model, prefix_sharing),
+                       probe=True)
     states, lengths = out.states, out.lengths
     rows = torch.arange(len(replies), device=states.device)
     zeros = torch.zeros_like(lengths)
@@ -132,13 +140,6 @@ def _reply_scores(model, pairs: Sequence[EncodedPair], prefix_sharing: bool,
     n = len(pairs)
     return {f"{name}_{side}": value[rows].cpu() for name, value in scores.items()
             for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, 2 * n)))}
-
-
-def forward_batch(
-    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
-) -> dict[str, torch.Tensor]:
-    """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
-    return _reply_scores(model, pairs, resolve_prefix_sharing(model, prefix_sharing), want_logps)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -212,9 +213,9 @@ def score_encoded(
     prefix_sharing: bool | None = None,
     batch_size: int | None = None,
     token_budget: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[list[int]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Score all pairs; returns the engine outputs stacked in input order."""
+    """Score all pairs; returns the engine outputs stacked in input order (``on_batch(indices)`` after each batch)."""
     results: dict[str, torch.Tensor] = {}
     for indices, out in score_batches(
         model, pairs, want_logps=want_logps, prefix_sharing=prefix_sharing,
@@ -226,5 +227,5 @@ def score_encoded(
                 results[name] = torch.empty((len(pairs), *value.shape[1:]), dtype=value.dtype)
             results[name][index] = value
         if on_batch is not None:
-            on_batch(len(indices))
+            on_batch(indices)
     return results

@@ -8,25 +8,21 @@ Anything else goes through :func:`curate.data.load_pairs`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from curate.data.schema import flipped_mask
 from curate.errors import CurateError
+from curate.rundir import ScoreSection, resolve_pairs
 from curate.scores.noise import ACTION_COLUMN, with_action_column
-
-if TYPE_CHECKING:
-    from curate.rundir import ScoreSection
 
 MAX_EPSILON = 0.5
 
 
 def read_training_pairs(data: Any, *, limit: int | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Pairs (pair schema + any extra columns) and a description of where they came from."""
-    from curate.rundir import resolve_pairs
-
     resolved = resolve_pairs(data, limit=limit, with_scores=True)
     pairs, info = resolved.pairs, resolved.info
     if pairs.height == 0:
@@ -91,7 +87,7 @@ def epsilon_from_pairs(pairs: pl.DataFrame) -> float:
     return auto_epsilon(pairs[ACTION_COLUMN].cast(pl.Float64).fill_null(float("nan")).to_numpy(), flipped_mask(pairs))
 
 
-def scored_reference_logps(pairs: pl.DataFrame, section: "ScoreSection", *,
+def scored_reference_logps(pairs: pl.DataFrame, section: ScoreSection, *,
                            model_info: dict[str, Any],
                            system_prompt: str, max_length: int,
                            truncated_any: bool) -> tuple[np.ndarray | None, str]:

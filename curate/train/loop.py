@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from curate.env import progress_bar
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
+from curate.rundir import RunDir, ScoreSection, TrainSection
 from curate.train import checkpoints as ckpt
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig
 from curate.train.batching import (
@@ -124,8 +126,6 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], *, resume: bool, force:
     or ``force`` it is refused, so a second run never mixes its checkpoints
     with (and prunes them against) an older run's.
     """
-    from curate.rundir import RunDir, TrainSection
-
     if force:
         if main:
             for name in TRAIN_OUTPUTS:
@@ -235,8 +235,6 @@ def _reused_reference(data, pairs, policy, encoding, model_info, cfg, make_batch
     """Reference log-probs from the scoring run, if it matches and a step-0 probe agrees; else (None, why)."""
     if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
         return None, "computed before training"
-    from curate.rundir import RunDir, ScoreSection
-
     section = RunDir(data).section(ScoreSection) or ScoreSection()
     values, why = scored_reference_logps(pairs, section, model_info=model_info, system_prompt=cfg.system_prompt,
                                          max_length=cfg.max_length, truncated_any=encoding.truncated > 0)
@@ -420,7 +418,7 @@ def train(
         accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
     accelerator.wait_for_everyone()  # every process has read out's state before the main one claims it
     if main:  # claim the directory: a later run with other settings is refused, even if this one is killed
-        _write_manifest(out, {"status": "started", "fingerprint": fingerprint})
+        RunDir(out).write_section(TrainSection(status="started", fingerprint=fingerprint))
     accelerator.wait_for_everyone()
 
     # -- reference ----------------------------------------------------------
@@ -534,7 +532,7 @@ def train(
         good = ckpt.latest_checkpoint(out / "checkpoints")
         info["stopped"] = stopped
         if main:
-            _write_manifest(out, info)
+            RunDir(out).write_section(TrainSection.from_dict(info))
         raise CurateError(
             f"{head} checkpoint is {good or 'none (no checkpoint was written yet)'}; "
             + (f"continue from it with a lower learning rate: --resume --lr {cfg.lr / 10:.3g}" if good else
@@ -543,9 +541,8 @@ def train(
 
     # -- steps ----------------------------------------------------------------
     last: dict[str, Any] = {}
-    bar = _progress(enabled=progress and main and not os.environ.get("CURATE_QUIET"))
-    with bar as live:
-        task = live.add_task(f"train {cfg.loss}", total=total, completed=start) if live else None
+    live, task = progress_bar(f"train {cfg.loss}", total, completed=start, enabled=progress and main)
+    with live:
         for step in range(start, total):
             t_step = time.perf_counter()
             epoch, within = divmod(step, steps_per_epoch)
@@ -596,9 +593,8 @@ def train(
                                          state={"fingerprint": fingerprint, "loss": loss_value,
                                                 "lr_changes": lr_changes})
                 accelerator.wait_for_everyone()
-            if live:
-                live.update(task, advance=1,
-                            description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
+            live.update(task, advance=1,
+                        description=f"train {cfg.loss} loss {loss_value:.4f} acc {last['reward_accuracy']:.2f}")
 
     final_dir = out / "final"
     if start < total and not cfg.save_every:
@@ -608,7 +604,7 @@ def train(
         _save_final(policy, loaded.tokenizer, final_dir,
                     accelerator.unwrap_model(masks) if masks is not None else None)
         info["final_loss"] = last.get("loss")
-        _write_manifest(out, info)
+        RunDir(out).write_section(TrainSection.from_dict(info))
     accelerator.wait_for_everyone()
     return TrainResult(out, final_dir, total, float(last.get("loss", float("nan"))), last, info)
 
@@ -654,20 +650,3 @@ def _save_final(policy, tokenizer, final_dir: Path, masks) -> None:
     except BaseException:
         remove_inside(tmp, final_dir.parent)
         raise
-
-
-def _write_manifest(out: Path, info: dict[str, Any]) -> None:
-    from curate.rundir import RunDir, TrainSection
-
-    RunDir(out).write_section(TrainSection.from_dict(info))
-
-
-def _progress(*, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from rich.console import Console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True))
