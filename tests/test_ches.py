@@ -227,3 +227,26 @@ def test_reply_groups_bound_the_padding():
     # sorted: 10, 9, 7 (>= 0.7 * 10), then 3 starts a group, 2 < 0.7 * 3 starts another; 0 is skipped
     assert reply_groups([10, 9, 3, 0, 7, 2]) == [[0, 1, 4], [2], [5]]
     assert reply_groups([0, 0]) == []
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_probe_taps_several_layers_side_by_side(shared_prompt):
+    from curate.lm import pair_rows, reply_states
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=EOS, eos_token_id=EOS)
+    model = LlamaForCausalLM(config).eval()
+    pairs = random_pairs(5, seed=3)
+    prompts, replies, owner = pair_rows(pairs)
+    out = reply_states(model, prompts, replies, owner, shared_prompt=shared_prompt, probe=(2, 1))
+    assert out.probe.shape[-1] == 2 * 16
+    for row, reply in enumerate(replies):
+        prompt = prompts[owner[row]]
+        ids = torch.tensor([list(prompt) + list(reply)])
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        span = slice(len(prompt) - 1, ids.shape[1] - 1)
+        want = torch.cat([hidden[2][0, span], hidden[1][0, span]], dim=-1)  # in the order asked
+        assert torch.allclose(out.probe[row, :len(reply)], want, atol=1e-5)
