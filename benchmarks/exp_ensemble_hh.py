@@ -50,7 +50,9 @@ def candidates(cache, base) -> dict[str, dict]:
     """name -> {"sets": feature sets, "l2": float, "heads": "loo" (all + leave-one-out) | "concat" | "separate"}."""
     rest = others(cache, base)
     out = {f"baseline_l2_{v:g}": {"sets": [policy(cache, "mean", 20, "policy"), *rest], "l2": v, "heads": "loo"}
-           for v in (4.0, 8.0, 16.0, 32.0)}
+           for v in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)}
+    out["baseline_nested_l2"] = {"sets": [policy(cache, "mean", 20, "policy"), *rest], "l2": (2.0, 4.0, 16.0, 64.0),
+                                 "heads": "loo"}
     out["policy_alone"] = {"sets": [policy(cache, "mean", 20, "policy")], "l2": 4.0, "heads": "loo"}
     out["baseline_concat_only"] = {"sets": [policy(cache, "mean", 20, "policy"), *rest], "l2": 4.0, "heads": "concat"}
     out["baseline_separate"] = {"sets": [policy(cache, "mean", 20, "policy"), *rest], "l2": 4.0, "heads": "separate"}
@@ -64,6 +66,8 @@ def candidates(cache, base) -> dict[str, dict]:
         out[name] = {"sets": [*sets, *rest], "l2": 4.0, "heads": "loo"}
         # the layers as one block (unit total variance together): the head weighs them against the other features
         out[name + "_oneblock"] = {"sets": [concat_one_block(sets, "policy"), *rest], "l2": 4.0, "heads": "loo"}
+        # one "policy" set whose layers are blocks of their own (what a multi-layer pooled.npz would give)
+        out[name + "_blocks"] = {"sets": [layer_blocks(sets), *rest], "l2": 4.0, "heads": "loo"}
         out[name + "_avg"] = {"sets": [average_layers(sets), *rest], "l2": 4.0, "heads": "loo"}
     out["drop_relevance_logp"] = {"sets": [policy(cache, "mean", 20, "policy"),
                                            *others(cache, base, drop=("relevance", "policy_logp"))],
@@ -73,6 +77,11 @@ def candidates(cache, base) -> dict[str, dict]:
 
 def concat_one_block(sets: list[FeatureSet], name: str) -> FeatureSet:
     return FeatureSet(name, np.concatenate([s.chosen for s in sets], 1), np.concatenate([s.rejected for s in sets], 1))
+
+
+def layer_blocks(sets: list[FeatureSet]) -> FeatureSet:
+    one = concat_one_block(sets, "policy")
+    return FeatureSet("policy", one.chosen, one.rejected, tuple(s.dim for s in sets))
 
 
 def average_layers(sets: list[FeatureSet]) -> FeatureSet:
@@ -121,7 +130,8 @@ def main() -> None:
     names = args.candidates.split(",") if args.candidates else list(specs)
     out = {"data": args.data, "pairs": n, "subset_size": args.subset_size, "subsets": args.subsets,
            "fold_grouping": grouping, "seeds": list(SEEDS), "candidates": {}}
-    print(f"{'candidate':<34}{'512 mean':>9}{'512 min':>9}{'all':>8}", flush=True)
+    size = args.subset_size
+    print(f"{'candidate':<34}{f'{size} mean':>9}{f'{size} min':>9}{'all':>8}", flush=True)
     with threadpool_limits(limits=1):
         for name in names:
             spec = specs[name]
@@ -129,7 +139,7 @@ def main() -> None:
             all_auc = None if args.no_all else oof_auc(spec, np.arange(n), groups)
             out["candidates"][name] = {
                 "subset_aucs": aucs, "subset_mean": float(np.mean(aucs)), "subset_min": float(np.min(aucs)),
-                "all": all_auc, "l2": spec["l2"], "heads": spec["heads"],
+                "all": all_auc, "l2": spec["l2"] if np.isscalar(spec["l2"]) else list(spec["l2"]), "heads": spec["heads"],
                 "feature_sets": {fs.name: fs.dim for fs in spec["sets"]}}
             print(f"{name:<34}{np.mean(aucs):>9.4f}{np.min(aucs):>9.4f}"
                   f"{'' if all_auc is None else format(all_auc, '>8.4f')}", flush=True)

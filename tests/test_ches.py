@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from curate.scores.ches import ches, ches_matrix, hidden_inner, ln_ches, normalized_edit_distance
-from curate.lm import EncodedPair, probe_layer, token_logps
+from curate.lm import EncodedPair, probe_layer, probe_layers, token_logps
 from curate.scores.engine import attention_cost, batch_cost, forward_batch, plan_batches, score_encoded
 from curate.scores.logps import span_sum
 
@@ -250,3 +250,11 @@ def test_probe_taps_several_layers_side_by_side(shared_prompt):
         span = slice(len(prompt) - 1, ids.shape[1] - 1)
         want = torch.cat([hidden[2][0, span], hidden[1][0, span]], dim=-1)  # in the order asked
         assert torch.allclose(out.probe[row, :len(reply)], want, atol=1e-5)
+
+
+def test_probe_layers_of_a_30_block_model():
+    config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    assert probe_layers(model) == (16, 20, 24) and probe_layer(model) == 20
+    assert probe_layers(model, (0.0, 1.0, 2 / 3)) == (1, 20, 29)  # kept inside the blocks, sorted

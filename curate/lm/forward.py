@@ -38,6 +38,10 @@ from curate.lm.head import unwrap
 # 0.686 / 0.705 / 0.722 / 0.721 / 0.714 / 0.698 at layers 4 / 12 / 16 / 20 /
 # 24 / 30 (last) of 30. Fixed as a fraction of depth, not tuned per model.
 PROBE_DEPTH = 2 / 3
+# The reward heads read the best three of those side by side (layers 16, 20, 24
+# of SmolLM2's 30), one block each: within 512-pair subsets of HH harmless this
+# beat the single probe layer (benchmarks/exp_ensemble_hh.py).
+PROBE_DEPTHS = (8 / 15, PROBE_DEPTH, 4 / 5)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], device, pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,22 +98,29 @@ def probe_layer(model) -> int | None:
     ``hidden_states`` entry is after the final norm); None for one-block models
     or architectures whose blocks are not found (the probe is then skipped).
     """
+    layers = probe_layers(model, (PROBE_DEPTH,))
+    return layers[0] if layers else None
+
+
+def probe_layers(model, depths=PROBE_DEPTHS) -> tuple[int, ...]:
+    """The distinct ``hidden_states`` indices at ``depths`` (fractions of the blocks), in order, as in
+    :func:`probe_layer`; () where that has none."""
     blocks = decoder_blocks(model)
     if blocks is None or len(blocks) < 2:
-        return None
-    return min(len(blocks) - 1, max(1, round(PROBE_DEPTH * len(blocks))))
+        return ()
+    return tuple(sorted({min(len(blocks) - 1, max(1, round(d * len(blocks)))) for d in depths}))
 
 
 class _ProbeTap:
     """Keeps the outputs of the probe layers' blocks for each decoder forward inside the block.
 
-    ``layers``: True for :func:`probe_layer`, or ``hidden_states`` indices;
+    ``layers``: True for :func:`probe_layers`, or ``hidden_states`` indices;
     ``last`` is their outputs side by side on the feature axis, [..., len(layers) * d].
     """
 
     def __init__(self, model, layers: bool | Sequence[int]):
         if layers is True:
-            layers = (probe_layer(model),) if probe_layer(model) else ()
+            layers = probe_layers(model)
         self.layers = tuple(layers or ())
         self.layer = self.layers[0] if self.layers else None
         blocks = decoder_blocks(model) if self.layers else None
@@ -140,7 +151,7 @@ class ReplyStates:
 
     states: Tensor  # [R, W, d], the last layer (after the final norm)
     lengths: Tensor  # [R]
-    probe: Tensor | None = None  # [R, W, d] at :func:`probe_layer` ([R, W, k * d] for k requested layers)
+    probe: Tensor | None = None  # [R, W, k * d]: the k probe layers side by side (:func:`probe_layers`)
     layers: list[Tensor] | None = None  # every block's output, L x [R, W, d] (full sequences only)
 
     @property
