@@ -69,6 +69,7 @@ def candidates(cache, base) -> dict[str, dict]:
         # one "policy" set whose layers are blocks of their own (what a multi-layer pooled.npz would give)
         out[name + "_blocks"] = {"sets": [layer_blocks(sets), *rest], "l2": 4.0, "heads": "loo"}
         out[name + "_avg"] = {"sets": [average_layers(sets), *rest], "l2": 4.0, "heads": "loo"}
+    out["layers_16_20_24_blocks_l2_2"] = {**out["layers_16_20_24_blocks"], "l2": 2.0}
     out["drop_relevance_logp"] = {"sets": [policy(cache, "mean", 20, "policy"),
                                            *others(cache, base, drop=("relevance", "policy_logp"))],
                                   "l2": 4.0, "heads": "loo"}
