@@ -14,6 +14,8 @@ seed, AUC over randomly oriented pairs, averaged over seeds). It is scored withi
 each of ``--subsets`` disjoint random subsets of ``--subset-size`` pairs (heads
 trained on ~410 pairs per fold, as on a 512-pair held-out set) and on all pairs;
 the JSON keeps every number, the table prints mean / min over subsets and all.
+``layers_16_20_24_blocks`` is what ``curate score`` now does (``curate.lm.PROBE_DEPTHS``);
+``baseline_l2_4`` the previous default. Numbers: docs/results.md (issue 15).
 """
 
 from __future__ import annotations
