@@ -13,10 +13,12 @@ Columns written to ``RUN/scores.parquet`` (one row per pair_id):
   ``n_tokens_rejected`` (end-of-turn token included), ``n_prompt_tokens_cut``.
 
 ``RUN/pooled.npz`` keeps the mean-pooled reply states of the engine's probe
-layer, two thirds of the way up (fp32; the reward heads' and SAE features;
-the last layer for one-block models): arrays ``pair_id`` [N], ``mean_chosen``
-[N, d], ``mean_rejected`` [N, d], in the row order of ``pair_id``. The
-manifest's ``pooled_layer`` names the ``hidden_states`` index.
+layers (:func:`curate.lm.probe_layers`, about half to four fifths of the way
+up, side by side; fp32; the reward heads' and SAE features; the last layer for
+one-block models): arrays ``pair_id`` [N], ``mean_chosen`` [N, k * d],
+``mean_rejected`` [N, k * d], in the row order of ``pair_id``, and ``layers``
+[k], their ``hidden_states`` indices. The manifest's ``pooled_layer`` names
+the middle one (two thirds of the way up).
 
 Truncation rule: replies are kept whole; the prompt is cut from the left until
 prompt + the longer reply fit ``max_length`` (default: the model's context),
@@ -48,7 +50,7 @@ from curate.errors import CurateError
 from curate.rundir import (POOLED, SHARDS, NoiseSection, RunDir, ScoreSection, dataset_fingerprint, fresh_shards, is_run_dir,
                            replacing, resolve_pairs, write_parquet)
 from curate.scores.ches import ches, hidden_inner, ln_ches, normalized_edit_distance
-from curate.lm import EncodedPair, encode_pairs, probe_layer
+from curate.lm import EncodedPair, encode_pairs, probe_layer, probe_layers
 from curate.scores.engine import resolve_prefix_sharing, score_encoded
 
 MODEL_SCORES = ("ches", "logps")
@@ -275,7 +277,8 @@ def model_facts(lm, *, prefix_sharing: bool | None, max_length: int | None) -> d
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
     return {"info": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
             "prefix_sharing": resolve_prefix_sharing(lm.model, prefix_sharing), "max_length": max_length or context,
-            "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers}
+            "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers,
+            "pooled_layers": list(probe_layers(lm.model)) or [lm.model.config.num_hidden_layers]}
 
 
 def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame, scores: Sequence[str], *,
@@ -361,7 +364,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         raise CurateError(f"none of the {pairs.height} pairs fits in {effective_max} tokens (first reason: "
                           f"{skipped['skip_reason'][0]}); raise --max-length or shorten the replies")
     if "ches" in scores:
-        _write_pooled(run / POOLED, shard_paths)
+        _write_pooled(run / POOLED, shard_paths, facts["pooled_layers"])
     if skipped.height:
         run.write_pairs(
             pairs.filter(~pl.col("pair_id").is_in(skipped["pair_id"].to_list())),
@@ -390,7 +393,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
     }
 
 
-def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
+def _write_pooled(path: Path, shard_paths: Sequence[Path], layers: Sequence[int]) -> None:
     """Write the pooled states of every shard into one ``.npz``, one shard in memory at a time.
 
     Each array is streamed into its zip entry after an ``.npy`` header
@@ -407,6 +410,8 @@ def _write_pooled(path: Path, shard_paths: Sequence[Path]) -> None:
                                                  allowZip64=True) as archive:
         with archive.open("pair_id.npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array(fh, ids)
+        with archive.open("layers.npy", "w") as fh:
+            np.lib.format.write_array(fh, np.asarray(layers, dtype=np.int64))
         for column, name in (("pooled_chosen", "mean_chosen"), ("pooled_rejected", "mean_rejected")):
             with archive.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),

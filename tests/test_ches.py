@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from curate.scores.ches import ches, ches_matrix, hidden_inner, ln_ches, normalized_edit_distance
-from curate.lm import EncodedPair, probe_layer, token_logps
+from curate.lm import EncodedPair, probe_layer, probe_layers, token_logps
 from curate.scores.engine import attention_cost, batch_cost, forward_batch, plan_batches, score_encoded
 from curate.scores.logps import span_sum
 
@@ -227,3 +227,34 @@ def test_reply_groups_bound_the_padding():
     # sorted: 10, 9, 7 (>= 0.7 * 10), then 3 starts a group, 2 < 0.7 * 3 starts another; 0 is skipped
     assert reply_groups([10, 9, 3, 0, 7, 2]) == [[0, 1, 4], [2], [5]]
     assert reply_groups([0, 0]) == []
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_probe_taps_several_layers_side_by_side(shared_prompt):
+    from curate.lm import pair_rows, reply_states
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=EOS, eos_token_id=EOS)
+    model = LlamaForCausalLM(config).eval()
+    pairs = random_pairs(5, seed=3)
+    prompts, replies, owner = pair_rows(pairs)
+    out = reply_states(model, prompts, replies, owner, shared_prompt=shared_prompt, probe=(2, 1))
+    assert out.probe.shape[-1] == 2 * 16
+    for row, reply in enumerate(replies):
+        prompt = prompts[owner[row]]
+        ids = torch.tensor([list(prompt) + list(reply)])
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        span = slice(len(prompt) - 1, ids.shape[1] - 1)
+        want = torch.cat([hidden[2][0, span], hidden[1][0, span]], dim=-1)  # in the order asked
+        assert torch.allclose(out.probe[row, :len(reply)], want, atol=1e-5)
+
+
+def test_probe_layers_of_a_30_block_model():
+    config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    assert probe_layers(model) == (16, 20, 24) and probe_layer(model) == 20
+    assert probe_layers(model, (0.0, 1.0, 2 / 3)) == (1, 20, 29)  # kept inside the blocks, sorted

@@ -201,6 +201,16 @@ def test_score_reward_and_noise_writes_columns_and_manifest(tmp_path, tiny_rewar
     np.testing.assert_allclose(got.chosen, fs.chosen[::-1])
 
 
+def test_pooled_states_of_several_probe_layers_are_one_block_each():
+    mean = np.arange(12.0).reshape(2, 6)
+    pooled = {"pair_id": np.array(["a", "b"]), "mean_chosen": mean, "mean_rejected": -mean}
+    assert reward.policy_feature_set(None, ["b", "a"], pooled).block_dims == (6,)  # older runs: one block
+    got = reward.policy_feature_set(None, ["b", "a"], {**pooled, "layers": np.array([16, 20, 24])})
+    assert got.block_dims == (2, 2, 2)
+    np.testing.assert_array_equal(got.chosen, mean[::-1])
+    np.testing.assert_array_equal(got.column_block_width(), [2.0] * 6)
+
+
 def test_missing_policy_states_for_some_pairs_warns_and_skips_them(tmp_path):
     from curate.rundir import RunDir
 

@@ -18,7 +18,7 @@ from curate.models import tiny_causal_lm
 from curate.rundir import RunDir
 from curate.lm import encode_pair
 from curate.score import parse_scores, score
-from curate.lm import probe_layer
+from curate.lm import probe_layers
 from curate.errors import CurateError
 
 from tests.conftest import HH_SAMPLE as HH, REPO, write_hh_head
@@ -44,7 +44,7 @@ def reference_scores(lm, prompt, chosen, rejected, system_prompt="default", max_
     """The definition at batch size 1: full unpadded forwards with all hidden states."""
     encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=max_length)
     pair, _ = encode_pair(encoder, prompt, chosen, rejected)
-    layer = probe_layer(lm.model)
+    layers = probe_layers(lm.model)
     sums, lasts, logps, probes = [], [], [], []
     for reply in (pair.chosen, pair.rejected):
         ids = torch.tensor([list(pair.prompt) + list(reply)])
@@ -54,7 +54,7 @@ def reference_scores(lm, prompt, chosen, rejected, system_prompt="default", max_
         states = out.hidden_states[-1][0, p - 1 : t - 1].double()
         sums.append(states.sum(0))
         lasts.append(states[-1])
-        probes.append(out.hidden_states[layer][0, p - 1 : t - 1].double().mean(0))
+        probes.append(torch.cat([out.hidden_states[k][0, p - 1 : t - 1].double().mean(0) for k in layers]))
         logps.append(torch.log_softmax(out.logits[0, p - 1 : t - 1].double(), -1).gather(1, ids[0, p:t, None]).sum().item())
     n_pos, n_neg = len(pair.chosen), len(pair.rejected)
     m_pos, m_neg = sums[0] / n_pos, sums[1] / n_neg
@@ -109,6 +109,7 @@ def test_score_writes_run_directory_matching_the_definition(tmp_path, tiny):
     pooled = np.load(run / "pooled.npz")
     assert pooled["mean_chosen"].shape == (10, tiny.model.config.hidden_size)
     assert pooled["mean_chosen"].dtype == np.float32
+    assert pooled["layers"].tolist() == [1]  # two blocks: the probe layers collapse to the first
     assert_table_matches_reference(tiny, run)
 
 

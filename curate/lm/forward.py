@@ -38,6 +38,11 @@ from curate.lm.head import unwrap
 # 0.686 / 0.705 / 0.722 / 0.721 / 0.714 / 0.698 at layers 4 / 12 / 16 / 20 /
 # 24 / 30 (last) of 30. Fixed as a fraction of depth, not tuned per model.
 PROBE_DEPTH = 2 / 3
+# The reward heads read the best three of those side by side (layers 16, 20, 24
+# of SmolLM2's 30), one block each: on 512 HH harmless pairs the ensemble's OOF
+# AUC went from 0.705 (layer 20 alone) to 0.712, and from 0.693 to 0.700 on two
+# 256-pair halves (benchmarks/exp_ensemble_hh.py, results/exp_ensemble_hh_layers_*).
+PROBE_DEPTHS = (8 / 15, PROBE_DEPTH, 4 / 5)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], device, pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,31 +99,51 @@ def probe_layer(model) -> int | None:
     ``hidden_states`` entry is after the final norm); None for one-block models
     or architectures whose blocks are not found (the probe is then skipped).
     """
+    layers = probe_layers(model, (PROBE_DEPTH,))
+    return layers[0] if layers else None
+
+
+def probe_layers(model, depths=PROBE_DEPTHS) -> tuple[int, ...]:
+    """The distinct ``hidden_states`` indices at ``depths`` (fractions of the blocks), in order, as in
+    :func:`probe_layer`; () where that has none."""
     blocks = decoder_blocks(model)
     if blocks is None or len(blocks) < 2:
-        return None
-    return min(len(blocks) - 1, max(1, round(PROBE_DEPTH * len(blocks))))
+        return ()
+    return tuple(sorted({min(len(blocks) - 1, max(1, round(d * len(blocks)))) for d in depths}))
 
 
 class _ProbeTap:
-    """Keeps the output of the probe layer's block for each decoder forward inside the block."""
+    """Keeps the outputs of the probe layers' blocks for each decoder forward inside the block.
 
-    def __init__(self, model, enabled: bool):
-        self.layer = probe_layer(model) if enabled else None
-        self.block = decoder_blocks(model)[self.layer - 1] if self.layer else None
-        self.last: Tensor | None = None
+    ``layers``: True for :func:`probe_layers`, or ``hidden_states`` indices;
+    ``last`` is their outputs side by side on the feature axis, [..., len(layers) * d].
+    """
+
+    def __init__(self, model, layers: bool | Sequence[int]):
+        if layers is True:
+            layers = probe_layers(model)
+        self.layers = tuple(layers or ())
+        self.layer = self.layers[0] if self.layers else None
+        blocks = decoder_blocks(model) if self.layers else None
+        self.blocks = [blocks[k - 1] for k in self.layers]
+        self.outputs: dict[int, Tensor] = {}
 
     def __enter__(self) -> "_ProbeTap":
-        if self.block is not None:
-            self.handle = self.block.register_forward_hook(self._keep)
+        self.handles = [block.register_forward_hook(self._keeper(k)) for k, block in zip(self.layers, self.blocks)]
         return self
 
-    def _keep(self, module, args, output) -> None:
-        self.last = output[0] if isinstance(output, tuple) else output
+    def _keeper(self, layer: int):
+        def keep(module, args, output) -> None:
+            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    @property
+    def last(self) -> Tensor:
+        return torch.cat([self.outputs[k] for k in self.layers], dim=-1)
 
     def __exit__(self, *exc) -> None:
-        if self.block is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 @dataclass
@@ -127,7 +152,7 @@ class ReplyStates:
 
     states: Tensor  # [R, W, d], the last layer (after the final norm)
     lengths: Tensor  # [R]
-    probe: Tensor | None = None  # [R, W, d] at :func:`probe_layer`
+    probe: Tensor | None = None  # [R, W, k * d]: the k probe layers side by side (:func:`probe_layers`)
     layers: list[Tensor] | None = None  # every block's output, L x [R, W, d] (full sequences only)
 
     @property
@@ -143,7 +168,7 @@ def _cache_rows(cache, rows: Tensor, config):
     return DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
 
 
-def _shared(model, prompts, replies, owner, probe: bool) -> ReplyStates:
+def _shared(model, prompts, replies, owner, probe) -> ReplyStates:
     decoder = unwrap(model).base_model
     device = next(model.parameters()).device
     ids, mask, positions = left_pad(prompts, device)
@@ -157,7 +182,7 @@ def _shared(model, prompts, replies, owner, probe: bool) -> ReplyStates:
         states[:, 0] = last_state
         probe_states = None
         if tap.layer:
-            probe_states = torch.zeros_like(states)
+            probe_states = states.new_zeros(*states.shape[:2], tap.last.shape[-1])
             probe_states[:, 0] = tap.last[:, -1][owner_t]
         prompt_lens = mask.sum(1)
         for group in reply_groups(fed_lens):
@@ -180,7 +205,7 @@ def _shared(model, prompts, replies, owner, probe: bool) -> ReplyStates:
     return ReplyStates(states, lengths, probe_states)
 
 
-def _full(model, prompts, replies, owner, probe: bool, all_layers: bool) -> ReplyStates:
+def _full(model, prompts, replies, owner, probe, all_layers: bool) -> ReplyStates:
     decoder = unwrap(model).base_model
     device = next(model.parameters()).device
     seqs = [list(prompts[o]) + list(r[:-1]) for o, r in zip(owner, replies)]
@@ -199,7 +224,7 @@ def _full(model, prompts, replies, owner, probe: bool, all_layers: bool) -> Repl
 
 
 def reply_states(model, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],
-                 owner: Sequence[int], *, shared_prompt: bool, grad: bool = False, probe: bool = False,
+                 owner: Sequence[int], *, shared_prompt: bool, grad: bool = False, probe: bool | Sequence[int] = False,
                  all_layers: bool = False) -> ReplyStates:
     """The states predicting every reply (see the module docstring); ``owner[r]`` indexes ``prompts``."""
     if any(len(p) == 0 for p in prompts) or any(len(r) == 0 for r in replies):

@@ -2,8 +2,8 @@
 
 For every pair it returns, per reply, the fp32 sum of the last-layer hidden
 states at the positions that predict the reply (CHES), the last of those
-states (the hidden-inner-product baseline), the same sum at a probe layer two
-thirds of the way up (the reward heads' features: :func:`curate.lm.probe_layer`)
+states (the hidden-inner-product baseline), the same sum at the probe layers
+side by side (the reward heads' features: :func:`curate.lm.probe_layers`)
 and, when asked, the summed log-prob of the reply through the model's own head
 and logit post-processing (:func:`curate.lm.token_logps`, fp32, reply
 positions only).

@@ -582,7 +582,9 @@ def policy_feature_set(run, pair_ids: Sequence[str], pooled: Mapping[str, np.nda
 
     ``pooled`` (or ``RUN/pooled.npz``) holds ``pair_id`` and either
     ``mean_chosen``/``mean_rejected`` [n, d] or ``sum_chosen``/``sum_rejected``
-    with ``len_chosen``/``len_rejected``. None when neither exists.
+    with ``len_chosen``/``len_rejected``. None when neither exists. With
+    ``layers`` [k] (the engine's probe layers side by side) each layer is a
+    block of its own (d / k columns); without it, one block (older runs).
     """
     if pooled is None:
         path = run / POOLED_FILE
@@ -605,7 +607,8 @@ def policy_feature_set(run, pair_ids: Sequence[str], pooled: Mapping[str, np.nda
         )
         return None
     rows = np.array([index[p] for p in pair_ids])
-    return FeatureSet("policy", np.asarray(mc)[rows], np.asarray(mr)[rows])
+    k = len(pooled["layers"]) if "layers" in pooled else 1
+    return FeatureSet("policy", np.asarray(mc)[rows], np.asarray(mr)[rows], (np.shape(mc)[1] // k,) * k)
 
 
 LOGP_COLUMNS = ("logp_chosen", "logp_rejected", "logp_mean_chosen", "logp_mean_rejected")
@@ -639,7 +642,7 @@ def build_feature_sets(
 ) -> list[FeatureSet]:
     """Frozen feature sets of every pair, none of which depends on the labels.
 
-    - ``policy``: the policy's mean-pooled reply states at its probe layer (CHES pass, if present),
+    - ``policy``: the policy's mean-pooled reply states at its probe layers, one block per layer (CHES pass, if present),
     - ``policy_logp``: the policy's reply log-probs (logps pass, if present),
     - ``reply_emb``: sentence embeddings of the replies (``embedder``),
     - ``relevance``: cosine of each reply's embedding with the last user turn's,
