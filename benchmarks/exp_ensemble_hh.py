@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--subset-size", type=int, default=512)
     parser.add_argument("--candidates", type=str, default=None, help="comma-separated subset of the names")
     parser.add_argument("--no-all", action="store_true", help="skip the all-pairs column")
+    parser.add_argument("--noise", type=str, default=None,
+                        help="a candidate whose noise estimate on all cached pairs goes in the JSON (HH's flip rate)")
     parser.add_argument("--out", type=Path, default=RESULTS / "exp_ensemble_hh.json")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
@@ -146,6 +148,17 @@ def main() -> None:
                 "feature_sets": {fs.name: fs.dim for fs in spec["sets"]}}
             print(f"{name:<34}{np.mean(aucs):>9.4f}{np.min(aucs):>9.4f}"
                   f"{'' if all_auc is None else format(all_auc, '>8.4f')}", flush=True)
+        if args.noise:
+            from curate.scores.reward import reward_and_noise
+
+            columns, info = reward_and_noise(specs[args.noise]["sets"], groups=groups, grouping=grouping)
+            keys = ("flip_rate", "flip_rate_interval", "identifiable", "flip_rate_posterior_mean", "conservative_rate",
+                    "summary")
+            out["noise"] = {"candidate": args.noise, "pairs": n, "oof_auc": info["reward"]["oof_auc"],
+                            **{k: info["noise"][k] for k in keys},
+                            "estimators": {k: v["rate"] for k, v in info["noise"]["estimators"].items()},
+                            "mean_flip_prob": float(np.mean(columns["flip_prob"]))}
+            print(info["noise"]["summary"], flush=True)
     out["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
