@@ -16,7 +16,8 @@
 
 Reduced CPU run (what docs/results.md reports):
 
-    python benchmarks/exp_displacement.py --out benchmarks/results/exp_displacement_cpu.json
+    python benchmarks/exp_displacement.py --pairs-per-file 64 --window 32 --max-length 128 --seeds 0 \
+        --control --out benchmarks/results/exp_displacement_cpu.json
 
 Full size (512-pair windows, every pair, 3 seeds, on a GPU):
 
@@ -101,7 +102,8 @@ def main() -> None:
     ap.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS))
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a new temp dir); an earlier "
                     "run's dir reuses its finished score shards")
-    ap.add_argument("--control", action="store_true", help="also train the first window at lr 0 (Δ must be 0)")
+    ap.add_argument("--control", action="store_true", help="also train the first window at lr 1e-30, "
+                    "which moves only exactly-zero weights: Δ must be ~0 (pipeline noise)")
     ap.add_argument("--full", action="store_true", help="the paper's size: " + json.dumps(FULL))
     args = ap.parse_args()
     if args.full:
