@@ -16,7 +16,8 @@
 
 Reduced CPU run (what docs/results.md reports):
 
-    python benchmarks/exp_displacement.py --out benchmarks/results/exp_displacement_cpu.json
+    python benchmarks/exp_displacement.py --pairs-per-file 64 --window 32 --max-length 128 --seeds 0 \
+        --control --out benchmarks/results/exp_displacement_cpu.json
 
 Full size (512-pair windows, every pair, 3 seeds, on a GPU):
 
@@ -51,6 +52,7 @@ PERCENTILES = (0, 25, 50, 75, 100)
 RUN_ORDER = (0, 4, 2, 1, 3)  # indices into PERCENTILES
 PAPER = {"optimizer": "rmsprop", "lr": 1e-7, "epochs": 1, "batch_size": 32, "beta": 0.1, "warmup_ratio": 0.0,
          "loss": "dpo"}
+CONTROL_LR = 1e-30  # curate refuses lr 0; RMSProp's first step, ~10·lr, is below an fp32 ulp of any weight ≠ 0
 FULL = {"pairs_per_file": None, "window": 512, "seeds": [0, 1, 2], "max_length": 512, "device": "cuda"}
 
 
@@ -95,9 +97,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=PAPER["batch_size"], help="the paper's 32 unless smoke-testing")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step: the same batch gradient, "
+                    "and train()'s finite-gradient probe before saving then costs one micro-batch, not a full batch")
     ap.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS))
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a new temp dir); an earlier "
                     "run's dir reuses its finished score shards")
+    ap.add_argument("--control", action="store_true", help="also train the first window at lr 1e-30, "
+                    "which moves only exactly-zero weights: Δ must be ~0 (pipeline noise)")
     ap.add_argument("--full", action="store_true", help="the paper's size: " + json.dumps(FULL))
     args = ap.parse_args()
     if args.full:
@@ -109,7 +115,6 @@ def main() -> None:
     from curate.eval import reply_logps, spearman
     from curate.lm import encode_pairs
     from curate.models import load_causal_lm
-    from curate.train import train
 
     t_start = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="exp_displacement."))
@@ -121,11 +126,13 @@ def main() -> None:
     encoder = ChatEncoder(ref.tokenizer, max_length=args.max_length)
 
     plan = {column: windows(scores, column, args.window) for column in args.rankings}
-    settings = {**PAPER, "batch_size": args.batch_size}
+    settings = {**PAPER, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
     result: dict[str, Any] = {
         "command": "python benchmarks/exp_displacement.py " + ("--full " if args.full else "") + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("out", "full", "work")) + f" --out {args.out}",
+            f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else
+                                          f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+            for k, v in vars(args).items() if k not in ("out", "full", "work") and v is not False)
+        + f" --out {args.out}",
         "model": ref.info, "device": args.device, "torch_threads": args.threads,
         "data": {"files": list(FILES), "pairs_per_file": args.pairs_per_file, "pairs_scored": scores.height,
                  "by_file": scores.join(pairs.select("pair_id", "file"), on="pair_id")["file"].value_counts()
@@ -155,25 +162,17 @@ def main() -> None:
             for seed in args.seeds:
                 key = (frozenset(ids), seed)
                 if key not in cache:
-                    policy = load_causal_lm(MODEL, device=args.device, dtype="fp32")
-                    out = work / f"train-{column}-{k}-{seed}"
-                    t0 = time.perf_counter()
-                    res = train(frame, out=out, model=policy, progress=False, seed=seed, save_every=0,
-                                max_length=args.max_length, bf16=True, device=args.device, **settings)
-                    seconds = time.perf_counter() - t0
-                    shutil.rmtree(out, ignore_errors=True)
-                    policy.model.eval()
-                    c, r = reply_logps(policy.model, encoded)
-                    d_c, d_r = c - ref_c, r - ref_r
-                    cache[key] = {"seed": seed, "steps": res.steps, "train_seconds": round(seconds, 1),
-                                  "final_train_loss": res.final_loss,
-                                  "mean_delta_chosen": float(d_c.mean()), "mean_delta_rejected": float(d_r.mean()),
-                                  "mean_delta_chosen_per_token": float((d_c / n_c).mean()),
-                                  "frac_chosen_fell": float((d_c < 0).mean()),
-                                  "implicit_reward_accuracy": float(((d_c - d_r) > 0).mean())}
-                    del policy
+                    cache[key] = train_and_measure(frame, encoded, (ref_c, ref_r), settings, seed, args,
+                                                   work / f"train-{column}-{k}-{seed}")
                 entry["runs"].append(cache[key])
                 print(json.dumps({"ranking": column, "percentile": PERCENTILES[k], **cache[key]}), flush=True)
+            if args.control and "zero_step_control" not in result:
+                # A step too small to move an fp32 weight, through the same train() and measurement: any
+                # nonzero Δ would be noise of the pipeline itself (bf16 leaking into the fp32 evaluation).
+                control = train_and_measure(frame, encoded, (ref_c, ref_r), {**settings, "lr": CONTROL_LR},
+                                            args.seeds[0], args, work / "train-control", ref_model=ref.model)
+                result["zero_step_control"] = {"ranking": column, "percentile": PERCENTILES[k], **control}
+                print(json.dumps({"zero_step_control": control}), flush=True)
             entry["mean_delta_chosen"] = float(np.mean([r["mean_delta_chosen"] for r in entry["runs"]]))
             result["windows"].append(entry)
             result["spearman"] = order_correlations(result["windows"], args.seeds, spearman)
@@ -182,6 +181,39 @@ def main() -> None:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result["spearman"], indent=2))
+
+
+def train_and_measure(frame, encoded, ref_logps, settings: dict, seed: int, args, out: Path,
+                      ref_model=None) -> dict[str, Any]:
+    """DPO from a fresh copy of the bundled model on ``frame``; fp32 Δ log π of ``encoded`` against ``ref_logps``.
+    With ``ref_model``, also counts the weights that differ from it after training."""
+    from curate.eval import reply_logps
+    from curate.models import load_causal_lm
+    from curate.train import train
+
+    policy = load_causal_lm(MODEL, device=args.device, dtype="fp32")
+    t0 = time.perf_counter()
+    res = train(frame, out=out, model=policy, progress=False, seed=seed, save_every=0, max_length=args.max_length,
+                bf16=True, device=args.device, **settings)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    policy.model.eval()
+    c, r = reply_logps(policy.model, encoded)
+    d_c, d_r = c - ref_logps[0], r - ref_logps[1]
+    n_c = np.array([len(e.chosen) for e in encoded], dtype=np.float64)
+    return {"seed": seed, "lr": settings["lr"], "steps": res.steps, "train_seconds": round(seconds, 1),
+            "final_train_loss": res.final_loss,
+            "mean_delta_chosen": float(d_c.mean()), "mean_delta_rejected": float(d_r.mean()),
+            "max_abs_delta_chosen": float(np.abs(d_c).max()),
+            "mean_delta_chosen_per_token": float((d_c / n_c).mean()),
+            "frac_chosen_fell": float((d_c < 0).mean()),
+            "implicit_reward_accuracy": float(((d_c - d_r) > 0).mean()),
+            **({} if ref_model is None else {"weights_changed": changed_weights(policy.model, ref_model)})}
+
+
+def changed_weights(model, ref_model) -> int:
+    with torch.no_grad():
+        return int(sum((p != q).sum() for p, q in zip(model.parameters(), ref_model.parameters(), strict=True)))
 
 
 def order_correlations(entries: list[dict], seeds: list[int], spearman) -> dict[str, Any]:

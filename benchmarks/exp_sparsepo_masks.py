@@ -120,6 +120,7 @@ def evaluate_policy(policy, encoded, ref_c, ref_r, beta: float) -> dict[str, flo
     c, r = reply_logps(policy, encoded)
     return {"mean_delta_chosen": float(np.mean(c - ref_c)), "mean_delta_rejected": float(np.mean(r - ref_r)),
             "frac_chosen_fell": float(np.mean(c < ref_c)),
+            "ranking_accuracy": float(np.mean(c > r)), "ref_ranking_accuracy": float(np.mean(ref_c > ref_r)),
             "implicit_reward_accuracy": implicit_reward_accuracy(c, r, ref_c, ref_r, beta)}
 
 
@@ -218,8 +219,8 @@ def summarise(inits, runs) -> dict[str, Any]:
                              for k in ("mask_mean", "zero_fraction", "masked_over_dpo_margin")}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rows = [r for r in runs if r["arm"] == arm]
-        out["runs"][arm] = {f"{split}.{k}": mean_ci([r[split][k] for r in rows])
-                            for split in ("train", "heldout") for k in ("mean_delta_chosen", "implicit_reward_accuracy")}
+        out["runs"][arm] = {f"{split}.{k}": mean_ci([r[split][k] for r in rows]) for split in ("train", "heldout")
+                            for k in ("mean_delta_chosen", "implicit_reward_accuracy", "ranking_accuracy")}
     return out
 
 
