@@ -168,7 +168,7 @@ import curate.score as S
 from curate.models import tiny_causal_lm
 kill_at = int(sys.argv[3]) if sys.argv[3].isdigit() else 0
 if sys.argv[3] == "pooled":  # die while the pooled states are half written, after every shard
-    def half_pooled(path, shard_paths):
+    def half_pooled(path, shard_paths, *layers):
         path.with_name("." + path.name + ".tmp").write_bytes(b"PK half")
         os.kill(os.getpid(), signal.SIGKILL)
     S._write_pooled = half_pooled
