@@ -67,7 +67,6 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 STRENGTH_COLUMN = "rm_margin_mean"
 P_CHOSEN_COLUMN = "p_chosen"
-FLIP_PROB_COLUMN = ACTION_COLUMN  # the conservative posterior: what the data support
 
 # MADPO defaults from methods.md section 6 (the reference code's tau is 2).
 MADPO_C_MAX = 2.0
@@ -392,7 +391,7 @@ class MaxFlipProb(_Threshold):
     """Pairs whose estimated probability of a wrong label is above X (X in [0, 1])."""
 
     option: ClassVar[str] = "max_flip_prob"
-    column: ClassVar[str] = FLIP_PROB_COLUMN
+    column: ClassVar[str] = ACTION_COLUMN
     select: ClassVar[str] = "above"
     bounds: ClassVar[tuple[float, float, str]] = (0.0, 1.0, "a probability in [0, 1]")
 
@@ -705,14 +704,14 @@ def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarra
         columns["weight"] = pl.Series(np.where(no_value, 1.0, base) * factor, dtype=pl.Float64)
         info["weight_without_score"] = int(no_value.sum())
     if soft_labels:
-        flip_prob = _float_column(kept, FLIP_PROB_COLUMN)
+        flip_prob = _float_column(kept, ACTION_COLUMN)
         confidence = np.where(flipped, flip_prob, 1.0 - flip_prob)
         no_value = np.isnan(confidence)
         if no_value.any():
-            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no {FLIP_PROB_COLUMN}; "
+            warnings.append(f"--soft-labels: {int(no_value.sum())} pairs have no {ACTION_COLUMN}; "
                             "their label_confidence is 1")
         columns["label_confidence"] = pl.Series(np.where(no_value, 1.0, confidence), dtype=pl.Float64)
-        info["label_confidence_from"] = FLIP_PROB_COLUMN
+        info["label_confidence_from"] = ACTION_COLUMN
         info["confidence_without_score"] = int(no_value.sum())
     return columns, info, warnings
 
@@ -727,7 +726,7 @@ def _required_columns(rules: Sequence[Rule], weights: str, soft_labels: bool) ->
     if weights == "madpo":
         needed.setdefault(P_CHOSEN_COLUMN, "--weights madpo (margin = logit(p_chosen))")
     if soft_labels:
-        needed.setdefault(FLIP_PROB_COLUMN, "--soft-labels")
+        needed.setdefault(ACTION_COLUMN, "--soft-labels")
     return needed
 
 

@@ -123,7 +123,6 @@ class _ProbeTap:
         if layers is True:
             layers = probe_layers(model)
         self.layers = tuple(layers or ())
-        self.layer = self.layers[0] if self.layers else None
         blocks = decoder_blocks(model) if self.layers else None
         self.blocks = [blocks[k - 1] for k in self.layers]
         self.outputs: dict[int, Tensor] = {}
@@ -181,9 +180,10 @@ def _shared(model, prompts, replies, owner, probe) -> ReplyStates:
         states = last_state.new_zeros(len(replies), 1 + max(fed_lens), last_state.shape[-1])
         states[:, 0] = last_state
         probe_states = None
-        if tap.layer:
-            probe_states = states.new_zeros(*states.shape[:2], tap.last.shape[-1])
-            probe_states[:, 0] = tap.last[:, -1][owner_t]
+        if tap.layers:
+            prompt_probe = tap.last[:, -1]  # concatenate the layers once, last column only
+            probe_states = states.new_zeros(*states.shape[:2], prompt_probe.shape[-1])
+            probe_states[:, 0] = prompt_probe[owner_t]
         prompt_lens = mask.sum(1)
         for group in reply_groups(fed_lens):
             rows = torch.tensor(group, device=device)
@@ -219,7 +219,7 @@ def _full(model, prompts, replies, owner, probe, all_layers: bool) -> ReplyState
     gather = ((width - lengths).unsqueeze(1) + torch.arange(int(lengths.max()), device=device)).clamp(max=width - 1)
     rows = torch.arange(len(seqs), device=device).unsqueeze(1)
     layers = [h[rows, gather] for h in out.hidden_states[1:]] if all_layers else None
-    return ReplyStates(out.last_hidden_state[rows, gather], lengths, tap.last[rows, gather] if tap.layer else None,
+    return ReplyStates(out.last_hidden_state[rows, gather], lengths, tap.last[rows, gather] if tap.layers else None,
                        layers)
 
 
