@@ -212,6 +212,8 @@ def score_cmd(
     strategy: str = STRATEGY,
     revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
     reward_model: list[str] = typer.Option([], "--reward-model", help="Pretrained reward model for --scores reward (repeatable)."),
+    priors: bool = typer.Option(True, "--priors/--no-priors",
+                                help="--scores reward: add the shipped reward priors that apply (trained on HH-RLHF)."),
     as_json: bool = AS_JSON,
     force: bool = typer.Option(False, "--force", help="Replace a run directory that holds another dataset (and its scores)."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data workers; pip install 'curate[ray]')."),
@@ -230,7 +232,7 @@ def score_cmd(
         raise CurateError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     from curate.score import render_score_summary, score, score_summary
 
-    reward_options = {"reward_models": reward_model} if reward_model else None
+    reward_options = {"reward_models": reward_model, "priors": priors}
     score(
         dataset, out=out, model=model, scores=scores, limit=limit, batch_size=batch_size, token_budget=token_budget,
         dtype=dtype, device=device, max_length=max_length, system_prompt=system_prompt,

@@ -192,6 +192,7 @@ class RewardSection(Section):
     auc_protocol: str | None = None
     auc_by_feature_set: dict[str, Any] | None = None
     auc_by_member_group: dict[str, Any] | None = None
+    priors: list[dict[str, Any]] = field(default_factory=list)  # shipped reward priors: used, or why not
 
 
 @dataclass

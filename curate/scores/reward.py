@@ -686,6 +686,7 @@ def score_reward_and_noise(
     estimator: str | None = None,
     device: str = "auto",
     cache_dir=None,
+    priors: bool = True,
 ):
     """Reward-ensemble strength and noise-flip columns for a run; merged into RUN/scores.parquet.
 
@@ -693,7 +694,8 @@ def score_reward_and_noise(
     ``RUN/pooled.npz`` from the CHES pass; never recomputed here), reply
     embeddings from ``embedder`` (None to skip) and text statistics. Each
     ``reward_models`` entry adds a pretrained reward model; ``extra_members``
-    adds precomputed ones (e.g. implicit DPO rewards). Writes manifest
+    adds precomputed ones (e.g. implicit DPO rewards). ``priors``: add the
+    shipped reward priors that apply (:mod:`curate.scores.prior`). Writes manifest
     sections ``reward`` and ``noise`` and returns the new columns.
     """
     import time
@@ -709,6 +711,15 @@ def score_reward_and_noise(
     started = time.perf_counter()
     feature_sets = build_feature_sets(pairs, run=run, embedder=embedder, pooled=pooled, text_stats=text_stats,
                                       device=device, cache_dir=cache_dir)
+    priors_used: list[dict[str, Any]] = []
+    if priors:
+        from curate.rundir import ScoreSection
+        from curate.scores.prior import prior_feature_sets
+
+        model = (run.section(ScoreSection) or ScoreSection()).model or {}
+        sources = {"policy": model.get("file_sha256"), "reply_emb": embedder, "relevance": embedder}
+        prior_sets, priors_used = prior_feature_sets(feature_sets, pairs, sources)
+        feature_sets += prior_sets
     features_s = time.perf_counter() - started
     fixed = [pretrained_member(name, pairs, device=device) for name in reward_models] + list(extra_members)
     from curate.folds import pair_groups
@@ -722,6 +733,7 @@ def score_reward_and_noise(
     info["reward"]["embedder"] = embedder
     info["reward"]["policy_states"] = any(fs.name == "policy" for fs in feature_sets)
     info["reward"]["policy_logps"] = any(fs.name == "policy_logp" for fs in feature_sets)
+    info["reward"]["priors"] = priors_used
     run.update_manifest("reward", info["reward"])
     run.update_manifest("noise", info["noise"])
     return table

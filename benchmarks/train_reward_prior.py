@@ -1,0 +1,101 @@
+"""Train the reward priors curate ships (``curate/priors/*.npz``; :mod:`curate.scores.prior`).
+
+    PYTHONPATH=. python benchmarks/cache_policy_layers.py --data harmless-base-test-dev.jsonl.gz \
+        --out /tmp/ens_cache/harmless.npz --layers 16,20,24
+    PYTHONPATH=. python benchmarks/cache_policy_layers.py --data helpful-base-test.jsonl.gz \
+        --out /tmp/ens_cache/helpful.npz --layers 16,20,24
+    PYTHONPATH=. python benchmarks/train_reward_prior.py --cache-dir /tmp/ens_cache
+
+Each prior is an L2 Bradley-Terry probe (the heads' own fit: replies
+standardised, each block scaled to unit total variance, L2 chosen by 3-fold
+CV on the training pairs) on every pair of the HH harmless and helpful-base
+samples in ``../shared/data/hh-rlhf`` (4,150 pairs). The features are what
+``curate score`` builds for the bundled SmolLM2-135M-Instruct: its mean reply
+states at the probe layers (16/20/24), and the all-MiniLM-L6-v2 reply
+embeddings with prompt relevance. The hashes of every training reply go in
+the file, so curate never applies a prior to pairs it was trained on.
+``benchmarks/exp_reward_prior.py`` measures what they add on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from curate.data.load import load_pairs
+from curate.scores.prior import PRIOR_DIR, RewardPrior, pair_reply_hashes
+from curate.scores.reward import FeatureSet, build_feature_sets, fit_bt_head, nested_l2
+
+HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf"
+FILES = ("harmless-base-test-dev.jsonl.gz", "helpful-base-test.jsonl.gz")
+PROBE_LAYERS = (16, 20, 24)  # curate.lm.probe_layers of SmolLM2-135M-Instruct (30 blocks)
+PRIORS = {"hh_policy": ("policy",), "hh_minilm": ("reply_emb", "relevance")}
+L2_GRID = (1.0, 4.0, 16.0, 64.0)
+EMBEDDER = "all-minilm-l6-v2"  # build_feature_sets' default
+
+
+def hh_feature_sets(name: str, cache_dir: Path):
+    """(pairs, feature sets) of one HH file, rows in the cache's order, as ``curate score`` names them."""
+    stem = "harmless" if name.startswith("harmless") else "helpful"
+    with np.load(cache_dir / f"{stem}.npz", allow_pickle=False) as z:
+        cache = {k: z[k] for k in z.files}
+    pairs = load_pairs(str(HH / name)).pairs
+    index = {p: i for i, p in enumerate(pairs["pair_id"].to_list())}
+    pairs = pairs[[index[str(p)] for p in cache["pair_id"]]]
+    sets = build_feature_sets(pairs, device="cpu", cache_dir=cache_dir / "emb", text_stats=False)
+    policy = FeatureSet("policy", np.concatenate([cache[f"mean_{k}_chosen"] for k in PROBE_LAYERS], 1),
+                        np.concatenate([cache[f"mean_{k}_rejected"] for k in PROBE_LAYERS], 1),
+                        (cache[f"mean_{PROBE_LAYERS[0]}_chosen"].shape[1],) * len(PROBE_LAYERS))
+    return pairs, [policy, *sets]
+
+
+def fit_prior(name: str, feature_sets, reads: tuple[str, ...], *, seen: np.ndarray, trained_on: str,
+              sources: dict[str, str]) -> RewardPrior:
+    by_name = {fs.name: fs for fs in feature_sets}
+    sets = [by_name[r] for r in reads]
+    chosen = np.concatenate([fs.chosen for fs in sets], 1)
+    rejected = np.concatenate([fs.rejected for fs in sets], 1)
+    widths = np.concatenate([np.repeat(float(w), w) for fs in sets for w in (fs.block_dims or (fs.dim,))])
+    mean = (chosen.sum(0) + rejected.sum(0)) / (2 * len(chosen))
+    var = ((chosen ** 2).sum(0) + (rejected ** 2).sum(0)) / (2 * len(chosen)) - mean ** 2
+    std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(widths)
+    scaled = (chosen - rejected) / std
+    l2 = nested_l2(scaled, L2_GRID)
+    weight = fit_bt_head(scaled, l2=l2) / std
+    return RewardPrior(name, reads, tuple(fs.dim for fs in sets), {r: sources[r] for r in reads if r in sources},
+                       mean, weight, trained_on, l2, np.unique(seen))
+
+
+def stack(parts):
+    """One feature set per name over several files' rows."""
+    return [FeatureSet(group[0].name, np.concatenate([fs.chosen for fs in group]),
+                       np.concatenate([fs.rejected for fs in group]), group[0].block_dims)
+            for group in zip(*parts)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/ens_cache"))
+    parser.add_argument("--out-dir", type=Path, default=PRIOR_DIR)
+    args = parser.parse_args()
+    from curate.models import smollm2_dequantised_dir
+
+    sha = json.loads((smollm2_dequantised_dir() / "curate_source.json").read_text())["file_sha256"]
+    sources = {"policy": sha, "reply_emb": EMBEDDER, "relevance": EMBEDDER}
+    loaded = [hh_feature_sets(name, args.cache_dir) for name in FILES]
+    sets = stack([s for _, s in loaded])
+    seen = np.concatenate([pair_reply_hashes(p).ravel() for p, _ in loaded])
+    n = sum(p.height for p, _ in loaded)
+    trained_on = f"HH-RLHF harmless-base test (1,800-pair sample) + helpful-base test: {n} pairs"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, reads in PRIORS.items():
+        prior = fit_prior(name, sets, reads, seen=seen, trained_on=trained_on, sources=sources)
+        prior.save(args.out_dir / f"{name}.npz")
+        print(f"{name}: reads {reads}, {prior.weight.size} weights, l2 {prior.l2:g} -> {args.out_dir / name}.npz")
+
+
+if __name__ == "__main__":
+    main()

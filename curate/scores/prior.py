@@ -1,0 +1,116 @@
+"""Reward priors: Bradley-Terry probes trained once on public preference data and shipped with curate.
+
+A prior reads feature sets the ensemble already builds (the bundled policy's
+probe-layer reply states, the MiniLM reply embeddings) and gives every reply
+a reward, w . (features - mean). The ensemble's heads take it as one more
+1-dim feature set, so on data like the prior's they learn to lean on it and
+elsewhere to ignore it: the heads stay out-of-fold, and the prior never saw
+the user's labels.
+
+A prior is used only when its inputs are the same features (names, widths,
+and the model that made them: the policy's weights file, the embedder) and none of the scored pairs'
+replies were in its training data, so an out-of-fold AUC stays honest.
+``benchmarks/train_reward_prior.py`` writes the shipped files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+PRIOR_DIR = Path(__file__).resolve().parent.parent / "priors"
+
+
+def reply_hashes(prompts: Sequence[Sequence[Mapping[str, str]]], replies: Sequence[str]) -> np.ndarray:
+    """uint64 hash of each (prompt messages, reply): what "this reply was in the training data" is checked on."""
+    out = np.empty(len(replies), dtype=np.uint64)
+    for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        canonical = json.dumps([[[m["role"], m["content"]] for m in prompt], reply], ensure_ascii=False,
+                               separators=(",", ":"))
+        out[i] = int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little")
+    return out
+
+
+def pair_reply_hashes(pairs) -> np.ndarray:
+    """[n, 2] hashes of every pair's chosen and rejected reply."""
+    prompts = pairs["prompt"].to_list()
+    return np.stack([reply_hashes(prompts, pairs["chosen"].to_list()),
+                     reply_hashes(prompts, pairs["rejected"].to_list())], axis=1)
+
+
+@dataclass
+class RewardPrior:
+    """A linear reward on the concatenation of feature sets ``reads`` (widths ``dims``)."""
+
+    name: str
+    reads: tuple[str, ...]
+    dims: tuple[int, ...]
+    sources: dict[str, str]  # feature-set name -> what made it (policy: its weights' sha256; embeddings: the embedder)
+    mean: np.ndarray
+    weight: np.ndarray
+    trained_on: str
+    l2: float
+    seen: np.ndarray  # sorted uint64 reply hashes of the training pairs
+
+    def save(self, path: Path) -> None:
+        meta = {"name": self.name, "reads": list(self.reads), "dims": list(self.dims),
+                "sources": self.sources, "trained_on": self.trained_on, "l2": self.l2}
+        np.savez_compressed(path, meta=np.array(json.dumps(meta)), mean=self.mean.astype(np.float32),
+                            weight=self.weight.astype(np.float32), seen=np.sort(self.seen))
+
+    @classmethod
+    def load(cls, path: Path) -> "RewardPrior":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(meta["name"], tuple(meta["reads"]), tuple(meta["dims"]), meta["sources"],
+                       z["mean"].astype(np.float64), z["weight"].astype(np.float64), meta["trained_on"],
+                       float(meta["l2"]), z["seen"])
+
+    def why_not(self, feature_sets, sources: Mapping[str, str | None], hashes: np.ndarray) -> str | None:
+        """None if the prior applies to these features and pairs, else the reason it does not."""
+        by_name = {fs.name: fs for fs in feature_sets}
+        missing = [name for name in self.reads if name not in by_name]
+        if missing:
+            return f"no {', '.join(missing)} features in this run"
+        widths = tuple(by_name[name].dim for name in self.reads)
+        if widths != self.dims:
+            return f"its features are {self.dims} wide, this run's {widths}"
+        other = [name for name, source in self.sources.items() if sources.get(name) != source]
+        if other:
+            return f"this run's {', '.join(other)} features come from another model than the prior's"
+        seen = int(np.isin(hashes, self.seen).any(axis=1).sum())
+        if seen:
+            return f"{seen} of the scored pairs were in its training data ({self.trained_on})"
+        return None
+
+    def rewards(self, feature_sets) -> tuple[np.ndarray, np.ndarray]:
+        by_name = {fs.name: fs for fs in feature_sets}
+        chosen = np.concatenate([by_name[name].chosen for name in self.reads], axis=1)
+        rejected = np.concatenate([by_name[name].rejected for name in self.reads], axis=1)
+        return (chosen - self.mean) @ self.weight, (rejected - self.mean) @ self.weight
+
+
+def shipped_priors(directory: Path | None = None) -> list[RewardPrior]:
+    return [RewardPrior.load(path) for path in sorted((directory or PRIOR_DIR).glob("*.npz"))]
+
+
+def prior_feature_sets(feature_sets, pairs, sources: Mapping[str, str | None],
+                       priors: Sequence[RewardPrior] | None = None) -> tuple[list, list[dict[str, Any]]]:
+    """(the 1-dim feature sets of the priors that apply, a record of every prior: used or why not)."""
+    from curate.scores.reward import FeatureSet
+
+    priors = shipped_priors() if priors is None else priors
+    hashes = pair_reply_hashes(pairs) if priors else None
+    sets, record = [], []
+    for prior in priors:
+        why = prior.why_not(feature_sets, sources, hashes)
+        record.append({"name": prior.name, "reads": list(prior.reads), "trained_on": prior.trained_on,
+                       "used": why is None, **({"why_not": why} if why else {})})
+        if why is None:
+            sets.append(FeatureSet(f"prior_{prior.name}", *prior.rewards(feature_sets)))
+    return sets, record
