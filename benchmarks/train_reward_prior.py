@@ -6,10 +6,12 @@
         --out /tmp/ens_cache/helpful.npz --layers 16,20,24
     PYTHONPATH=. python benchmarks/train_reward_prior.py --cache-dir /tmp/ens_cache
 
-Each prior is an L2 Bradley-Terry probe (the heads' own fit: replies
+One prior per HH subset (harmless, helpful: their annotators reward opposite
+things) and feature kind. Each is an L2 Bradley-Terry probe (the heads' own fit: replies
 standardised, each block scaled to unit total variance, L2 chosen by 3-fold
-CV on the training pairs) on every pair of the HH harmless and helpful-base
-samples in ``../shared/data/hh-rlhf`` (4,150 pairs). The features are what
+CV on the training pairs) on every pair of its subset's sample in
+``../shared/data/hh-rlhf`` that the cache holds (the shipped files: all 1,796 harmless pairs;
+the first 1,152 helpful-base pairs, where the helpful cache was stopped on the 2-core CPU). The features are what
 ``curate score`` builds for the bundled SmolLM2-135M-Instruct: its mean reply
 states at the probe layers (16/20/24), and the all-MiniLM-L6-v2 reply
 embeddings with prompt relevance. The hashes of every training reply go in
@@ -32,7 +34,10 @@ from curate.scores.reward import FeatureSet, build_feature_sets, fit_bt_head, ne
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf"
 FILES = ("harmless-base-test-dev.jsonl.gz", "helpful-base-test.jsonl.gz")
 PROBE_LAYERS = (16, 20, 24)  # curate.lm.probe_layers of SmolLM2-135M-Instruct (30 blocks)
-PRIORS = {"hh_policy": ("policy",), "hh_minilm": ("reply_emb", "relevance")}
+FEATURES = {"policy": ("policy",), "minilm": ("reply_emb", "relevance")}
+# one prior per HH subset and feature kind: harmless and helpful annotators reward opposite things
+PRIORS = {f"hh_{subset}_{kind}": (file, reads) for subset, file in (("harmless", FILES[0]), ("helpful", FILES[1]))
+          for kind, reads in FEATURES.items()}
 L2_GRID = (1.0, 4.0, 16.0, 64.0)
 EMBEDDER = "all-minilm-l6-v2"  # build_feature_sets' default
 
@@ -69,13 +74,6 @@ def fit_prior(name: str, feature_sets, reads: tuple[str, ...], *, seen: np.ndarr
                        mean, weight, trained_on, l2, np.unique(seen))
 
 
-def stack(parts):
-    """One feature set per name over several files' rows."""
-    return [FeatureSet(group[0].name, np.concatenate([fs.chosen for fs in group]),
-                       np.concatenate([fs.rejected for fs in group]), group[0].block_dims)
-            for group in zip(*parts)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/ens_cache"))
@@ -85,13 +83,14 @@ def main() -> None:
 
     sha = json.loads((smollm2_dequantised_dir() / "curate_source.json").read_text())["file_sha256"]
     sources = {"policy": sha, "reply_emb": EMBEDDER, "relevance": EMBEDDER}
-    loaded = [hh_feature_sets(name, args.cache_dir) for name in FILES]
-    sets = stack([s for _, s in loaded])
-    seen = np.concatenate([pair_reply_hashes(p).ravel() for p, _ in loaded])
-    n = sum(p.height for p, _ in loaded)
-    trained_on = f"HH-RLHF harmless-base test (1,800-pair sample) + helpful-base test: {n} pairs"
+    loaded = {name: hh_feature_sets(name, args.cache_dir) for name in FILES}
+    # every prior refuses pairs of either file: a harmless prior on helpful training pairs would be
+    # in-sample for the heads' other prior
+    seen = np.concatenate([pair_reply_hashes(pairs).ravel() for pairs, _ in loaded.values()])
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, reads in PRIORS.items():
+    for name, (file, reads) in PRIORS.items():
+        pairs, sets = loaded[file]
+        trained_on = f"HH-RLHF {file.split('.')[0]}: {pairs.height} pairs"
         prior = fit_prior(name, sets, reads, seen=seen, trained_on=trained_on, sources=sources)
         prior.save(args.out_dir / f"{name}.npz")
         print(f"{name}: reads {reads}, {prior.weight.size} weights, l2 {prior.l2:g} -> {args.out_dir / name}.npz")

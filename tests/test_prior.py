@@ -72,6 +72,7 @@ def test_prior_feature_sets_record(tmp_path, monkeypatch):
     _prior(dims=(5, 1)).save(tmp_path / "other.npz")
     monkeypatch.setattr(prior_mod, "PRIOR_DIR", tmp_path)
     sets, record = prior_feature_sets(_sets(), _pairs(), {})
-    assert [fs.name for fs in sets] == ["prior_test"] and sets[0].dim == 1
+    assert [fs.name for fs in sets] == ["priors"] and sets[0].dim == 1 and sets[0].block_dims == (1,)
+    np.testing.assert_allclose(sets[0].chosen[:, 0], _prior().rewards(_sets())[0])
     assert sorted(r["used"] for r in record) == [False, True]
     assert all("why_not" in r for r in record if not r["used"])

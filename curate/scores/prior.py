@@ -2,10 +2,12 @@
 
 A prior reads feature sets the ensemble already builds (the bundled policy's
 probe-layer reply states, the MiniLM reply embeddings) and gives every reply
-a reward, w . (features - mean). The ensemble's heads take it as one more
-1-dim feature set, so on data like the prior's they learn to lean on it and
-elsewhere to ignore it: the heads stay out-of-fold, and the prior never saw
-the user's labels.
+a reward, w . (features - mean). The ensemble's heads read every prior that
+applies as one feature set, ``priors``, one 1-dim block per prior, and learn
+from the user's labels how much, and with which sign, each counts: HH's
+harmless and helpful annotators reward opposite things (a prior trained on
+helpful-base ranks harmless pairs at AUC 0.33), so each subset has its own
+prior. The heads stay out-of-fold, and no prior saw the user's labels.
 
 A prior is used only when its inputs are the same features (names, widths,
 and the model that made them: the policy's weights file, the embedder) and none of the scored pairs'
@@ -99,18 +101,25 @@ def shipped_priors(directory: Path | None = None) -> list[RewardPrior]:
     return [RewardPrior.load(path) for path in sorted((directory or PRIOR_DIR).glob("*.npz"))]
 
 
+PRIORS_SET = "priors"
+
+
 def prior_feature_sets(feature_sets, pairs, sources: Mapping[str, str | None],
                        priors: Sequence[RewardPrior] | None = None) -> tuple[list, list[dict[str, Any]]]:
-    """(the 1-dim feature sets of the priors that apply, a record of every prior: used or why not)."""
+    """([the ``priors`` feature set: one column per prior that applies] or [], a record of every prior)."""
     from curate.scores.reward import FeatureSet
 
     priors = shipped_priors() if priors is None else priors
     hashes = pair_reply_hashes(pairs) if priors else None
-    sets, record = [], []
+    chosen, rejected, record = [], [], []
     for prior in priors:
         why = prior.why_not(feature_sets, sources, hashes)
         record.append({"name": prior.name, "reads": list(prior.reads), "trained_on": prior.trained_on,
                        "used": why is None, **({"why_not": why} if why else {})})
         if why is None:
-            sets.append(FeatureSet(f"prior_{prior.name}", *prior.rewards(feature_sets)))
-    return sets, record
+            c, r = prior.rewards(feature_sets)
+            chosen.append(c)
+            rejected.append(r)
+    if not chosen:
+        return [], record
+    return [FeatureSet(PRIORS_SET, np.stack(chosen, 1), np.stack(rejected, 1), (1,) * len(chosen))], record
