@@ -215,7 +215,7 @@ class Rule:
 
     def columns(self) -> list[str]:
         if self.select == "where":
-            return where_columns(self.value)
+            return where_lang.columns(self.value)  # the expression is validated too
         return [self.column]
 
     def describe(self) -> dict[str, Any]:
@@ -458,28 +458,25 @@ class Where(RuleSpec):
         return Rule(f"where {self.expr}", "where", None, self.expr, self.action)
 
 
-def ches_threshold_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesThreshold.parse(spec, ches_column=column).rule()
+def _ches_rule_maker(spec_class: type[RuleSpec]):
+    def make(spec: str | float, column: str = "ln_ches") -> Rule:
+        return spec_class.parse(spec, ches_column=column).rule()
+    return make
 
 
-def ches_drop_top_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesDropTop.parse(spec, ches_column=column).rule()
+def _noise_rule_maker(spec_class: type[RuleSpec]):
+    def make(spec: str | float, default_action: str = "drop") -> Rule:
+        return spec_class.parse(spec, noise_action=default_action).rule()
+    return make
 
 
-def ches_keep_lowest_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesKeepLowest.parse(spec, ches_column=column).rule()
-
-
-def min_strength_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MinStrength.parse(spec, noise_action=default_action).rule()
-
-
-def max_margin_std_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MaxMarginStd.parse(spec, noise_action=default_action).rule()
-
-
-def max_flip_prob_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MaxFlipProb.parse(spec, noise_action=default_action).rule()
+# One function per rule spec: the text of its CLI flag -> its Rule.
+ches_threshold_rule = _ches_rule_maker(ChesThreshold)
+ches_drop_top_rule = _ches_rule_maker(ChesDropTop)
+ches_keep_lowest_rule = _ches_rule_maker(ChesKeepLowest)
+min_strength_rule = _noise_rule_maker(MinStrength)
+max_margin_std_rule = _noise_rule_maker(MaxMarginStd)
+max_flip_prob_rule = _noise_rule_maker(MaxFlipProb)
 
 
 def feature_rule(spec: str) -> Rule:
@@ -491,24 +488,22 @@ def where_rule(spec: str, default_action: str = "drop") -> Rule:
     return Where.parse(f"{expr}:{action}").rule()
 
 
-# ----------------------------------------------------------------- --where expressions
-def where_columns(expr: str) -> list[str]:
-    """Columns a --where expression reads (it is validated too)."""
-    return where_lang.columns(expr)
-
-
 def parse_where(expr: str) -> pl.Expr:
     """A --where text as a polars expression, built from an allowlist (see :mod:`curate.where`)."""
     return where_lang.parse(expr)[0]
 
 
-
 # ----------------------------------------------------------------- selection
+def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """A numeric column as floats, nulls as NaN."""
+    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
 def _values(pool: pl.DataFrame, column: str, rule: Rule) -> np.ndarray:
     dtype = pool.schema[column]
     if not dtype.is_numeric():
         raise CurateError(f"{rule.name}: column {column!r} is {dtype}, not numeric")
-    return pool[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    return _float_column(pool, column)
 
 
 def _rank_mask(values: np.ndarray, pair_ids: pl.Series, k: int, highest: bool) -> np.ndarray:
@@ -681,10 +676,6 @@ def _apply_flips(pairs: pl.DataFrame, flipped_by: np.ndarray) -> pl.DataFrame:
     negated = {c: pl.when(mask).then(-pl.col(c)).otherwise(pl.col(c)) for c in NEGATED_PAIR_COLUMNS if c in pairs.columns}
     meta = [_with_flip_meta(m, by) if by is not None else m for m, by in zip(pairs["meta"].to_list(), flipped_by)]
     return out.with_columns(**swaps, **negated, meta=pl.Series(meta, dtype=pl.Utf8))
-
-
-def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
-    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 
 def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarray, weights: str,
