@@ -42,6 +42,7 @@ HUB_ALIASES: dict[str, tuple[str, str, str | None]] = {
     "orca-dpo": ("Intel/orca_dpo_pairs", "train", None),
 }
 FORMAT_CHOICES = ("auto", *FORMAT_NAMES)
+STRATEGIES = ("best-random-lower", "best-worst", "all")
 DEFAULT_STRATEGY = "best-random-lower"
 # Label columns a format accepts for --label-column (the first is its default).
 LABEL_COLUMNS = {"pku-saferlhf": ("better_response_id", "safer_response_id"), "shp": ("labels",),
@@ -119,13 +120,20 @@ def _raw_text(record: Any, limit: int = 2000) -> str:
     return text[:limit]
 
 
+def _strategies() -> tuple[str, ...]:
+    try:
+        from curate.pairs.strategies import STRATEGIES as pair_strategies
+    except ImportError:
+        return STRATEGIES
+    return tuple(pair_strategies)
+
+
 def _check_options(fmt: str, mapping: ColumnMap, label_column: str | None, strategy: str) -> None:
     if fmt not in FORMAT_CHOICES:
         raise CurateError(f"unknown --format {fmt!r}; use one of {', '.join(FORMAT_CHOICES)}")
-    from curate.pairs.strategies import STRATEGIES  # imported here: curate.pairs imports curate.data
-
-    if strategy not in STRATEGIES:
-        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    strategies = _strategies()
+    if strategy not in strategies:
+        raise CurateError(f"unknown --strategy {strategy!r}; use one of {', '.join(strategies)}")
     if mapping.labelled and fmt not in ("auto", "columns"):
         raise CurateError(f"--columns a=,b=,label= is its own format; drop --format {fmt} (or pass --format columns)")
     if fmt == "columns" and not mapping.labelled:
