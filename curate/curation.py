@@ -86,27 +86,15 @@ def logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def madpo_coefficient(
-    abs_margin: np.ndarray,
-    *,
-    c_max: float = MADPO_C_MAX,
-    c_min: float = MADPO_C_MIN,
-    lam: float = MADPO_LAMBDA,
-    tau: float = MADPO_TAU,
-) -> np.ndarray:
+def madpo_coefficient(abs_margin: np.ndarray, *, c_max: float = MADPO_C_MAX, c_min: float = MADPO_C_MIN,
+                      lam: float = MADPO_LAMBDA, tau: float = MADPO_TAU) -> np.ndarray:
     """c(|m|) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min))·exp(λ(|m| − τ)))."""
     abs_margin = np.asarray(abs_margin, dtype=np.float64)
     return c_min + (c_max - c_min) / (1.0 + (c_max - 1.0) / (1.0 - c_min) * np.exp(lam * (abs_margin - tau)))
 
 
-def madpo_weight(
-    margin: np.ndarray,
-    *,
-    c_max: float = MADPO_C_MAX,
-    c_min: float = MADPO_C_MIN,
-    lam: float = MADPO_LAMBDA,
-    tau: float = MADPO_TAU,
-) -> np.ndarray:
+def madpo_weight(margin: np.ndarray, *, c_max: float = MADPO_C_MAX, c_min: float = MADPO_C_MIN,
+                 lam: float = MADPO_LAMBDA, tau: float = MADPO_TAU) -> np.ndarray:
     """MADPO per-pair loss weight of a Bradley-Terry logit margin m (chosen minus rejected).
 
     w = σ(c(|m|)·m) / σ(m) for m > −τ, else 1. The weight is above 1 for small
@@ -721,15 +709,8 @@ def _required_columns(rules: Sequence[Rule], weights: str, soft_labels: bool) ->
     return needed
 
 
-def curate_pairs(
-    table: pl.DataFrame,
-    rules: Sequence[Rule],
-    *,
-    weights: str = "none",
-    soft_labels: bool = False,
-    holdout: float = 0.0,
-    pair_columns: Sequence[str] | None = None,
-) -> CurationResult:
+def curate_pairs(table: pl.DataFrame, rules: Sequence[Rule], *, weights: str = "none", soft_labels: bool = False,
+                 holdout: float = 0.0, pair_columns: Sequence[str] | None = None) -> CurationResult:
     """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O.
 
     ``pair_columns``: the columns of ``table`` that are the pairs' own (the run's
@@ -848,18 +829,9 @@ def rules_from_options(**options: Any) -> list[Rule]:
     return [spec.rule() for spec in rule_specs_from_options(**options)]
 
 
-def filter_run(
-    run: str | Path,
-    rules: Sequence[Rule] | None = None,
-    out: str | Path | None = None,
-    *,
-    weights: str = "none",
-    soft_labels: bool = False,
-    holdout: float = 0.0,
-    dry_run: bool = False,
-    force: bool = False,
-    **rule_options: Any,
-) -> dict[str, Any]:
+def filter_run(run: str | Path, rules: Sequence[Rule] | None = None, out: str | Path | None = None, *,
+               weights: str = "none", soft_labels: bool = False, holdout: float = 0.0, dry_run: bool = False,
+               force: bool = False, **rule_options: Any) -> dict[str, Any]:
     """Curate a run directory's pairs into ``out`` and return the summary.
 
     Rules are given as :class:`Rule` objects, or as options (``ches_drop_top=10``,

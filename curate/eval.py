@@ -298,26 +298,11 @@ def _load(model: Any, device, dtype):
     return model if isinstance(model, LoadedModel) else load_causal_lm(str(model), device=device, dtype=dtype)
 
 
-def evaluate(
-    model: Any,
-    ref: Any,
-    data: Any,
-    *,
-    out: str | Path | None = None,
-    beta: float = 0.1,
-    betas: Iterable[float] = DEFAULT_BETAS,
-    alpha: float = DEFAULT_ALPHA,
-    scores: Any = None,
-    generate: int = 0,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
-    seed: int = 0,
-    system_prompt: str = "default",
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    dtype: str = "fp32",
-) -> dict[str, Any]:
+def evaluate(model: Any, ref: Any, data: Any, *, out: str | Path | None = None, beta: float = 0.1,
+             betas: Iterable[float] = DEFAULT_BETAS, alpha: float = DEFAULT_ALPHA, scores: Any = None,
+             generate: int = 0, max_new_tokens: int = 128, temperature: float = 0.7, seed: int = 0,
+             system_prompt: str = "default", max_length: int | None = None, batch_size: int | None = None,
+             device: str = "auto", dtype: str = "fp32") -> dict[str, Any]:
     """Evaluate a trained policy against its reference on preference pairs.
 
     ``model`` / ``ref``: a name or path for :func:`curate.models.load_causal_lm`

@@ -300,17 +300,9 @@ def _shorten(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def describe_features(
-    activations: np.ndarray,
-    chosen: Sequence[str],
-    rejected: Sequence[str],
-    pair_ids: Sequence[str],
-    *,
-    top_fraction: float = 0.05,
-    n_examples: int = 5,
-    n_ngrams: int = 6,
-    min_pairs: int = 20,
-) -> pl.DataFrame:
+def describe_features(activations: np.ndarray, chosen: Sequence[str], rejected: Sequence[str], pair_ids: Sequence[str],
+                      *, top_fraction: float = 0.05, n_examples: int = 5, n_ngrams: int = 6, min_pairs: int = 20,
+                      ) -> pl.DataFrame:
     """Offline descriptions from top-activating pairs.
 
     ``activations`` [n, M] are in the chosen - rejected orientation. For each
@@ -385,14 +377,9 @@ def _check_input(differences: np.ndarray, n_unique_train: int, settings: Feature
         )
 
 
-def compute_features(
-    pairs: pl.DataFrame,
-    *,
-    settings: FeatureSettings | None = None,
-    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
-    cache_dir: str | Path | None = None,
-    show_progress: bool = False,
-) -> FeatureResult:
+def compute_features(pairs: pl.DataFrame, *, settings: FeatureSettings | None = None,
+                     embeddings: tuple[np.ndarray, np.ndarray] | None = None, cache_dir: str | Path | None = None,
+                     show_progress: bool = False) -> FeatureResult:
     """Run WIMHF on a pair table: embed, train the signed SAE, describe and test each feature.
 
     ``embeddings`` may pass precomputed (e_chosen, e_rejected) arrays [n, d];
@@ -520,14 +507,8 @@ def _whole_set_aucs(acts, probe, length_diff, y, folds) -> dict[str, Any]:
 
 
 # ====================================================================== run directory
-def run_features(
-    run: str | Path,
-    *,
-    dataset: str | None = None,
-    settings: FeatureSettings | None = None,
-    load_kwargs: dict[str, Any] | None = None,
-    show_progress: bool = False,
-) -> FeatureResult:
+def run_features(run: str | Path, *, dataset: str | None = None, settings: FeatureSettings | None = None,
+                 load_kwargs: dict[str, Any] | None = None, show_progress: bool = False) -> FeatureResult:
     """``curate features``: analyse RUN's pairs (loading ``dataset`` into RUN first if given).
 
     Writes RUN/features.parquet, RUN/features_summary.json, RUN/sae/ (a

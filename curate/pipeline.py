@@ -609,15 +609,8 @@ class PipelineState:
         write_json({"recipe": recipe, "steps": self.steps}, self.path)
 
 
-def run_pipeline(
-    recipe_path: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    quiet: bool = False,
-    force: bool = False,
-    console: Any = None,
-    steps: dict[str, Step] | None = None,
-) -> dict[str, Any]:
+def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, quiet: bool = False, force: bool = False,
+                 console: Any = None, steps: dict[str, Step] | None = None) -> dict[str, Any]:
     """Run a recipe's steps into its run directory; return what each step did and the headline numbers.
 
     ``force`` reruns every step. ``steps`` replaces the step implementations

@@ -84,22 +84,10 @@ def matryoshka_widths(n_features: int, prefixes: Sequence[int] | None) -> list[i
     return widths + [n_features]
 
 
-def train_signed_sae(
-    train: np.ndarray,
-    val: np.ndarray | None = None,
-    *,
-    n_features: int = 32,
-    k: int = 4,
-    prefixes: Sequence[int] | None = (8, 32),
-    batch_size: int = 256,
-    lr: float = 5e-4,
-    max_epochs: int = 50,
-    min_epochs: int = 10,
-    patience: int = 3,
-    dead_feature_window: int = 64,
-    seed: int = 0,
-    device: str = "cpu",
-) -> SAETrainingResult:
+def train_signed_sae(train: np.ndarray, val: np.ndarray | None = None, *, n_features: int = 32, k: int = 4,
+                     prefixes: Sequence[int] | None = (8, 32), batch_size: int = 256, lr: float = 5e-4,
+                     max_epochs: int = 50, min_epochs: int = 10, patience: int = 3, dead_feature_window: int = 64,
+                     seed: int = 0, device: str = "cpu") -> SAETrainingResult:
     """Train a signed Matryoshka AbsTopK SAE on the rows of ``train`` [n, d].
 
     Each epoch visits every row once in a seeded random order. With ``val``,

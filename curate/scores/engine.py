@@ -69,15 +69,9 @@ def attention_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) ->
     return rows * longest * longest
 
 
-def plan_batches(
-    pairs: Sequence[EncodedPair],
-    *,
-    token_budget: int,
-    batch_size: int | None = None,
-    prefix_sharing: bool = True,
-    indices: Sequence[int] | None = None,
-    attention_budget: int | None = None,
-) -> list[list[int]]:
+def plan_batches(pairs: Sequence[EncodedPair], *, token_budget: int, batch_size: int | None = None,
+                 prefix_sharing: bool = True, indices: Sequence[int] | None = None,
+                 attention_budget: int | None = None) -> list[list[int]]:
     """Group pair indices (all, or ``indices``) into batches of similar length.
 
     Pairs are sorted by (prompt length, reply lengths), longest first, and cut

@@ -479,18 +479,10 @@ def ensemble_margins(
     return members, scaled_margins(members)
 
 
-def reward_and_noise(
-    feature_sets: Sequence[FeatureSet],
-    fixed_members: Sequence[Member] = (),
-    *,
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    estimator: str | None = None,
-    noise_seed: int = 0,
-    groups: np.ndarray | None = None,
-    grouping: str | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def reward_and_noise(feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
+                     seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+                     estimator: str | None = None, noise_seed: int = 0, groups: np.ndarray | None = None,
+                     grouping: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train the heads, combine every member, estimate noise: (columns, info).
 
     Columns: ``rm_margin_mean``, ``rm_margin_std``, ``rm_vote_share``,
@@ -672,21 +664,10 @@ def build_feature_sets(
     return sets
 
 
-def score_reward_and_noise(
-    run,
-    *,
-    reward_models: Sequence[str] = (),
-    embedder: str | None = "all-minilm-l6-v2",
-    pooled: Mapping[str, np.ndarray] | None = None,
-    text_stats: bool = True,
-    extra_members: Sequence[Member] = (),
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    estimator: str | None = None,
-    device: str = "auto",
-    cache_dir=None,
-):
+def score_reward_and_noise(run, *, reward_models: Sequence[str] = (), embedder: str | None = "all-minilm-l6-v2",
+                           pooled: Mapping[str, np.ndarray] | None = None, text_stats: bool = True,
+                           extra_members: Sequence[Member] = (), seeds: Sequence[int] = (0, 1, 2), folds: int = 5,
+                           l2: float = DEFAULT_L2, estimator: str | None = None, device: str = "auto", cache_dir=None):
     """Reward-ensemble strength and noise-flip columns for a run; merged into RUN/scores.parquet.
 
     Feature sets: the policy's pooled reply states (``pooled`` or

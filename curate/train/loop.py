@@ -59,7 +59,7 @@ from curate.train.losses import (
     token_kl,
     weighted_mean,
 )
-from curate.train.masks import MASK_INITS, SparsePOMasks, activation_mask, mask_mean, zero_fraction
+from curate.train.masks import SparsePOMasks, activation_mask, mask_mean, zero_fraction
 
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}  # torch defaults otherwise
@@ -325,18 +325,9 @@ def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch:
 
 
 # ------------------------------------------------------------------ the loop
-def train(
-    data: Any,
-    *,
-    out: str | os.PathLike[str],
-    model: Any = "smollm2-135m-instruct",
-    resume: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    device: str = "auto",
-    config: TrainConfig | None = None,
-    **options: Any,
-) -> TrainResult:
+def train(data: Any, *, out: str | os.PathLike[str], model: Any = "smollm2-135m-instruct", resume: bool = False,
+          force: bool = False, progress: bool = True, device: str = "auto", config: TrainConfig | None = None,
+          **options: Any) -> TrainResult:
     """Train ``model`` on preference pairs; write checkpoints, metrics and a final model to ``out``.
 
     ``data``: a run or curated directory (``pairs.parquet``, with optional
