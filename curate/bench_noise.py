@@ -47,17 +47,8 @@ import numpy as np
 
 from curate.errors import CurateError
 from curate.scores import noise
-from curate.scores.reward import (
-    DEFAULT_L2,
-    FeatureSet,
-    Member,
-    concat_feature_sets,
-    ensemble_margins,
-    ensemble_quality,
-    fit_bt_head,
-    oriented_auc,
-    swap_members,
-)
+from curate.scores.reward import (DEFAULT_L2, FeatureSet, Member, concat_feature_sets, ensemble_margins,
+                                  ensemble_quality, fit_bt_head, oriented_auc, swap_members)
 
 
 def planted_flips(n: int, rate: float, seed: int) -> np.ndarray:

@@ -786,12 +786,8 @@ def curate_pairs(table: pl.DataFrame, rules: Sequence[Rule], *, weights: str = "
         "signals": signals,
         "warnings": warnings,
     }
-    return CurationResult(
-        pairs=out,
-        holdout=table.filter(pl.Series(held)).select(pair_columns),
-        audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA),
-        summary=summary,
-    )
+    return CurationResult(pairs=out, holdout=table.filter(pl.Series(held)).select(pair_columns),
+                          audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA), summary=summary)
 
 
 # ----------------------------------------------------------------- the run-directory step

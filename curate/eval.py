@@ -464,14 +464,11 @@ def reward_head_scorer(chosen: Sequence[str], rejected: Sequence[str]):
     from curate.embeddings import embed_texts
     from curate.scores.reward import fit_bt_head
 
-    emb_c = np.asarray(embed_texts(list(chosen), show_progress=False), dtype=np.float64)
-    emb_r = np.asarray(embed_texts(list(rejected), show_progress=False), dtype=np.float64)
-    w = fit_bt_head(emb_c - emb_r)
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(embed_texts(list(texts), show_progress=False), dtype=np.float64)
 
-    def reward(texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(embed_texts(list(texts), show_progress=False), dtype=np.float64) @ w
-
-    return reward
+    w = fit_bt_head(embed(chosen) - embed(rejected))
+    return lambda texts: embed(texts) @ w
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:

@@ -189,15 +189,8 @@ def feature_effects(
         eta_without = X[active, :2] @ beta[:2]
         eta_with = eta_without + beta[2] * X[active, 2]
         delta = float(np.mean(_sigmoid(sign * eta_with) - _sigmoid(sign * eta_without)))
-        rows.append(
-            dict(
-                feature=j,
-                prevalence=float(active.mean()),
-                coef=float(beta[2]),
-                p_value=likelihood_ratio_p_value(loglik, loglik_base),
-                win_rate_delta=delta,
-            )
-        )
+        rows.append(dict(feature=j, prevalence=float(active.mean()), coef=float(beta[2]),
+                         p_value=likelihood_ratio_p_value(loglik, loglik_base), win_rate_delta=delta))
     table = pl.DataFrame(rows)
     return table.with_columns(p_bonferroni=(pl.col("p_value") * n_features).clip(upper_bound=1.0))
 
@@ -332,17 +325,9 @@ def describe_features(activations: np.ndarray, chosen: Sequence[str], rejected: 
             f"HIGH: {_shorten(h)} || LOW: {_shorten(lo)}"
             for i, h, lo in zip(top[:n_examples], high, low)
         ]
-        rows.append(
-            dict(
-                feature=j,
-                description=description,
-                more=more,
-                less=less,
-                win_rate_active=float(np.mean(act[active] > 0)),
-                top_pair_ids=[pair_ids[i] for i in top[:n_examples]],
-                examples=examples,
-            )
-        )
+        rows.append(dict(feature=j, description=description, more=more, less=less,
+                         win_rate_active=float(np.mean(act[active] > 0)),
+                         top_pair_ids=[pair_ids[i] for i in top[:n_examples]], examples=examples))
     return pl.DataFrame(
         rows,
         schema={

@@ -132,18 +132,11 @@ def _train(train, val, *, n_features, k, prefixes, batch_size, lr, max_epochs, m
         sae.b_dec.copy_(train_t.median(dim=0).values.to(sae.b_dec.device))
     steps_per_epoch = math.ceil(n / batch_size)
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(
-            total_training_samples=steps_per_epoch * batch_size * max_epochs,
-            train_batch_size_samples=batch_size,
-            lr=lr,
-            lr_end=lr,
-            device=device,
-            dead_feature_window=dead_feature_window,
-            feature_sampling_window=10**9,
-            logger=LoggingConfig(log_to_wandb=False),
-        ),
-        sae=sae,
-        data_provider=iter(()),
+        cfg=SAETrainerConfig(total_training_samples=steps_per_epoch * batch_size * max_epochs,
+                             train_batch_size_samples=batch_size, lr=lr, lr_end=lr, device=device,
+                             dead_feature_window=dead_feature_window, feature_sampling_window=10**9,
+                             logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae, data_provider=iter(()),
     )
 
     history: dict[str, list[float]] = {"train_loss": [], "val_mse": []}

@@ -239,10 +239,8 @@ def score(dataset_or_run: str | os.PathLike[str], *, model: str = "smollm2-135m-
 
     delegated = [s for s in wanted if s in DELEGATED_SCORES]
     if delegated:
-        try:
-            from curate.scores.reward import score_reward_and_noise
-        except ImportError as exc:
-            raise CurateError("reward/noise scoring is not available in this install (curate.scores.reward)") from exc
+        from curate.scores.reward import score_reward_and_noise
+
         score_reward_and_noise(run, device=device, **(reward_options or {}))
         result = run.scores()
     return result
@@ -350,12 +348,8 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         )
     run.merge_scores(table)
     return {
-        "model": facts["info"],
-        "device": facts["device"],
-        "dtype": facts["dtype"],
-        "engine": engine,
-        "workers": workers,
-        "pooled_layer": facts["pooled_layer"],
+        "model": facts["info"], "device": facts["device"], "dtype": facts["dtype"], "engine": engine,
+        "workers": workers, "pooled_layer": facts["pooled_layer"],
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},

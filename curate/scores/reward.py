@@ -104,10 +104,8 @@ class Member:
 
 def member_from_rewards(name: str, reward_chosen, reward_rejected, *, kind: str = "implicit", out_of_fold: bool = False, **info) -> Member:
     """Wrap precomputed per-reply rewards (implicit DPO rewards, an external RM) as a member."""
-    return Member(
-        name, kind, np.asarray(reward_chosen, dtype=np.float64), np.asarray(reward_rejected, dtype=np.float64),
-        out_of_fold, dict(info),
-    )
+    return Member(name, kind, np.asarray(reward_chosen, dtype=np.float64),
+                  np.asarray(reward_rejected, dtype=np.float64), out_of_fold, dict(info))
 
 
 # ------------------------------------------------------------------ Bradley-Terry heads
@@ -211,8 +209,7 @@ def head_members(
 
     # the matrices are small: BLAS threads only add spinning and contention
     with threadpool_limits(limits=1):
-        members = _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2, groups=groups)
-    return members
+        return _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2, groups=groups)
 
 
 def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Member]:

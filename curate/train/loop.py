@@ -36,29 +36,11 @@ from curate.fsutil import remove_inside
 from curate.rundir import RunDir, ScoreSection, TrainSection
 from curate.train import checkpoints as ckpt
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig
-from curate.train.batching import (
-    Batch,
-    EncodedPair,
-    PolicyForward,
-    collate,
-    collate_shared,
-    encode_pairs,
-    on_reply,
-    reply_forward,
-    token_logps,
-)
+from curate.train.batching import (Batch, EncodedPair, PolicyForward, collate, collate_shared, encode_pairs, on_reply,
+                                   reply_forward, token_logps)
 from curate.train.data import EPSILON_AUTO_SOURCE, column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
-from curate.train.losses import (
-    SEQUENCE_LOSSES,
-    TokenTerms,
-    pair_losses,
-    sft_loss,
-    sparsepo_losses,
-    tdpo1_losses,
-    tdpo2_losses,
-    token_kl,
-    weighted_mean,
-)
+from curate.train.losses import (SEQUENCE_LOSSES, TokenTerms, pair_losses, sft_loss, sparsepo_losses, tdpo1_losses,
+                                 tdpo2_losses, token_kl, weighted_mean)
 from curate.train.masks import SparsePOMasks, activation_mask, mask_mean, zero_fraction
 
 
