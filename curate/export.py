@@ -177,9 +177,7 @@ def _scalars(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _find(manifest: dict[str, Any], words: tuple[str, ...]) -> list[tuple[str, Any]]:

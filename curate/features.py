@@ -434,10 +434,8 @@ def compute_features(pairs: pl.DataFrame, *, settings: FeatureSettings | None = 
     a_chosen = (orientation > 0).astype(np.float64)
 
     effects = feature_effects(acts_oriented, length_diff, a_chosen)
-    descriptions = describe_features(
-        acts_canonical, chosen, rejected, pair_ids,
-        top_fraction=settings.top_fraction, n_examples=settings.n_examples, n_ngrams=settings.n_ngrams,
-    )
+    descriptions = describe_features(acts_canonical, chosen, rejected, pair_ids, top_fraction=settings.top_fraction,
+                                     n_examples=settings.n_examples, n_ngrams=settings.n_ngrams)
     table = effects.join(descriptions, on="feature").sort("feature")
     timings["describe_s"] = time.perf_counter() - start
 

@@ -220,12 +220,9 @@ def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Mem
             if len(fs.chosen) != n:
                 raise CurateError(f"feature set {fs.name!r} has {len(fs.chosen)} rows, expected {n}")
             rc, rr = cross_fit_head(fs, fold, l2=l2, groups=groups)
-            members.append(Member(
-                f"{fs.name}_s{seed}", "head", rc, rr, True,
-                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
-                 "l2": l2 if np.isscalar(l2) else list(l2),
-                 "grouped_folds": groups is not None},
-            ))
+            info = {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
+                    "l2": l2 if np.isscalar(l2) else list(l2), "grouped_folds": groups is not None}
+            members.append(Member(f"{fs.name}_s{seed}", "head", rc, rr, True, info))
     return members
 
 
