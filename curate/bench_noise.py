@@ -47,17 +47,8 @@ import numpy as np
 
 from curate.errors import CurateError
 from curate.scores import noise
-from curate.scores.reward import (
-    DEFAULT_L2,
-    FeatureSet,
-    Member,
-    concat_feature_sets,
-    ensemble_margins,
-    ensemble_quality,
-    fit_bt_head,
-    oriented_auc,
-    swap_members,
-)
+from curate.scores.reward import (DEFAULT_L2, FeatureSet, Member, concat_feature_sets, ensemble_margins,
+                                  ensemble_quality, fit_bt_head, oriented_auc, swap_members)
 
 
 def planted_flips(n: int, rate: float, seed: int) -> np.ndarray:
@@ -119,18 +110,10 @@ def bt_truth(feature_sets: Sequence[FeatureSet], *, l2: float = DEFAULT_L2) -> n
     return diff @ fit_bt_head(diff, l2=l2)
 
 
-def known_truth_benchmark(
-    feature_sets: Sequence[FeatureSet],
-    fixed_members: Sequence[Member] = (),
-    *,
-    flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
-    seed: int = 0,
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    groups: np.ndarray | None = None,
-    truth_scale: float = 1.0,
-) -> dict[str, Any]:
+def known_truth_benchmark(feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
+                          flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3), seed: int = 0,
+                          seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+                          groups: np.ndarray | None = None, truth_scale: float = 1.0) -> dict[str, Any]:
     """Labels from a known BT model on the user's features, flipped at known rates; every estimator scored.
 
     For each rate: the clean label of pair i is "chosen" with probability
@@ -163,19 +146,10 @@ def known_truth_benchmark(
             "truth": "labels resampled from a Bradley-Terry model fit to these features, then flipped at known rates"}
 
 
-def run_benchmark(
-    feature_sets: Sequence[FeatureSet],
-    fixed_members: Sequence[Member] = (),
-    *,
-    flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
-    seed: int = 0,
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    natural_flips: np.ndarray | None = None,
-    groups: np.ndarray | None = None,
-    known_truth: bool = True,
-) -> dict[str, Any]:
+def run_benchmark(feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
+                  flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3), seed: int = 0, seeds: Sequence[int] = (0, 1, 2),
+                  folds: int = 5, l2: float = DEFAULT_L2, natural_flips: np.ndarray | None = None,
+                  groups: np.ndarray | None = None, known_truth: bool = True) -> dict[str, Any]:
     """Plant flips at each rate, retrain the heads, and score every estimator; plus the known-truth run.
 
     ``natural_flips`` (bool per pair), when known, gives each result a
@@ -232,21 +206,11 @@ def run_benchmark(
     }
 
 
-def benchmark_dataset(
-    dataset: str | None = None,
-    *,
-    run: str | None = None,
-    flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
-    seed: int = 0,
-    embedder: str | None = "all-minilm-l6-v2",
-    text_stats: bool = True,
-    reward_models: Sequence[str] = (),
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    limit: int | None = None,
-    device: str = "auto",
-    cache_dir=None,
-) -> dict[str, Any]:
+def benchmark_dataset(dataset: str | None = None, *, run: str | None = None,
+                      flip_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3), seed: int = 0,
+                      embedder: str | None = "all-minilm-l6-v2", text_stats: bool = True,
+                      reward_models: Sequence[str] = (), seeds: Sequence[int] = (0, 1, 2), folds: int = 5,
+                      limit: int | None = None, device: str = "auto", cache_dir=None) -> dict[str, Any]:
     """Load pairs (a dataset, or a run directory with its pooled policy states) and run the benchmark."""
     from curate.data.schema import meta_of
     from curate.rundir import is_run_dir, resolve_pairs

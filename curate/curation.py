@@ -86,27 +86,15 @@ def logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def madpo_coefficient(
-    abs_margin: np.ndarray,
-    *,
-    c_max: float = MADPO_C_MAX,
-    c_min: float = MADPO_C_MIN,
-    lam: float = MADPO_LAMBDA,
-    tau: float = MADPO_TAU,
-) -> np.ndarray:
+def madpo_coefficient(abs_margin: np.ndarray, *, c_max: float = MADPO_C_MAX, c_min: float = MADPO_C_MIN,
+                      lam: float = MADPO_LAMBDA, tau: float = MADPO_TAU) -> np.ndarray:
     """c(|m|) = c_min + (c_max − c_min) / (1 + ((c_max − 1)/(1 − c_min))·exp(λ(|m| − τ)))."""
     abs_margin = np.asarray(abs_margin, dtype=np.float64)
     return c_min + (c_max - c_min) / (1.0 + (c_max - 1.0) / (1.0 - c_min) * np.exp(lam * (abs_margin - tau)))
 
 
-def madpo_weight(
-    margin: np.ndarray,
-    *,
-    c_max: float = MADPO_C_MAX,
-    c_min: float = MADPO_C_MIN,
-    lam: float = MADPO_LAMBDA,
-    tau: float = MADPO_TAU,
-) -> np.ndarray:
+def madpo_weight(margin: np.ndarray, *, c_max: float = MADPO_C_MAX, c_min: float = MADPO_C_MIN,
+                 lam: float = MADPO_LAMBDA, tau: float = MADPO_TAU) -> np.ndarray:
     """MADPO per-pair loss weight of a Bradley-Terry logit margin m (chosen minus rejected).
 
     w = σ(c(|m|)·m) / σ(m) for m > −τ, else 1. The weight is above 1 for small
@@ -215,7 +203,7 @@ class Rule:
 
     def columns(self) -> list[str]:
         if self.select == "where":
-            return where_columns(self.value)
+            return where_lang.columns(self.value)  # the expression is validated too
         return [self.column]
 
     def describe(self) -> dict[str, Any]:
@@ -458,28 +446,25 @@ class Where(RuleSpec):
         return Rule(f"where {self.expr}", "where", None, self.expr, self.action)
 
 
-def ches_threshold_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesThreshold.parse(spec, ches_column=column).rule()
+def _ches_rule_maker(spec_class: type[RuleSpec]):
+    def make(spec: str | float, column: str = "ln_ches") -> Rule:
+        return spec_class.parse(spec, ches_column=column).rule()
+    return make
 
 
-def ches_drop_top_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesDropTop.parse(spec, ches_column=column).rule()
+def _noise_rule_maker(spec_class: type[RuleSpec]):
+    def make(spec: str | float, default_action: str = "drop") -> Rule:
+        return spec_class.parse(spec, noise_action=default_action).rule()
+    return make
 
 
-def ches_keep_lowest_rule(spec: str | float, column: str = "ln_ches") -> Rule:
-    return ChesKeepLowest.parse(spec, ches_column=column).rule()
-
-
-def min_strength_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MinStrength.parse(spec, noise_action=default_action).rule()
-
-
-def max_margin_std_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MaxMarginStd.parse(spec, noise_action=default_action).rule()
-
-
-def max_flip_prob_rule(spec: str | float, default_action: str = "drop") -> Rule:
-    return MaxFlipProb.parse(spec, noise_action=default_action).rule()
+# One function per rule spec: the text of its CLI flag -> its Rule.
+ches_threshold_rule = _ches_rule_maker(ChesThreshold)
+ches_drop_top_rule = _ches_rule_maker(ChesDropTop)
+ches_keep_lowest_rule = _ches_rule_maker(ChesKeepLowest)
+min_strength_rule = _noise_rule_maker(MinStrength)
+max_margin_std_rule = _noise_rule_maker(MaxMarginStd)
+max_flip_prob_rule = _noise_rule_maker(MaxFlipProb)
 
 
 def feature_rule(spec: str) -> Rule:
@@ -491,24 +476,22 @@ def where_rule(spec: str, default_action: str = "drop") -> Rule:
     return Where.parse(f"{expr}:{action}").rule()
 
 
-# ----------------------------------------------------------------- --where expressions
-def where_columns(expr: str) -> list[str]:
-    """Columns a --where expression reads (it is validated too)."""
-    return where_lang.columns(expr)
-
-
 def parse_where(expr: str) -> pl.Expr:
     """A --where text as a polars expression, built from an allowlist (see :mod:`curate.where`)."""
     return where_lang.parse(expr)[0]
 
 
-
 # ----------------------------------------------------------------- selection
+def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """A numeric column as floats, nulls as NaN."""
+    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
 def _values(pool: pl.DataFrame, column: str, rule: Rule) -> np.ndarray:
     dtype = pool.schema[column]
     if not dtype.is_numeric():
         raise CurateError(f"{rule.name}: column {column!r} is {dtype}, not numeric")
-    return pool[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    return _float_column(pool, column)
 
 
 def _rank_mask(values: np.ndarray, pair_ids: pl.Series, k: int, highest: bool) -> np.ndarray:
@@ -683,10 +666,6 @@ def _apply_flips(pairs: pl.DataFrame, flipped_by: np.ndarray) -> pl.DataFrame:
     return out.with_columns(**swaps, **negated, meta=pl.Series(meta, dtype=pl.Utf8))
 
 
-def _float_column(frame: pl.DataFrame, column: str) -> np.ndarray:
-    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-
-
 def _training_signals(kept: pl.DataFrame, flipped: np.ndarray, factor: np.ndarray, weights: str,
                       soft_labels: bool, reweighted: bool) -> tuple[dict[str, pl.Series], dict[str, Any], list[str]]:
     """``weight`` and ``label_confidence`` of the kept pairs, on their final orientation."""
@@ -730,15 +709,8 @@ def _required_columns(rules: Sequence[Rule], weights: str, soft_labels: bool) ->
     return needed
 
 
-def curate_pairs(
-    table: pl.DataFrame,
-    rules: Sequence[Rule],
-    *,
-    weights: str = "none",
-    soft_labels: bool = False,
-    holdout: float = 0.0,
-    pair_columns: Sequence[str] | None = None,
-) -> CurationResult:
+def curate_pairs(table: pl.DataFrame, rules: Sequence[Rule], *, weights: str = "none", soft_labels: bool = False,
+                 holdout: float = 0.0, pair_columns: Sequence[str] | None = None) -> CurationResult:
     """Apply ``rules`` in order to a scored pair table (``RunDir.table()``); pure, no I/O.
 
     ``pair_columns``: the columns of ``table`` that are the pairs' own (the run's
@@ -814,12 +786,8 @@ def curate_pairs(
         "signals": signals,
         "warnings": warnings,
     }
-    return CurationResult(
-        pairs=out,
-        holdout=table.filter(pl.Series(held)).select(pair_columns),
-        audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA),
-        summary=summary,
-    )
+    return CurationResult(pairs=out, holdout=table.filter(pl.Series(held)).select(pair_columns),
+                          audit=pl.concat(audit) if audit else pl.DataFrame(schema=AUDIT_SCHEMA), summary=summary)
 
 
 # ----------------------------------------------------------------- the run-directory step
@@ -857,18 +825,9 @@ def rules_from_options(**options: Any) -> list[Rule]:
     return [spec.rule() for spec in rule_specs_from_options(**options)]
 
 
-def filter_run(
-    run: str | Path,
-    rules: Sequence[Rule] | None = None,
-    out: str | Path | None = None,
-    *,
-    weights: str = "none",
-    soft_labels: bool = False,
-    holdout: float = 0.0,
-    dry_run: bool = False,
-    force: bool = False,
-    **rule_options: Any,
-) -> dict[str, Any]:
+def filter_run(run: str | Path, rules: Sequence[Rule] | None = None, out: str | Path | None = None, *,
+               weights: str = "none", soft_labels: bool = False, holdout: float = 0.0, dry_run: bool = False,
+               force: bool = False, **rule_options: Any) -> dict[str, Any]:
     """Curate a run directory's pairs into ``out`` and return the summary.
 
     Rules are given as :class:`Rule` objects, or as options (``ches_drop_top=10``,

@@ -68,16 +68,9 @@ def _model_max_length(name_or_path: str, tokenizer: Any) -> int:
 
 
 @torch.no_grad()
-def encode_batched(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    show_progress: bool = False,
-) -> np.ndarray:
+def encode_batched(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
+                   max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64, device: str | torch.device = "cpu",
+                   show_progress: bool = False) -> np.ndarray:
     """Embed ``texts`` with an encoder model: [n, d] float32, mean-pooled and L2-normalised.
 
     Texts are tokenised once, sorted by token length and run in batches, so
@@ -149,16 +142,9 @@ class EmbeddingCache:
         atomic_write_bytes(self.path, buffer.getvalue())
 
 
-def embed_texts(
-    texts: Sequence[str],
-    *,
-    model: str | tuple[torch.nn.Module, Any] = DEFAULT_EMBEDDER,
-    device: str = "auto",
-    batch_size: int = 64,
-    cache_dir: str | Path | None = None,
-    show_progress: bool = True,
-    max_length: int | None = None,
-) -> np.ndarray:
+def embed_texts(texts: Sequence[str], *, model: str | tuple[torch.nn.Module, Any] = DEFAULT_EMBEDDER,
+                device: str = "auto", batch_size: int = 64, cache_dir: str | Path | None = None,
+                show_progress: bool = True, max_length: int | None = None) -> np.ndarray:
     """Embed each text with a sentence-embedding model: ``[len(texts), d]`` float32, unit-norm rows.
 
     ``model`` is a name understood by :func:`curate.models.load_embedder`

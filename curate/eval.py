@@ -298,26 +298,11 @@ def _load(model: Any, device, dtype):
     return model if isinstance(model, LoadedModel) else load_causal_lm(str(model), device=device, dtype=dtype)
 
 
-def evaluate(
-    model: Any,
-    ref: Any,
-    data: Any,
-    *,
-    out: str | Path | None = None,
-    beta: float = 0.1,
-    betas: Iterable[float] = DEFAULT_BETAS,
-    alpha: float = DEFAULT_ALPHA,
-    scores: Any = None,
-    generate: int = 0,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
-    seed: int = 0,
-    system_prompt: str = "default",
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    dtype: str = "fp32",
-) -> dict[str, Any]:
+def evaluate(model: Any, ref: Any, data: Any, *, out: str | Path | None = None, beta: float = 0.1,
+             betas: Iterable[float] = DEFAULT_BETAS, alpha: float = DEFAULT_ALPHA, scores: Any = None,
+             generate: int = 0, max_new_tokens: int = 128, temperature: float = 0.7, seed: int = 0,
+             system_prompt: str = "default", max_length: int | None = None, batch_size: int | None = None,
+             device: str = "auto", dtype: str = "fp32") -> dict[str, Any]:
     """Evaluate a trained policy against its reference on preference pairs.
 
     ``model`` / ``ref``: a name or path for :func:`curate.models.load_causal_lm`
@@ -479,14 +464,11 @@ def reward_head_scorer(chosen: Sequence[str], rejected: Sequence[str]):
     from curate.embeddings import embed_texts
     from curate.scores.reward import fit_bt_head
 
-    emb_c = np.asarray(embed_texts(list(chosen), show_progress=False), dtype=np.float64)
-    emb_r = np.asarray(embed_texts(list(rejected), show_progress=False), dtype=np.float64)
-    w = fit_bt_head(emb_c - emb_r)
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(embed_texts(list(texts), show_progress=False), dtype=np.float64)
 
-    def reward(texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(embed_texts(list(texts), show_progress=False), dtype=np.float64) @ w
-
-    return reward
+    w = fit_bt_head(embed(chosen) - embed(rejected))
+    return lambda texts: embed(texts) @ w
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:

@@ -177,9 +177,7 @@ def _scalars(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _find(manifest: dict[str, Any], words: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -216,16 +214,8 @@ def distribution_table(scores: pl.DataFrame, max_columns: int = MAX_CARD_COLUMNS
     return rows
 
 
-def data_card(
-    *,
-    manifest: dict[str, Any],
-    pairs: pl.DataFrame,
-    scores: pl.DataFrame,
-    fmt: str,
-    split: str,
-    files: list[str],
-    column_notes: dict[str, str],
-) -> str:
+def data_card(*, manifest: dict[str, Any], pairs: pl.DataFrame, scores: pl.DataFrame, fmt: str, split: str,
+              files: list[str], column_notes: dict[str, str]) -> str:
     """The README.md text written beside an export (pure: no I/O)."""
     curation = CurationSection.from_dict(manifest[SECTION]) if SECTION in manifest else None
     n = pairs.height
@@ -339,16 +329,8 @@ _PAIR_NOTES = {
 EXPORT_OWNED = (CARD, "train.*", "holdout.*", "data-*.arrow", "dataset_info.json", "state.json", ".*.tmp")
 
 
-def export_curated(
-    curated: str | Path,
-    fmt: str,
-    out: str | Path,
-    *,
-    split: str = "train",
-    force: bool = False,
-    push_to_hub: str | None = None,
-    ref_logps: bool | None = None,
-) -> dict[str, Any]:
+def export_curated(curated: str | Path, fmt: str, out: str | Path, *, split: str = "train", force: bool = False,
+                   push_to_hub: str | None = None, ref_logps: bool | None = None) -> dict[str, Any]:
     """Export a curated run directory (``curate filter --out``) and write its data card; returns a summary.
 
     ``ref_logps`` (trl format only): None adds TRL's reference columns when the

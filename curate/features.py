@@ -189,15 +189,8 @@ def feature_effects(
         eta_without = X[active, :2] @ beta[:2]
         eta_with = eta_without + beta[2] * X[active, 2]
         delta = float(np.mean(_sigmoid(sign * eta_with) - _sigmoid(sign * eta_without)))
-        rows.append(
-            dict(
-                feature=j,
-                prevalence=float(active.mean()),
-                coef=float(beta[2]),
-                p_value=likelihood_ratio_p_value(loglik, loglik_base),
-                win_rate_delta=delta,
-            )
-        )
+        rows.append(dict(feature=j, prevalence=float(active.mean()), coef=float(beta[2]),
+                         p_value=likelihood_ratio_p_value(loglik, loglik_base), win_rate_delta=delta))
     table = pl.DataFrame(rows)
     return table.with_columns(p_bonferroni=(pl.col("p_value") * n_features).clip(upper_bound=1.0))
 
@@ -300,17 +293,9 @@ def _shorten(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def describe_features(
-    activations: np.ndarray,
-    chosen: Sequence[str],
-    rejected: Sequence[str],
-    pair_ids: Sequence[str],
-    *,
-    top_fraction: float = 0.05,
-    n_examples: int = 5,
-    n_ngrams: int = 6,
-    min_pairs: int = 20,
-) -> pl.DataFrame:
+def describe_features(activations: np.ndarray, chosen: Sequence[str], rejected: Sequence[str], pair_ids: Sequence[str],
+                      *, top_fraction: float = 0.05, n_examples: int = 5, n_ngrams: int = 6, min_pairs: int = 20,
+                      ) -> pl.DataFrame:
     """Offline descriptions from top-activating pairs.
 
     ``activations`` [n, M] are in the chosen - rejected orientation. For each
@@ -340,17 +325,9 @@ def describe_features(
             f"HIGH: {_shorten(h)} || LOW: {_shorten(lo)}"
             for i, h, lo in zip(top[:n_examples], high, low)
         ]
-        rows.append(
-            dict(
-                feature=j,
-                description=description,
-                more=more,
-                less=less,
-                win_rate_active=float(np.mean(act[active] > 0)),
-                top_pair_ids=[pair_ids[i] for i in top[:n_examples]],
-                examples=examples,
-            )
-        )
+        rows.append(dict(feature=j, description=description, more=more, less=less,
+                         win_rate_active=float(np.mean(act[active] > 0)),
+                         top_pair_ids=[pair_ids[i] for i in top[:n_examples]], examples=examples))
     return pl.DataFrame(
         rows,
         schema={
@@ -385,14 +362,9 @@ def _check_input(differences: np.ndarray, n_unique_train: int, settings: Feature
         )
 
 
-def compute_features(
-    pairs: pl.DataFrame,
-    *,
-    settings: FeatureSettings | None = None,
-    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
-    cache_dir: str | Path | None = None,
-    show_progress: bool = False,
-) -> FeatureResult:
+def compute_features(pairs: pl.DataFrame, *, settings: FeatureSettings | None = None,
+                     embeddings: tuple[np.ndarray, np.ndarray] | None = None, cache_dir: str | Path | None = None,
+                     show_progress: bool = False) -> FeatureResult:
     """Run WIMHF on a pair table: embed, train the signed SAE, describe and test each feature.
 
     ``embeddings`` may pass precomputed (e_chosen, e_rejected) arrays [n, d];
@@ -462,10 +434,8 @@ def compute_features(
     a_chosen = (orientation > 0).astype(np.float64)
 
     effects = feature_effects(acts_oriented, length_diff, a_chosen)
-    descriptions = describe_features(
-        acts_canonical, chosen, rejected, pair_ids,
-        top_fraction=settings.top_fraction, n_examples=settings.n_examples, n_ngrams=settings.n_ngrams,
-    )
+    descriptions = describe_features(acts_canonical, chosen, rejected, pair_ids, top_fraction=settings.top_fraction,
+                                     n_examples=settings.n_examples, n_ngrams=settings.n_ngrams)
     table = effects.join(descriptions, on="feature").sort("feature")
     timings["describe_s"] = time.perf_counter() - start
 
@@ -520,14 +490,8 @@ def _whole_set_aucs(acts, probe, length_diff, y, folds) -> dict[str, Any]:
 
 
 # ====================================================================== run directory
-def run_features(
-    run: str | Path,
-    *,
-    dataset: str | None = None,
-    settings: FeatureSettings | None = None,
-    load_kwargs: dict[str, Any] | None = None,
-    show_progress: bool = False,
-) -> FeatureResult:
+def run_features(run: str | Path, *, dataset: str | None = None, settings: FeatureSettings | None = None,
+                 load_kwargs: dict[str, Any] | None = None, show_progress: bool = False) -> FeatureResult:
     """``curate features``: analyse RUN's pairs (loading ``dataset`` into RUN first if given).
 
     Writes RUN/features.parquet, RUN/features_summary.json, RUN/sae/ (a

@@ -194,14 +194,9 @@ def _prepare_tokenizer(tokenizer) -> Any:
     return tokenizer
 
 
-def load_causal_lm(
-    name_or_path: str = SMOLLM2,
-    *,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> LoadedModel:
+def load_causal_lm(name_or_path: str = SMOLLM2, *, device: str | torch.device = "auto",
+                   dtype: str | torch.dtype = "auto", revision: str | None = None, trust_remote_code: bool = False,
+                   ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, weights in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

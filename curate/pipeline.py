@@ -198,7 +198,6 @@ class Step:
 
 def check_settings(step: str, settings: dict[str, Any], allowed: Any) -> None:
     """Refuse a misspelt setting with one sentence naming the recipe key, instead of a TypeError deep in a call."""
-    import dataclasses
     import inspect
 
     from curate.config import unknown_key_error
@@ -609,15 +608,8 @@ class PipelineState:
         write_json({"recipe": recipe, "steps": self.steps}, self.path)
 
 
-def run_pipeline(
-    recipe_path: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    quiet: bool = False,
-    force: bool = False,
-    console: Any = None,
-    steps: dict[str, Step] | None = None,
-) -> dict[str, Any]:
+def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, quiet: bool = False, force: bool = False,
+                 console: Any = None, steps: dict[str, Step] | None = None) -> dict[str, Any]:
     """Run a recipe's steps into its run directory; return what each step did and the headline numbers.
 
     ``force`` reruns every step. ``steps`` replaces the step implementations
@@ -671,36 +663,36 @@ def run_pipeline(
         upstream_ran = upstream_ran or not step.always
 
     report = next((r["summary"] for r in results if r["step"] == "report"), None)
-    out = {
+    return {
         "recipe": str(recipe_path), "run_dir": str(run), "steps": results,
         "seconds": round(time.perf_counter() - t_start, 1),
         "report": report["out"] if report else None,
         "headline": report["headline"] if report else {},
     }
-    return out
+
+
+def _pairs_and_device(recipe: dict[str, Any], directory: Path) -> tuple[int, str]:
+    """How many pairs ``directory`` holds, and the type of the device the recipe runs on."""
+    import polars as pl
+
+    from curate.models import resolve_device
+
+    n_pairs = pl.scan_parquet(directory / PAIRS).select(pl.len()).collect().item()
+    return n_pairs, resolve_device(recipe.get("device") or "auto").type
 
 
 def _check_loaded_pairs(recipe: dict[str, Any], run: Path) -> None:
     """After the load step, before any model: the settings the number of pairs can rule out."""
-    import polars as pl
-
-    from curate.models import resolve_device
-
-    n_pairs = pl.scan_parquet(run / PAIRS).select(pl.len()).collect().item()
-    check_against_data(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type)
+    check_against_data(recipe, *_pairs_and_device(recipe, run))
 
 
 def _check_curated_pairs(recipe: dict[str, Any], run: Path) -> None:
     """Before training (after the filter): the batch sizes against the pairs the filter kept."""
-    import polars as pl
-
-    from curate.models import resolve_device
-
     data = _training_data(Context(recipe, run))
     if (data / PAIRS).is_file():
-        n_pairs = pl.scan_parquet(data / PAIRS).select(pl.len()).collect().item()
+        n_pairs, device_type = _pairs_and_device(recipe, data)
         what = "pairs kept by the filter" if data != run else "pairs in the run"
-        check_train_pairs(recipe, n_pairs, resolve_device(recipe.get("device") or "auto").type, f"{n_pairs} {what}")
+        check_train_pairs(recipe, n_pairs, device_type, f"{n_pairs} {what}")
 
 
 def _now() -> str:
@@ -735,9 +727,7 @@ def _duration(seconds: float) -> str:
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _brief(step: str, summary: Any) -> str:

@@ -700,12 +700,6 @@ details summary{cursor:pointer} pre{white-space:pre-wrap;word-wrap:break-word;ma
 """
 
 
-def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return get_plotlyjs()
-
-
 def render_html(sections: list[Section], *, title: str, subtitle: str = "", numbers: dict[str, Any] | None = None,
                 plotly_js: str | None = None) -> str:
     """The whole page as one string; ``plotly_js`` defaults to the installed plotly's bundle."""
@@ -725,12 +719,15 @@ def render_html(sections: list[Section], *, title: str, subtitle: str = "", numb
     nav = "".join(f"<a href='#{esc(s.id)}'>{esc(s.title.split(':')[0])}</a>" for s in sections)
     cards = "".join(f"<div class='card'><div class='v'>{esc(fmt(v))}</div><div class='k'>{esc(k)}</div></div>"
                     for k, v in (numbers or {}).items() if v is not None)
-    js = plotly_js if plotly_js is not None else _plotly_js()
+    if plotly_js is None:
+        from plotly.offline import get_plotlyjs
+
+        plotly_js = get_plotlyjs()
     config = json.dumps(PLOT_CONFIG)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{esc(title)}</title>"
-        f"<style>{CSS}</style><script>{js}</script></head><body>"
+        f"<style>{CSS}</style><script>{plotly_js}</script></head><body>"
         f"<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header><nav>{nav}</nav>"
         f"<main><div class='cards'>{cards}</div>{''.join(body)}</main>"
         "<script>function draw(id, spec){Plotly.newPlot(id, spec.data, spec.layout, " + config + ");}\n"

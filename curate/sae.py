@@ -84,22 +84,10 @@ def matryoshka_widths(n_features: int, prefixes: Sequence[int] | None) -> list[i
     return widths + [n_features]
 
 
-def train_signed_sae(
-    train: np.ndarray,
-    val: np.ndarray | None = None,
-    *,
-    n_features: int = 32,
-    k: int = 4,
-    prefixes: Sequence[int] | None = (8, 32),
-    batch_size: int = 256,
-    lr: float = 5e-4,
-    max_epochs: int = 50,
-    min_epochs: int = 10,
-    patience: int = 3,
-    dead_feature_window: int = 64,
-    seed: int = 0,
-    device: str = "cpu",
-) -> SAETrainingResult:
+def train_signed_sae(train: np.ndarray, val: np.ndarray | None = None, *, n_features: int = 32, k: int = 4,
+                     prefixes: Sequence[int] | None = (8, 32), batch_size: int = 256, lr: float = 5e-4,
+                     max_epochs: int = 50, min_epochs: int = 10, patience: int = 3, dead_feature_window: int = 64,
+                     seed: int = 0, device: str = "cpu") -> SAETrainingResult:
     """Train a signed Matryoshka AbsTopK SAE on the rows of ``train`` [n, d].
 
     Each epoch visits every row once in a seeded random order. With ``val``,
@@ -144,18 +132,11 @@ def _train(train, val, *, n_features, k, prefixes, batch_size, lr, max_epochs, m
         sae.b_dec.copy_(train_t.median(dim=0).values.to(sae.b_dec.device))
     steps_per_epoch = math.ceil(n / batch_size)
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(
-            total_training_samples=steps_per_epoch * batch_size * max_epochs,
-            train_batch_size_samples=batch_size,
-            lr=lr,
-            lr_end=lr,
-            device=device,
-            dead_feature_window=dead_feature_window,
-            feature_sampling_window=10**9,
-            logger=LoggingConfig(log_to_wandb=False),
-        ),
-        sae=sae,
-        data_provider=iter(()),
+        cfg=SAETrainerConfig(total_training_samples=steps_per_epoch * batch_size * max_epochs,
+                             train_batch_size_samples=batch_size, lr=lr, lr_end=lr, device=device,
+                             dead_feature_window=dead_feature_window, feature_sampling_window=10**9,
+                             logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae, data_provider=iter(()),
     )
 
     history: dict[str, list[float]] = {"train_loss": [], "val_mse": []}

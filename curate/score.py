@@ -164,37 +164,15 @@ def _versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the library function
-def score(
-    dataset_or_run: str | os.PathLike[str],
-    *,
-    model: str = "smollm2-135m-instruct",
-    scores: str | Sequence[str] = ("ches", "logps"),
-    out: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | str = "auto",
-    token_budget: int | None = None,
-    max_length: int | None = None,
-    limit: int | None = None,
-    system_prompt: str = "default",
-    prefix_sharing: bool | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    revision: str | None = None,
-    subset: str | None = None,
-    split: str | None = None,
-    fmt: str = "auto",
-    columns=None,
-    label_column: str | None = None,
-    strategy: str = "best-random-lower",
-    keep_empty: bool = False,
-    lm=None,
-    reward_options: dict[str, Any] | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    num_workers: int = 1,
-    gpus_per_worker: float = 0,
-    force: bool = False,
-) -> pl.DataFrame:
+def score(dataset_or_run: str | os.PathLike[str], *, model: str = "smollm2-135m-instruct",
+          scores: str | Sequence[str] = ("ches", "logps"), out: str | os.PathLike[str] | None = None,
+          device: str = "auto", dtype: str = "auto", batch_size: int | str = "auto", token_budget: int | None = None,
+          max_length: int | None = None, limit: int | None = None, system_prompt: str = "default",
+          prefix_sharing: bool | None = None, shard_size: int = DEFAULT_SHARD_SIZE, revision: str | None = None,
+          subset: str | None = None, split: str | None = None, fmt: str = "auto", columns=None,
+          label_column: str | None = None, strategy: str = "best-random-lower", keep_empty: bool = False, lm=None,
+          reward_options: dict[str, Any] | None = None, engine: str = "local", ray_address: str | None = None,
+          num_workers: int = 1, gpus_per_worker: float = 0, force: bool = False) -> pl.DataFrame:
     """Score pairs with a causal LM into ``out`` (a run directory); returns the run's score table.
 
     ``dataset_or_run`` is a dataset (hub name or local file, loaded and
@@ -261,10 +239,8 @@ def score(
 
     delegated = [s for s in wanted if s in DELEGATED_SCORES]
     if delegated:
-        try:
-            from curate.scores.reward import score_reward_and_noise
-        except ImportError as exc:
-            raise CurateError("reward/noise scoring is not available in this install (curate.scores.reward)") from exc
+        from curate.scores.reward import score_reward_and_noise
+
         score_reward_and_noise(run, device=device, **(reward_options or {}))
         result = run.scores()
     return result
@@ -372,12 +348,8 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
         )
     run.merge_scores(table)
     return {
-        "model": facts["info"],
-        "device": facts["device"],
-        "dtype": facts["dtype"],
-        "engine": engine,
-        "workers": workers,
-        "pooled_layer": facts["pooled_layer"],
+        "model": facts["info"], "device": facts["device"], "dtype": facts["dtype"], "engine": engine,
+        "workers": workers, "pooled_layer": facts["pooled_layer"],
         "batch": {"batch_size": batch_size or "auto", "token_budget": token_budget or "auto",
                   "prefix_sharing": prefix_sharing, "shard_size": shard_size, "n_shards": n_shards,
                   "shards_resumed": n_shards - len(todo)},

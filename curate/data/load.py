@@ -86,6 +86,16 @@ def is_local(dataset: str) -> bool:
     return path.exists() or dataset.lower().endswith(LOCAL_SUFFIXES)
 
 
+def dataset_records(dataset: str, **hub_options) -> tuple[Iterable[tuple[str, Any]], dict[str, Any]]:
+    """Raw ``(location, record)`` items of a local file or a hub dataset, and where they come from."""
+    if not is_local(dataset):
+        return hub_records(dataset, **hub_options)
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise CurateError(f"{path} does not exist")
+    return local_records(path), {"path": str(path.resolve())}
+
+
 # ------------------------------------------------------------------ validation
 def _passthrough_meta(record: Mapping[str, Any]) -> dict[str, Any]:
     meta = record.get("meta")
@@ -237,12 +247,8 @@ def _why(quarantine: pl.DataFrame) -> str:
 def _from_response_sets(first, items, fmt: str, *, quarantined: list[dict], rows_before: int, limit: int | None,
                         source_name: str, strategy: str, seed: int) -> LoadResult:
     """Response-set layouts: k rated replies per prompt, paired by ``strategy`` (curate.pairs)."""
-    try:
-        from curate.data import response_sets
-        from curate.pairs.strategies import select_pairs
-    except ImportError as exc:
-        raise CurateError(f"this is {fmt} data (several rated replies per prompt, not pairs) and this install "
-                          "cannot pair them; turn them into pairs with `curate pairs` first") from exc
+    from curate.data import response_sets
+    from curate.pairs.strategies import select_pairs
     records = list(first)
     n_rows = rows_before + 1
     for location, record in items:
@@ -279,13 +285,7 @@ def load_pairs(dataset: str, *, subset: str | None = None, split: str | None = N
     (``best-random-lower``, ``best-worst``, ``all``). ``streaming`` reads hub
     data lazily (useful with ``limit``).
     """
-    if is_local(dataset):
-        path = Path(dataset).expanduser()
-        if not path.exists():
-            raise CurateError(f"{path} does not exist")
-        records, source = local_records(path), {"path": str(path.resolve())}
-    else:
-        records, source = hub_records(dataset, subset=subset, split=split, revision=revision, streaming=streaming)
+    records, source = dataset_records(dataset, subset=subset, split=split, revision=revision, streaming=streaming)
     result = normalise(records, fmt=fmt, columns=columns, keep_empty=keep_empty, limit=limit, source_name=dataset,
                        label_column=label_column, strategy=strategy, seed=seed)
     result.info.update(source)

@@ -266,19 +266,11 @@ def read_response_sets(path_or_records, *, fmt: str = "auto", columns=None, limi
     or an iterable of records (dicts, or ``(location, record)`` items).
     ``limit`` counts records read (for ``long``: rows).
     """
-    from curate.data.load import hub_records, is_local
-    from curate.data.readers import local_records
+    from curate.data.load import dataset_records
 
     if isinstance(path_or_records, (str, Path)):
-        name = str(path_or_records)
-        if is_local(name):
-            path = Path(name).expanduser()
-            if not path.exists():
-                raise CurateError(f"{path} does not exist")
-            items, source = local_records(path), {"path": str(path.resolve())}
-        else:
-            items, source = hub_records(name)
-        source["dataset"] = name
+        items, source = dataset_records(str(path_or_records))
+        source["dataset"] = str(path_or_records)
     else:
         items = ((r if isinstance(r, tuple) else (f"record:{i}", r)) for i, r in enumerate(path_or_records))
         source = {"dataset": "records"}

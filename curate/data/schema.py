@@ -85,14 +85,8 @@ def make_pair_id(prompt: Sequence[Message], reply_a: str, reply_b: str) -> str:
     Swapping chosen and rejected keeps the id, so a flip recorded in the
     audit trail still joins with every score of the pair.
     """
-    canonical = json.dumps(
-        {
-            "prompt": [[m["role"], m["content"]] for m in prompt],
-            "replies": sorted([reply_a, reply_b]),
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    canonical = json.dumps({"prompt": [[m["role"], m["content"]] for m in prompt],
+                            "replies": sorted([reply_a, reply_b])}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -102,17 +96,10 @@ def pairs_frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
     for row in rows:
         prompt = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
         meta = row.get("meta") or {}
-        records.append(
-            {
-                "pair_id": row.get("pair_id")
-                or make_pair_id(prompt, row["chosen"], row["rejected"]),
-                "prompt": prompt,
-                "chosen": row["chosen"],
-                "rejected": row["rejected"],
-                "source": row.get("source") or "",
-                "meta": meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False),
-            }
-        )
+        records.append({"pair_id": row.get("pair_id") or make_pair_id(prompt, row["chosen"], row["rejected"]),
+                        "prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"],
+                        "source": row.get("source") or "",
+                        "meta": meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False)})
     return pl.DataFrame(records, schema=PAIR_SCHEMA)
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from curate.lm import reply_states
-from curate.scores.engine import (_is_oom, default_attention_budget, default_token_budget, greedy_batches,
+from curate.scores.engine import (default_attention_budget, default_token_budget, greedy_batches, recover_from_oom,
                                   resolve_prefix_sharing)
 from curate.scores.logps import span_sum
 
@@ -93,10 +93,7 @@ def pool_response_sets(model, encoded: Sequence[tuple[Sequence[int], Sequence[in
         try:
             rows, sums = run(batch)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not _is_oom(exc) or len(batch) == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            recover_from_oom(exc, len(batch))
             pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
             continue
         if out is None:

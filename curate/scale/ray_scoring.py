@@ -186,17 +186,9 @@ class ShardScorer:
         return out
 
 
-def score_shards(
-    ray,
-    shards: Sequence[tuple[int, pl.DataFrame]],
-    *,
-    load: dict[str, Any],
-    settings: dict[str, Any],
-    num_workers: int,
-    gpus_per_worker: float,
-    write_shard: Callable[[int, pl.DataFrame], None],
-    on_shard: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
+def score_shards(ray, shards: Sequence[tuple[int, pl.DataFrame]], *, load: dict[str, Any], settings: dict[str, Any],
+                 num_workers: int, gpus_per_worker: float, write_shard: Callable[[int, pl.DataFrame], None],
+                 on_shard: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Score ``(shard index, pairs)`` on ``num_workers`` actors; ``write_shard`` stores each result as it arrives.
 
     Returns one summary per worker process: shards, pairs, tokens, busy

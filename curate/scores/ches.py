@@ -26,12 +26,8 @@ def ches(sum_chosen: torch.Tensor, sum_rejected: torch.Tensor) -> torch.Tensor:
     return (pos * neg).sum(-1) - (pos * pos).sum(-1)
 
 
-def ln_ches(
-    sum_chosen: torch.Tensor,
-    sum_rejected: torch.Tensor,
-    n_chosen: torch.Tensor,
-    n_rejected: torch.Tensor,
-) -> torch.Tensor:
+def ln_ches(sum_chosen: torch.Tensor, sum_rejected: torch.Tensor, n_chosen: torch.Tensor, n_rejected: torch.Tensor,
+            ) -> torch.Tensor:
     """Length-normalised CHES: CHES of the mean states m± = S± / |y±|."""
     mean_pos = sum_chosen.double() / n_chosen.double().unsqueeze(-1)
     mean_neg = sum_rejected.double() / n_rejected.double().unsqueeze(-1)

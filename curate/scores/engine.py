@@ -69,15 +69,9 @@ def attention_cost(pairs: Sequence[EncodedPair], prefix_sharing: bool = True) ->
     return rows * longest * longest
 
 
-def plan_batches(
-    pairs: Sequence[EncodedPair],
-    *,
-    token_budget: int,
-    batch_size: int | None = None,
-    prefix_sharing: bool = True,
-    indices: Sequence[int] | None = None,
-    attention_budget: int | None = None,
-) -> list[list[int]]:
+def plan_batches(pairs: Sequence[EncodedPair], *, token_budget: int, batch_size: int | None = None,
+                 prefix_sharing: bool = True, indices: Sequence[int] | None = None,
+                 attention_budget: int | None = None) -> list[list[int]]:
     """Group pair indices (all, or ``indices``) into batches of similar length.
 
     Pairs are sorted by (prompt length, reply lengths), longest first, and cut
@@ -115,7 +109,7 @@ def greedy_batches(items: Sequence[int], cost: Callable[[list[int]], tuple[int, 
 
 
 def forward_batch(
-    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None
+    model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score one batch of pairs; tensors on CPU, one row per pair, in input order."""
     prompts, replies, owner = pair_rows(pairs)
@@ -142,8 +136,13 @@ def forward_batch(
             for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, 2 * n)))}
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+def recover_from_oom(exc: RuntimeError, batch_len: int) -> None:
+    """Re-raise ``exc`` unless it is an out-of-memory error that a smaller batch may avoid; then free the cache."""
+    out_of_memory = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    if not out_of_memory or batch_len == 1:
+        raise exc
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_prefix_sharing(model, prefix_sharing: bool | None) -> bool:
@@ -162,15 +161,9 @@ def default_attention_budget(model) -> int | None:
     return CPU_ATTENTION_BUDGET if next(model.parameters()).device.type == "cpu" else None
 
 
-def score_batches(
-    model,
-    pairs: Sequence[EncodedPair],
-    *,
-    want_logps: bool = True,
-    prefix_sharing: bool | None = None,
-    batch_size: int | None = None,
-    token_budget: int | None = None,
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+def score_batches(model, pairs: Sequence[EncodedPair], *, want_logps: bool = True, prefix_sharing: bool | None = None,
+                  batch_size: int | None = None, token_budget: int | None = None,
+                  ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(pair indices, outputs)`` batch by batch, longest pairs first.
 
     With ``batch_size=None`` batches fill ``token_budget`` padded tokens
@@ -188,39 +181,26 @@ def score_batches(
         try:
             out = forward_batch(model, [pairs[i] for i in indices], want_logps=want_logps, prefix_sharing=prefix_sharing)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not _is_oom(exc) or len(indices) == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            recover_from_oom(exc, len(indices))
             # halve what failed and re-plan everything not yet done
             budget = max(1, batch_cost([pairs[i] for i in indices], prefix_sharing) // 2)
             if batch_size is not None:
                 batch_size = max(1, len(indices) // 2)
             remaining = indices + [i for batch in pending for i in batch]
-            pending = plan_batches(
-                pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing, indices=remaining,
-                attention_budget=attention_budget,
-            )
+            pending = plan_batches(pairs, token_budget=budget, batch_size=batch_size, prefix_sharing=prefix_sharing,
+                                   indices=remaining, attention_budget=attention_budget)
             continue
         yield indices, out
 
 
-def score_encoded(
-    model,
-    pairs: Sequence[EncodedPair],
-    *,
-    want_logps: bool = True,
-    prefix_sharing: bool | None = None,
-    batch_size: int | None = None,
-    token_budget: int | None = None,
-    on_batch: Callable[[list[int]], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Score all pairs; returns the engine outputs stacked in input order (``on_batch(indices)`` after each batch)."""
+def score_encoded(model, pairs: Sequence[EncodedPair], *, on_batch: Callable[[list[int]], None] | None = None,
+                  **options) -> dict[str, torch.Tensor]:
+    """Score all pairs; returns the engine outputs stacked in input order (``on_batch(indices)`` after each batch).
+
+    ``options``: those of :func:`score_batches`.
+    """
     results: dict[str, torch.Tensor] = {}
-    for indices, out in score_batches(
-        model, pairs, want_logps=want_logps, prefix_sharing=prefix_sharing,
-        batch_size=batch_size, token_budget=token_budget,
-    ):
+    for indices, out in score_batches(model, pairs, **options):
         index = torch.tensor(indices)
         for name, value in out.items():
             if name not in results:

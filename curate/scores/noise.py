@@ -260,21 +260,14 @@ def mixture_mle(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
     slope = fit.slope if identifiable else profile_nll(s, used)[1]
     p = expit(slope * s)
     return NoiseEstimate(
-        name="mixture",
-        rate=fit.eps,
-        flip_prob=fit.averaged_flip_prob(s),
-        flip_prob_conservative=flip_posterior(p, used),
-        p_clean=p,
-        assumption=(
-            "symmetric noise independent of the pair, and a clean posterior that is logistic "
-            "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"
-        ),
+        name="mixture", rate=fit.eps, flip_prob=fit.averaged_flip_prob(s),
+        flip_prob_conservative=flip_posterior(p, used), p_clean=p,
+        assumption=("symmetric noise independent of the pair, and a clean posterior that is logistic "
+                    "in the out-of-fold margin (reaching 0/1 for the most confident pairs)"),
         details={"slope": slope, "lr_statistic": fit.lr_statistic, "no_noise_p_value": fit.p_value,
                  "no_noise_rejected": fit.lr_statistic > LR_CRITICAL, "interval_level": INTERVAL_LEVEL,
                  "identifiable_width": IDENTIFIABLE_WIDTH, "rate_posterior_mean": fit.posterior_mean()},
-        interval=fit.interval,
-        identifiable=identifiable,
-        rate_used=used,
+        interval=fit.interval, identifiable=identifiable, rate_used=used,
     )
 
 
@@ -294,19 +287,15 @@ def em_estimator(margin: np.ndarray, *, member_margins: np.ndarray | None = None
     margin, eps_anchor from :func:`anchor_rate`.
     """
     eps_anchor = anchor_rate(margin, top_fraction=top_fraction).rate
-    p = clean_posterior(platt_probability(margin), eps_anchor)
+    return _em_estimate("em", clean_posterior(platt_probability(margin), eps_anchor),
+                        "the anchor-corrected probabilities are the clean posterior; then EM is the maximum "
+                        "likelihood label accuracy (inherits the anchor's assumption)", eps_anchor=eps_anchor)
+
+
+def _em_estimate(name: str, p: np.ndarray, assumption: str, **details: Any) -> NoiseEstimate:
+    """:func:`em_flip` on the posteriors ``p`` as an estimate."""
     eps, flip = em_flip(p)
-    return NoiseEstimate(
-        name="em",
-        rate=eps,
-        flip_prob=flip,
-        p_clean=p,
-        assumption=(
-            "the anchor-corrected probabilities are the clean posterior; then EM is the maximum "
-            "likelihood label accuracy (inherits the anchor's assumption)"
-        ),
-        details={"eps_anchor": eps_anchor},
-    )
+    return NoiseEstimate(name=name, rate=eps, flip_prob=flip, p_clean=p, assumption=assumption, details=details)
 
 
 @register("anchor")
@@ -326,14 +315,9 @@ def anchor_rate(margin: np.ndarray, *, member_margins: np.ndarray | None = None,
     eps = float(np.clip((s[top] < 0).mean(), 0.0, EPS_MAX))
     p = clean_posterior(platt_probability(s), eps)
     return NoiseEstimate(
-        name="anchor",
-        rate=eps,
-        flip_prob=flip_posterior(p, eps),
-        p_clean=p,
-        assumption=(
-            f"the {top_fraction:.0%} most confident pairs are unambiguous (clean posterior 0 or 1) "
-            "and noise is independent of the pair; biased upward if they are not"
-        ),
+        name="anchor", rate=eps, flip_prob=flip_posterior(p, eps), p_clean=p,
+        assumption=(f"the {top_fraction:.0%} most confident pairs are unambiguous (clean posterior 0 or 1) "
+                    "and noise is independent of the pair; biased upward if they are not"),
         details={"top_fraction": top_fraction, "n_anchor": k},
     )
 
@@ -367,14 +351,9 @@ def confident_learning(q: np.ndarray, *, seed: int = 0) -> NoiseEstimate:
     joint = estimate_joint(labels, pred_probs)
     n_issues = num_label_issues(labels, pred_probs, estimation_method="off_diagonal_calibrated")
     return NoiseEstimate(
-        name="cleanlab",
-        rate=float(1.0 - np.trace(joint)),
-        flip_prob=1.0 - q,
-        p_clean=q,
-        assumption=(
-            "out-of-fold probabilities rank and threshold pairs well per class; treats "
-            "the noisy posterior as if clean, so genuine ambiguity counts as noise (biased upward)"
-        ),
+        name="cleanlab", rate=float(1.0 - np.trace(joint)), flip_prob=1.0 - q, p_clean=q,
+        assumption=("out-of-fold probabilities rank and threshold pairs well per class; treats "
+                    "the noisy posterior as if clean, so genuine ambiguity counts as noise (biased upward)"),
         details={"label_issue_fraction": float(n_issues) / len(q), "seed": seed},
     )
 
@@ -393,29 +372,18 @@ def margin_heuristic(margin: np.ndarray, *, member_margins: np.ndarray | None = 
     against = (d < 0).mean(axis=1)
     tiebreak = 1e-6 * expit(-mean / (np.abs(mean).max() + 1e-12))
     return NoiseEstimate(
-        name="margin",
-        rate=float((mean < 0).mean()),
-        flip_prob=np.clip(against + tiebreak, 0.0, 1.0),
+        name="margin", rate=float((mean < 0).mean()), flip_prob=np.clip(against + tiebreak, 0.0, 1.0),
         p_clean=1.0 - against,
-        assumption=(
-            "every pair whose ensemble margin is negative is mislabelled; biased upward "
-            "by reward-model error (a weak ensemble calls many correct pairs flipped)"
-        ),
+        assumption=("every pair whose ensemble margin is negative is mislabelled; biased upward "
+                    "by reward-model error (a weak ensemble calls many correct pairs flipped)"),
     )
 
 
 @register("em_naive")
 def em_naive(margin: np.ndarray, *, member_margins: np.ndarray | None = None, seed: int = 0) -> NoiseEstimate:
     """EM fed the noisy-label (Platt) probabilities as if clean: shown only as a warning baseline."""
-    q = platt_probability(margin)
-    eps, flip = em_flip(q)
-    return NoiseEstimate(
-        name="em_naive",
-        rate=eps,
-        flip_prob=flip,
-        p_clean=q,
-        assumption="(wrong on purpose) probabilities learned from the noisy labels are clean; underestimates",
-    )
+    return _em_estimate("em_naive", platt_probability(margin),
+                        "(wrong on purpose) probabilities learned from the noisy labels are clean; underestimates")
 
 
 # ------------------------------------------------------------------ helpers

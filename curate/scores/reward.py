@@ -104,10 +104,8 @@ class Member:
 
 def member_from_rewards(name: str, reward_chosen, reward_rejected, *, kind: str = "implicit", out_of_fold: bool = False, **info) -> Member:
     """Wrap precomputed per-reply rewards (implicit DPO rewards, an external RM) as a member."""
-    return Member(
-        name, kind, np.asarray(reward_chosen, dtype=np.float64), np.asarray(reward_rejected, dtype=np.float64),
-        out_of_fold, dict(info),
-    )
+    return Member(name, kind, np.asarray(reward_chosen, dtype=np.float64),
+                  np.asarray(reward_rejected, dtype=np.float64), out_of_fold, dict(info))
 
 
 # ------------------------------------------------------------------ Bradley-Terry heads
@@ -211,8 +209,7 @@ def head_members(
 
     # the matrices are small: BLAS threads only add spinning and contention
     with threadpool_limits(limits=1):
-        members = _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2, groups=groups)
-    return members
+        return _cross_fit_members(feature_sets, n, seeds=seeds, folds=folds, l2=l2, groups=groups)
 
 
 def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Member]:
@@ -223,12 +220,9 @@ def _cross_fit_members(feature_sets, n, *, seeds, folds, l2, groups) -> list[Mem
             if len(fs.chosen) != n:
                 raise CurateError(f"feature set {fs.name!r} has {len(fs.chosen)} rows, expected {n}")
             rc, rr = cross_fit_head(fs, fold, l2=l2, groups=groups)
-            members.append(Member(
-                f"{fs.name}_s{seed}", "head", rc, rr, True,
-                {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
-                 "l2": l2 if np.isscalar(l2) else list(l2),
-                 "grouped_folds": groups is not None},
-            ))
+            info = {"features": fs.name, "dim": int(fs.chosen.shape[1]), "seed": int(seed), "folds": folds,
+                    "l2": l2 if np.isscalar(l2) else list(l2), "grouped_folds": groups is not None}
+            members.append(Member(f"{fs.name}_s{seed}", "head", rc, rr, True, info))
     return members
 
 
@@ -479,18 +473,10 @@ def ensemble_margins(
     return members, scaled_margins(members)
 
 
-def reward_and_noise(
-    feature_sets: Sequence[FeatureSet],
-    fixed_members: Sequence[Member] = (),
-    *,
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    estimator: str | None = None,
-    noise_seed: int = 0,
-    groups: np.ndarray | None = None,
-    grouping: str | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def reward_and_noise(feature_sets: Sequence[FeatureSet], fixed_members: Sequence[Member] = (), *,
+                     seeds: Sequence[int] = (0, 1, 2), folds: int = 5, l2: float = DEFAULT_L2,
+                     estimator: str | None = None, noise_seed: int = 0, groups: np.ndarray | None = None,
+                     grouping: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train the heads, combine every member, estimate noise: (columns, info).
 
     Columns: ``rm_margin_mean``, ``rm_margin_std``, ``rm_vote_share``,
@@ -672,22 +658,11 @@ def build_feature_sets(
     return sets
 
 
-def score_reward_and_noise(
-    run,
-    *,
-    reward_models: Sequence[str] = (),
-    embedder: str | None = "all-minilm-l6-v2",
-    pooled: Mapping[str, np.ndarray] | None = None,
-    text_stats: bool = True,
-    extra_members: Sequence[Member] = (),
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: int = 5,
-    l2: float = DEFAULT_L2,
-    estimator: str | None = None,
-    device: str = "auto",
-    cache_dir=None,
-    priors: bool = True,
-):
+def score_reward_and_noise(run, *, reward_models: Sequence[str] = (), embedder: str | None = "all-minilm-l6-v2",
+                           pooled: Mapping[str, np.ndarray] | None = None, text_stats: bool = True,
+                           extra_members: Sequence[Member] = (), seeds: Sequence[int] = (0, 1, 2), folds: int = 5,
+                           l2: float = DEFAULT_L2, estimator: str | None = None, device: str = "auto", cache_dir=None,
+                           priors: bool = True):
     """Reward-ensemble strength and noise-flip columns for a run; merged into RUN/scores.parquet.
 
     Feature sets: the policy's pooled reply states (``pooled`` or

@@ -36,30 +36,12 @@ from curate.fsutil import remove_inside
 from curate.rundir import RunDir, ScoreSection, TrainSection
 from curate.train import checkpoints as ckpt
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig
-from curate.train.batching import (
-    Batch,
-    EncodedPair,
-    PolicyForward,
-    collate,
-    collate_shared,
-    encode_pairs,
-    on_reply,
-    reply_forward,
-    token_logps,
-)
+from curate.train.batching import (Batch, EncodedPair, PolicyForward, collate, collate_shared, encode_pairs, on_reply,
+                                   reply_forward, token_logps)
 from curate.train.data import EPSILON_AUTO_SOURCE, column_values, epsilon_from_pairs, read_training_pairs, scored_reference_logps
-from curate.train.losses import (
-    SEQUENCE_LOSSES,
-    TokenTerms,
-    pair_losses,
-    sft_loss,
-    sparsepo_losses,
-    tdpo1_losses,
-    tdpo2_losses,
-    token_kl,
-    weighted_mean,
-)
-from curate.train.masks import MASK_INITS, SparsePOMasks, activation_mask, mask_mean, zero_fraction
+from curate.train.losses import (SEQUENCE_LOSSES, TokenTerms, pair_losses, sft_loss, sparsepo_losses, tdpo1_losses,
+                                 tdpo2_losses, token_kl, weighted_mean)
+from curate.train.masks import SparsePOMasks, activation_mask, mask_mean, zero_fraction
 
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}  # torch defaults otherwise
@@ -325,18 +307,9 @@ def _compute_micro_loss(step_model, policy, reference: _Reference, masks, batch:
 
 
 # ------------------------------------------------------------------ the loop
-def train(
-    data: Any,
-    *,
-    out: str | os.PathLike[str],
-    model: Any = "smollm2-135m-instruct",
-    resume: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    device: str = "auto",
-    config: TrainConfig | None = None,
-    **options: Any,
-) -> TrainResult:
+def train(data: Any, *, out: str | os.PathLike[str], model: Any = "smollm2-135m-instruct", resume: bool = False,
+          force: bool = False, progress: bool = True, device: str = "auto", config: TrainConfig | None = None,
+          **options: Any) -> TrainResult:
     """Train ``model`` on preference pairs; write checkpoints, metrics and a final model to ``out``.
 
     ``data``: a run or curated directory (``pairs.parquet``, with optional

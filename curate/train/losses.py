@@ -54,17 +54,9 @@ def losses_of(level: str) -> tuple[str, ...]:
     return tuple(name for name, loss in REGISTRY.items() if loss.level == level)
 
 
-def pair_losses(
-    kind: str,
-    chosen_logratio: Tensor,
-    rejected_logratio: Tensor,
-    *,
-    beta: float,
-    epsilon: float = 0.0,
-    chosen_len: Tensor | None = None,
-    rejected_len: Tensor | None = None,
-    label_confidence: Tensor | None = None,
-) -> Tensor:
+def pair_losses(kind: str, chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: float, epsilon: float = 0.0,
+                chosen_len: Tensor | None = None, rejected_len: Tensor | None = None,
+                label_confidence: Tensor | None = None) -> Tensor:
     """One loss per pair ``[B]`` (no reduction) for the registered sequence-level loss ``kind``.
 
     ``chosen_logratio``, ``rejected_logratio``: r± ``[B]``; ``chosen_len``,
@@ -203,17 +195,9 @@ def tdpo2_losses(chosen: TokenTerms, rejected: TokenTerms, *, beta: float, alpha
 @register("sparsepo", level="token",
           paper="Christopoulou et al. 2024, SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks, "
                 "arXiv:2410.05102")
-def sparsepo_losses(
-    chosen: TokenTerms,
-    rejected: TokenTerms,
-    *,
-    reward_masks: tuple[Tensor, Tensor],
-    kl_masks: tuple[Tensor, Tensor],
-    beta: float,
-    l1_reward: float = 0.0,
-    l1_kl: float = 0.0,
-    shared_mask: bool = False,
-) -> Tensor:
+def sparsepo_losses(chosen: TokenTerms, rejected: TokenTerms, *, reward_masks: tuple[Tensor, Tensor],
+                    kl_masks: tuple[Tensor, Tensor], beta: float, l1_reward: float = 0.0, l1_kl: float = 0.0,
+                    shared_mask: bool = False) -> Tensor:
     """SparsePO: −log σ(β(u − δ)) + L1 penalties on the masks, one loss per pair.
 
     u = Σ m_u ρ(y⁺) − Σ m_u ρ(y⁻);  δ = Σ m_d KL(y⁻) − Σ m_d KL(y⁺), sums over reply
