@@ -76,3 +76,31 @@ def test_prior_feature_sets_record(tmp_path, monkeypatch):
     np.testing.assert_allclose(sets[0].chosen[:, 0], _prior().rewards(_sets())[0])
     assert sorted(r["used"] for r in record) == [False, True]
     assert all("why_not" in r for r in record if not r["used"])
+
+
+def test_score_reward_and_noise_reads_priors_that_apply(tmp_path, monkeypatch):
+    """A run's ensemble gains the ``priors`` feature set, the manifest records it, and ``priors=False`` skips it."""
+    from curate.data.schema import pairs_frame
+    from curate.rundir import RunDir
+    from curate.scores import reward
+
+    n, d = 40, 4
+    rng = np.random.default_rng(0)
+    pairs = pairs_frame([{"prompt": [{"role": "user", "content": f"question {i}?"}],
+                          "chosen": f"answer {i}", "rejected": f"other {i}"} for i in range(n)])
+    states = rng.normal(size=(2, n, d))
+    states[0, :, 0] += 1.0  # the chosen replies score higher on the first feature
+    run = RunDir(tmp_path / "run")
+    run.write_pairs(pairs, pl.DataFrame())
+    np.savez(run / "pooled.npz", pair_id=np.array(pairs["pair_id"].to_list()), mean_chosen=states[0],
+             mean_rejected=states[1])
+    RewardPrior("first_feature", ("policy",), (d,), {}, np.zeros(d), np.eye(d)[0], "hand-made", 1.0,
+                np.zeros(0, dtype=np.uint64)).save(tmp_path / "p.npz")
+    monkeypatch.setattr(prior_mod, "PRIOR_DIR", tmp_path)
+    reward.score_reward_and_noise(run, embedder=None, text_stats=False, device="cpu", folds=4)
+    info = run.manifest()["reward"]
+    assert info["feature_sets"] == {"policy": d, "priors": 1}
+    assert info["priors"] == [{"name": "first_feature", "reads": ["policy"], "trained_on": "hand-made", "used": True}]
+    reward.score_reward_and_noise(run, embedder=None, text_stats=False, device="cpu", folds=4, priors=False)
+    info = run.manifest()["reward"]
+    assert info["feature_sets"] == {"policy": d} and info["priors"] == []
