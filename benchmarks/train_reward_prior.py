@@ -10,8 +10,8 @@ One prior per HH subset (harmless, helpful: their annotators reward opposite
 things) and feature kind. Each is an L2 Bradley-Terry probe (the heads' own fit: replies
 standardised, each block scaled to unit total variance, L2 chosen by 3-fold
 CV on the training pairs) on every pair of its subset's sample in
-``../shared/data/hh-rlhf`` that the cache holds (the shipped files: all 1,796 harmless pairs;
-the first 1,152 helpful-base pairs, where the helpful cache was stopped on the 2-core CPU). The features are what
+``../shared/data/hh-rlhf`` that the cache holds (the shipped files: all 1,796 harmless and
+all 2,348 helpful-base pairs that encode). The features are what
 ``curate score`` builds for the bundled SmolLM2-135M-Instruct: its mean reply
 states at the probe layers (16/20/24), and the all-MiniLM-L6-v2 reply
 embeddings with prompt relevance. The hashes of every training reply go in
