@@ -412,7 +412,9 @@ def ensemble_section(inputs: ReportInputs) -> Section | None:
              f"ensemble AUC: {fmt(info.oof_auc)}" if info.oof_auc is not None else None,
              ("out-of-fold scores" if info.out_of_fold else "in-sample scores (optimistic)")
              if info.out_of_fold is not None else None,
-             f"pairs with mean margin < 0: {(finite(mean) < 0).mean():.1%}"]
+             f"pairs with mean margin < 0: {(finite(mean) < 0).mean():.1%}",
+             "reward priors: " + ", ".join(p["name"] if p["used"] else f"{p['name']} not used ({esc(p['why_not'])})"
+                                           for p in info.priors) if info.priors else None]
     parts: list[str | Plot] = [
         "<p>Secrets of RLHF II: each member's margin r(chosen) − r(rejected), z-scored per member; the mean is the "
         "preference strength, the std the members' disagreement (U-shaped in the mean on HH-RLHF).</p>",
