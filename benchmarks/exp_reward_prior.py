@@ -64,7 +64,8 @@ def main() -> None:
     nothing_seen = np.zeros(0, dtype=np.uint64)
 
     def oof(rows, extra=None):
-        sets = rows_of([*ensemble_sets, *([extra] if extra is not None else [])], rows)
+        """OOF AUC of the ensemble on ``rows``; ``extra`` (a feature set over those rows only) joins it."""
+        sets = [*rows_of(ensemble_sets, rows), *([extra] if extra is not None else [])]
         members = head_members(ensemble_heads(sets), seeds=SEEDS, groups=groups[rows])
         return ensemble_quality(members, scaled_margins(members), SEEDS)["auc"]
 
@@ -73,8 +74,9 @@ def main() -> None:
         for kind, reads in FEATURES.items():
             prior = fit_prior(f"hh_harmless_{kind}", rows_of(h_sets, train_rows), reads,
                               seen=h_hashes[train_rows].ravel(), trained_on="other harmless pairs", sources={})
-            assert prior.why_not(rows_of(h_sets, rows), {}, h_hashes[rows]) is None  # none of them seen
-            out[prior.name] = prior.rewards(rows_of(h_sets, rows))
+            test_sets = rows_of(h_sets, rows)
+            assert prior.why_not(test_sets, {}, h_hashes[rows]) is None  # none of them seen
+            out[prior.name] = prior.rewards(test_sets)
         return out
 
     helpful_fits = {f"hh_helpful_{kind}": fit_prior(f"hh_helpful_{kind}", f_sets, reads, seen=nothing_seen,
@@ -94,7 +96,7 @@ def main() -> None:
                      for k, (c, r) in {**own, **other}.items()}
             result = {"baseline": oof(rows), "prior_alone_auc": alone}
             for label, chosen in (("harmless_priors", own), ("helpful_priors", other), ("all_priors", {**own, **other})):
-                result[label] = oof(rows, _placed(priors_set(chosen), rows, n))
+                result[label] = oof(rows, priors_set(chosen))
             out["subsets"].append(result)
             print(f"subset {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
                   + "; alone " + ", ".join(f"{k} {v:.3f}" for k, v in alone.items()), flush=True)
@@ -131,13 +133,6 @@ def all_pairs(ensemble_sets, harmless_priors, helpful_rewards, groups, grouping,
                                                "flip_rate_posterior_mean", "conservative_rate", "summary")}}
         print(f"all {n} pairs, {label}: OOF AUC {out[label]['oof_auc']:.4f}; {noise['summary']}", flush=True)
     return out
-
-
-def _placed(fs: FeatureSet, rows: np.ndarray, n: int) -> FeatureSet:
-    """A subset's rows placed back at their rows of the whole table (``oof`` slices them out again)."""
-    chosen, rejected = np.zeros((n, fs.dim)), np.zeros((n, fs.dim))
-    chosen[rows], rejected[rows] = fs.chosen, fs.rejected
-    return FeatureSet(fs.name, chosen, rejected, fs.block_dims)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import numpy as np
 
 from curate.data.load import load_pairs
 from curate.scores.prior import PRIOR_DIR, RewardPrior, pair_reply_hashes
-from curate.scores.reward import FeatureSet, build_feature_sets, fit_bt_head, nested_l2
+from curate.scores.reward import (FeatureSet, block_standardisation, build_feature_sets, concat_feature_sets,
+                                  fit_bt_head, nested_l2)
 
 HH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf"
 FILES = ("harmless-base-test-dev.jsonl.gz", "helpful-base-test.jsonl.gz")
@@ -61,13 +62,9 @@ def fit_prior(name: str, feature_sets, reads: tuple[str, ...], *, seen: np.ndarr
               sources: dict[str, str]) -> RewardPrior:
     by_name = {fs.name: fs for fs in feature_sets}
     sets = [by_name[r] for r in reads]
-    chosen = np.concatenate([fs.chosen for fs in sets], 1)
-    rejected = np.concatenate([fs.rejected for fs in sets], 1)
-    widths = np.concatenate([np.repeat(float(w), w) for fs in sets for w in (fs.block_dims or (fs.dim,))])
-    mean = (chosen.sum(0) + rejected.sum(0)) / (2 * len(chosen))
-    var = ((chosen ** 2).sum(0) + (rejected ** 2).sum(0)) / (2 * len(chosen)) - mean ** 2
-    std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(widths)
-    scaled = (chosen - rejected) / std
+    joined = concat_feature_sets(sets, name)
+    mean, std = block_standardisation(joined.chosen, joined.rejected, joined.column_block_width())
+    scaled = (joined.chosen - joined.rejected) / std
     l2 = nested_l2(scaled, L2_GRID)
     weight = fit_bt_head(scaled, l2=l2) / std
     return RewardPrior(name, reads, tuple(fs.dim for fs in sets), {r: sources[r] for r in reads if r in sources},

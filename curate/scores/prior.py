@@ -5,13 +5,14 @@ probe-layer reply states, the MiniLM reply embeddings) and gives every reply
 a reward, w . (features - mean). The ensemble's heads read every prior that
 applies as one feature set, ``priors``, one 1-dim block per prior, and learn
 from the user's labels how much, and with which sign, each counts: HH's
-harmless and helpful annotators reward opposite things (a prior trained on
-helpful-base ranks harmless pairs at AUC 0.33), so each subset has its own
+harmless and helpful annotators reward opposite things (priors trained on
+helpful-base rank harmless pairs at AUC 0.31-0.38), so each subset has its own
 prior. The heads stay out-of-fold, and no prior saw the user's labels.
 
 A prior is used only when its inputs are the same features (names, widths,
-and the model that made them: the policy's weights file, the embedder) and none of the scored pairs'
-replies were in its training data, so an out-of-fold AUC stays honest.
+and the model that made them: the policy's weights file, the embedder) and
+none of the scored pairs' replies were in its training data, so an
+out-of-fold AUC stays honest.
 ``benchmarks/train_reward_prior.py`` writes the shipped files.
 """
 
@@ -29,11 +30,12 @@ PRIOR_DIR = Path(__file__).resolve().parent.parent / "priors"
 
 
 def reply_hashes(prompts: Sequence[Sequence[Mapping[str, str]]], replies: Sequence[str]) -> np.ndarray:
-    """uint64 hash of each (prompt messages, reply): what "this reply was in the training data" is checked on."""
+    """uint64 hash of each (prompt, reply): what "this reply was in the training data" is checked on."""
+    from curate.data.schema import make_prompt_id
+
     out = np.empty(len(replies), dtype=np.uint64)
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
-        canonical = json.dumps([[[m["role"], m["content"]] for m in prompt], reply], ensure_ascii=False,
-                               separators=(",", ":"))
+        canonical = json.dumps([make_prompt_id(prompt), reply], ensure_ascii=False)
         out[i] = int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little")
     return out
 

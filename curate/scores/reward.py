@@ -160,6 +160,15 @@ def nested_l2(diff: np.ndarray, grid: Sequence[float], *, inner_folds: int = 3, 
     return float(grid[int(np.argmax(scores))])
 
 
+def block_standardisation(chosen: np.ndarray, rejected: np.ndarray,
+                          block_width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of every column over all replies; each scale is the column's std times
+    sqrt(its block's width), so every block has unit total variance."""
+    mean = (chosen.sum(axis=0) + rejected.sum(axis=0)) / (2 * len(chosen))
+    var = ((chosen * chosen).sum(axis=0) + (rejected * rejected).sum(axis=0)) / (2 * len(chosen)) - mean**2
+    return mean, (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(block_width)
+
+
 def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float | Sequence[float] = DEFAULT_L2,
                    groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold rewards of every reply: each pair scored by the head that did not train on it.
@@ -177,10 +186,8 @@ def cross_fit_head(features: FeatureSet, fold: np.ndarray, *, l2: float | Sequen
     diff = features.chosen - features.rejected
     for k in np.unique(fold):
         train, test = fold != k, fold == k
-        c, r = features.chosen[train], features.rejected[train]
-        mean = (c.sum(axis=0) + r.sum(axis=0)) / (2 * len(c))
-        var = ((c * c).sum(axis=0) + (r * r).sum(axis=0)) / (2 * len(c)) - mean**2
-        std = (np.sqrt(np.maximum(var, 0.0)) + 1e-8) * np.sqrt(features.column_block_width())
+        mean, std = block_standardisation(features.chosen[train], features.rejected[train],
+                                          features.column_block_width())
         scaled = diff[train] / std
         lam = l2 if np.isscalar(l2) else nested_l2(
             scaled, l2, seed=int(k), groups=None if groups is None else np.asarray(groups)[train])
