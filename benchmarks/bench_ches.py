@@ -96,6 +96,12 @@ def bare_forward(model, pairs, batches):
             decoder(input_ids=ids, attention_mask=mask, position_ids=positions)
 
 
+def under(lm, fn, *args, **kwargs):
+    """``fn(lm.model, ...)`` in the model's own arithmetic (autocast under bf16-mixed)."""
+    with lm.compute():
+        return fn(lm.model, *args, **kwargs)
+
+
 def engine_ln_ches(model, pairs, **kwargs):
     out = score_encoded(model, pairs, want_logps=False, **kwargs)
     n_pos = torch.tensor([len(p.chosen) for p in pairs])
@@ -203,7 +209,7 @@ def main() -> None:
     pairs = [encode_pair(encoder, r["prompt"], r["chosen"], r["rejected"])[0] for r in rows.iter_rows(named=True)]
     paper_pairs = pairs[: args.paper_pairs or len(pairs)]
     tokens = np.array([2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
-    print(f"device={device} threads={torch.get_num_threads()} default_dtype={default.dtype} pairs={len(pairs)} "
+    print(f"device={device} threads={torch.get_num_threads()} default_dtype={default.precision} pairs={len(pairs)} "
           f"paper_loop_pairs={len(paper_pairs)} tokens/pair={tokens.mean():.0f} "
           f"prompt_share={sum(2 * len(p.prompt) for p in pairs) / tokens.sum():.2f}")
 
@@ -216,7 +222,7 @@ def main() -> None:
     batches = plan_batches(pairs, token_budget=budget, prefix_sharing=resolve_prefix_sharing(default.model, None),
                            attention_budget=attention_budget)
     # warm-up (allocator, kernels) so no variant pays for first-call costs
-    score_encoded(default.model, pairs[:2], want_logps=False)
+    under(default, score_encoded, pairs[:2], want_logps=False)
     score_encoded(fp32.model, pairs[:2], want_logps=False)
     paper_loop(fp32.model, pairs[:1])
 
@@ -229,14 +235,14 @@ def main() -> None:
 
     ln_a, t_a = best_of(args.repeats, lambda: paper_loop(fp32.model, paper_pairs))
     report("(a) paper loop fp32 bs1", len(paper_pairs), t_a)
-    ln_c, t_c = best_of(args.repeats, lambda: engine_ln_ches(default.model, pairs))
-    report(f"(c) curate default ({str(default.dtype).replace('torch.', '')})", len(pairs), t_c)
-    _, t_d = best_of(args.repeats, lambda: bare_forward(default.model, pairs, batches))
+    ln_c, t_c = best_of(args.repeats, lambda: under(default, engine_ln_ches, pairs))
+    report(f"(c) curate default ({default.precision})", len(pairs), t_c)
+    _, t_d = best_of(args.repeats, lambda: under(default, bare_forward, pairs, batches))
     report("(d) bare forward ceiling", len(pairs), t_d)
     print(f"partial: speedup_vs_paper_loop={rate['(c)'] / rate['(a)']:.2f} "
           f"ceiling_ratio={rate['(c)'] / rate['(d)']:.2f}", flush=True)
     other = not resolve_prefix_sharing(default.model, None)
-    _, t_c2 = best_of(args.repeats, lambda: engine_ln_ches(default.model, pairs, prefix_sharing=other))
+    _, t_c2 = best_of(args.repeats, lambda: under(default, engine_ln_ches, pairs, prefix_sharing=other))
     report(f"(c') default, prefix sharing {'on' if other else 'off'}", len(pairs), t_c2)
     ln_b, t_b = best_of(args.repeats, lambda: engine_ln_ches(fp32.model, pairs))
     report("(b) curate fp32", len(pairs), t_b)
@@ -252,7 +258,7 @@ def main() -> None:
 
     # (d') the same bare forward with batches planned for it (full sequences sorted by length, same budget)
     own = plan_batches(pairs, token_budget=budget, prefix_sharing=False, attention_budget=attention_budget)
-    _, t_own = best_of(args.repeats, lambda: bare_forward(default.model, pairs, own))
+    _, t_own = best_of(args.repeats, lambda: under(default, bare_forward, pairs, own))
     report("(d') bare forward, own batches", len(pairs), t_own)
 
     own_ratio = rate["(c)"] / rate["(d')"]

@@ -61,8 +61,9 @@ def response_sets(pairs: pl.DataFrame, n_sets: int, k: int, offset: int) -> pl.D
 def run_pool(lm, encoder, sets: pl.DataFrame, prefix_sharing: bool | None = None) -> tuple[pl.DataFrame, float]:
     start = time.perf_counter()
     encoded = [encoder.encode(p, r) for p, r in zip(sets["prompt"].to_list(), sets["response"])]
-    sums = pool_response_sets(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded],
-                        prefix_sharing=prefix_sharing).numpy()
+    with lm.compute():
+        sums = pool_response_sets(lm.model, [(e.prompt_ids, e.reply_ids) for e in encoded],
+                                  prefix_sharing=prefix_sharing).numpy()
     n_tokens = np.array([len(e.reply_ids) for e in encoded])
     _, ln_by = ches_matrices(sets, sums, n_tokens)
     chosen = select_pairs(sets, "min-ches", ln_ches=ln_by)
@@ -81,7 +82,8 @@ def run_baseline(lm, encoder, sets: pl.DataFrame) -> tuple[dict[str, tuple[str, 
                     prompt_ids = encoder.prompt_ids(prompt)
                     encoded.append(EncodedPair(prompt_ids, encoder.reply_ids(replies[i]), encoder.reply_ids(replies[j])))
                     candidates.append((prompt_id, replies[i], replies[j]))
-    out = score_encoded(lm.model, encoded, want_logps=False)
+    with lm.compute():
+        out = score_encoded(lm.model, encoded, want_logps=False)
     n_c = torch.tensor([len(p.chosen) for p in encoded])
     n_r = torch.tensor([len(p.rejected) for p in encoded])
     values = ln_ches(out["sum_chosen"], out["sum_rejected"], n_c, n_r).numpy()
@@ -105,7 +107,7 @@ def main() -> None:
     lm = load_causal_lm("smollm2-135m-instruct", device=args.device, dtype=args.dtype)
     encoder = ChatEncoder(lm.tokenizer)
     pairs = load_pairs(str(HH), limit=400).pairs
-    print(f"device={args.device} threads={args.threads} dtype={lm.dtype} model={lm.name} data=HH harmless-base "
+    print(f"device={args.device} threads={args.threads} dtype={lm.precision} model={lm.name} data=HH harmless-base "
           "(k replies of neighbouring pairs per prompt, distinct ratings)")
     print(f"{'variant':40s} {'k':>2s} {'sets':>5s} {'scored':>7s} {'seconds':>8s} {'pairs/s':>8s}")
     ratios = []

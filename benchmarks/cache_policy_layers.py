@@ -59,7 +59,8 @@ def main() -> None:
     done = 0
     for batch in plan(encoded, args.chunk):
         prompts, replies, owner = pair_rows([encoded[i] for i in batch])
-        states = reply_states(lm.model, prompts, replies, owner, shared_prompt=True, probe=tapped)
+        with lm.compute():  # the scorer's arithmetic
+            states = reply_states(lm.model, prompts, replies, owner, shared_prompt=True, probe=tapped)
         valid = states.valid
         lengths = states.lengths
         rows = torch.arange(len(replies))
@@ -68,7 +69,7 @@ def main() -> None:
         targets = torch.zeros(valid.shape, dtype=torch.long)
         for row, reply in enumerate(replies):
             targets[row, :len(reply)] = torch.as_tensor(reply, dtype=torch.long)
-        with torch.inference_mode():
+        with torch.inference_mode(), lm.compute():
             token_lp = token_logps(lm.model, states.states[valid], targets[valid], chunk_size=256)
         logp = torch.zeros(len(replies)).index_add_(0, valid.nonzero()[:, 0], token_lp.float())
         b = len(batch)

@@ -129,7 +129,7 @@ def main() -> None:
     kinds = [json.loads(m)["kind"] for m in table["meta"]]
     ln_ches = table["ln_ches"].to_numpy()
     result = {
-        "model": lm.info.get("name", "smollm2-135m-instruct"), "dtype": str(lm.model.dtype),
+        "model": lm.info.get("name", "smollm2-135m-instruct"), "dtype": lm.precision,
         "settings": {**PAPER, "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
                      "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
                      "eval_samples": args.eval_samples, "seeds": args.seeds, "refusal_detector": "curate.eval.is_refusal",

@@ -123,7 +123,7 @@ STRATEGY = typer.Option("best-random-lower", help=(
     "How response sets (ultrafeedback-raw, nectar) become pairs: best-random-lower, best-worst or all."))
 SUBSET = typer.Option(None, help="Hub subset / data_dir, e.g. harmless-base.")
 SPLIT = typer.Option(None, help="Split to load (default: train for hub data).")
-DTYPE = typer.Option("auto", help="auto (bf16 where fast), fp32 or bf16.")
+DTYPE = typer.Option("auto", help="auto (bf16-mixed where bf16 is fast, else fp32), fp32, bf16 (bf16 weights: half the memory, but train recomputes its reference) or bf16-mixed (fp32 weights, bf16 arithmetic: what train uses).")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ...")
 MAX_LENGTH = typer.Option(None, help="Token limit per prompt+reply (default: the model's context).")
 SYSTEM_PROMPT = typer.Option("default", help="'default' (the template's own), 'none', or a text.")
@@ -226,7 +226,7 @@ def score_cmd(
     validate.integer("--token-budget", token_budget, example="16384")
     validate.integer("--max-length", max_length, example="1024")
     validate.integer("--shard-size", shard_size, example="512")
-    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.dtype(dtype, ("auto", "fp32", "bf16", "bf16-mixed"))
     validate.device(device)
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
         raise CurateError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
@@ -281,7 +281,7 @@ def pairs_cmd(
     validate.integer("--max-length", max_length, example="1024")
     validate.integer("--token-budget", token_budget, example="4096")
     validate.integer("--shard-size", shard_size, example="256")
-    validate.dtype(dtype, ("auto", "fp32", "bf16"))
+    validate.dtype(dtype, ("auto", "fp32", "bf16", "bf16-mixed"))
     validate.device(device)
     from curate.pairs.build import build_pairs, pairs_summary, render_pairs_summary
 
@@ -627,7 +627,7 @@ def eval_cmd(
     max_length: Optional[int] = typer.Option(None, help="Token limit per sequence (default: the model's context)."),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per forward (default: a token budget)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("fp32", help="fp32 (default: log-prob changes are small) or bf16."),
+    dtype: str = typer.Option("fp32", help="fp32 (default: log-prob changes are small), bf16 or bf16-mixed."),
     as_json: bool = AS_JSON,
 ) -> None:
     """Ranking accuracy, idealised accuracy, implicit rewards and likelihood displacement of MODEL vs REF."""
@@ -642,7 +642,7 @@ def eval_cmd(
     validate.integer("--max-length", max_length, low=2, example="1024")
     validate.integer("--batch-size", batch_size, example="8")
     validate.device(device)
-    validate.dtype(dtype, ("fp32", "bf16"))
+    validate.dtype(dtype, ("fp32", "bf16", "bf16-mixed"))
     summary = evaluate(
         model, ref, data, out=out, beta=beta, betas=beta_sweep, alpha=alpha, scores=scores, generate=generate,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system_prompt=system_prompt,

@@ -338,7 +338,7 @@ def evaluate(model: Any, ref: Any, data: Any, *, out: str | Path | None = None, 
     ln_ches_all = _ches_scores(pairs, scores, notes)
 
     policy = _load(model, device, dtype)
-    reference = _load(ref, policy.device, policy.dtype)
+    reference = _load(ref, policy.device, policy.precision)
     check_same_tokenizer(policy.tokenizer, reference.tokenizer, policy.name, reference.name)
     limit = max_length or getattr(reference.model.config, "max_position_embeddings", None)
     encoder = ChatEncoder(reference.tokenizer, system_prompt=system_prompt, max_length=limit)
@@ -351,8 +351,10 @@ def evaluate(model: Any, ref: Any, data: Any, *, out: str | Path | None = None, 
         notes.append(f"{skipped} pairs left out: a reply alone is longer than {limit} tokens")
     kept_pairs = pairs[kept]
 
-    logp_c, logp_r = reply_logps(policy.model, encoded, batch_size=batch_size)
-    ref_c, ref_r = reply_logps(reference.model, encoded, batch_size=batch_size)
+    with policy.compute():
+        logp_c, logp_r = reply_logps(policy.model, encoded, batch_size=batch_size)
+    with reference.compute():
+        ref_c, ref_r = reply_logps(reference.model, encoded, batch_size=batch_size)
     n_c = np.array([len(e.chosen) for e in encoded], dtype=np.float64)
     n_r = np.array([len(e.rejected) for e in encoded], dtype=np.float64)
     ln_ches = ln_ches_all[kept] if ln_ches_all is not None else None
@@ -410,7 +412,7 @@ def sample_replies(loaded, prompts: Sequence[list[int]], *, max_new_tokens: int,
         chunk = prompts[lo:lo + batch_size]
         ids, mask, _ = left_pad(chunk, loaded.device)  # every prompt ends in the last column
         torch.manual_seed(seed + lo)
-        with torch.inference_mode():
+        with torch.inference_mode(), loaded.compute():
             generated = loaded.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
                 top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eot_id,

@@ -40,6 +40,24 @@ _MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+BF16_MIXED = "bf16-mixed"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Weights in ``weights``; with ``autocast`` set, matmuls run in it over fp32 weights (mixed precision).
+
+    ``bf16-mixed`` is the arithmetic of ``curate train --bf16`` (fp32 master weights under bf16
+    autocast), so log-probs scored with it are the policy's own at step 0; plain ``bf16`` (bf16
+    weights, bf16 residual stream) halves weight memory and differs from it by up to ~1 nat per reply.
+    """
+
+    weights: torch.dtype
+    autocast: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return BF16_MIXED if self.autocast is not None else str(self.weights).replace("torch.", "")
 
 
 @dataclass
@@ -50,8 +68,18 @@ class LoadedModel:
     tokenizer: Any
     name: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the weights
     info: dict[str, Any] = field(default_factory=dict)
+    autocast: torch.dtype | None = None  # matmul dtype under mixed precision (see Precision)
+
+    @property
+    def precision(self) -> str:
+        return Precision(self.dtype, self.autocast).name
+
+    def compute(self):
+        """The context the model's forwards run in: autocast under mixed precision, else nothing."""
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                              enabled=self.autocast is not None)
 
 
 # ------------------------------------------------------------------ device / dtype
@@ -75,18 +103,19 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    """``auto`` picks bf16 where the hardware runs it fast (modern GPUs, AMX CPUs), else fp32."""
+def resolve_precision(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> Precision:
+    """``auto`` is bf16-mixed where the hardware runs bf16 fast (modern GPUs, AMX CPUs), else fp32."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return Precision(dtype)
+    if dtype == BF16_MIXED:
+        return Precision(torch.float32, torch.bfloat16)
     if dtype != "auto":
         if dtype not in _DTYPES:
-            raise CurateError(f"unknown dtype {dtype!r}; use auto, fp32 or bf16")
-        return _DTYPES[dtype]
+            raise CurateError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or {BF16_MIXED}")
+        return Precision(_DTYPES[dtype])
     device = resolve_device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return Precision(torch.float32, torch.bfloat16) if fast else Precision(torch.float32)
 
 
 # ------------------------------------------------------------------ bundled files
@@ -197,11 +226,13 @@ def _prepare_tokenizer(tokenizer) -> Any:
 def load_causal_lm(name_or_path: str = SMOLLM2, *, device: str | torch.device = "auto",
                    dtype: str | torch.dtype = "auto", revision: str | None = None, trust_remote_code: bool = False,
                    ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, weights in ``dtype`` on ``device``."""
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype`` (a :class:`Precision` name;
+    its forwards run in :meth:`LoadedModel.compute`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    precision = resolve_precision(dtype, device)
+    torch_dtype = precision.weights
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     path = Path(name_or_path).expanduser()
 
@@ -230,8 +261,9 @@ def load_causal_lm(name_or_path: str = SMOLLM2, *, device: str | torch.device = 
                 "revision": revision or getattr(model.config, "_commit_hash", None)}
 
     model.to(device).eval()
-    info.update({"device": str(device), "dtype": str(torch_dtype).replace("torch.", "")})
-    return LoadedModel(model, _prepare_tokenizer(tokenizer), info["name"], device, torch_dtype, info)
+    info.update({"device": str(device), "dtype": precision.name})
+    return LoadedModel(model, _prepare_tokenizer(tokenizer), info["name"], device, torch_dtype, info,
+                       precision.autocast)
 
 
 def tiny_causal_lm(seed: int = 0, *, device: str = "cpu", dtype: torch.dtype = torch.float32,

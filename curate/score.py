@@ -131,9 +131,10 @@ def score_shard(lm, encoder, pairs: pl.DataFrame, scores: Sequence[str], *, batc
             on_batch(len(indices), sum(len(encoded[i].prompt) + len(encoded[i].chosen) + len(encoded[i].rejected)
                                        for i in indices))
 
-    cols = pair_columns(encoded, score_encoded(
-        lm.model, encoded, want_logps="logps" in scores, prefix_sharing=prefix_sharing, batch_size=batch_size,
-        token_budget=token_budget, on_batch=progress), scores) if encoded else {}
+    with lm.compute():
+        cols = pair_columns(encoded, score_encoded(
+            lm.model, encoded, want_logps="logps" in scores, prefix_sharing=prefix_sharing, batch_size=batch_size,
+            token_budget=token_budget, on_batch=progress), scores) if encoded else {}
     return _shard_frame(pairs["pair_id"].to_list(), cols, encoding.cut, skipped)
 
 
@@ -251,7 +252,7 @@ def model_facts(lm, *, prefix_sharing: bool | None, max_length: int | None) -> d
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if max_length is not None and context is not None and max_length > context:
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
-    return {"info": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+    return {"info": lm.info, "device": str(lm.device), "dtype": lm.precision,
             "prefix_sharing": resolve_prefix_sharing(lm.model, prefix_sharing), "max_length": max_length or context,
             "pooled_layer": probe_layer(lm.model) or lm.model.config.num_hidden_layers,
             "pooled_layers": list(probe_layers(lm.model)) or [lm.model.config.num_hidden_layers]}
@@ -288,7 +289,7 @@ def _score_with_model(run: RunDir, pairs: pl.DataFrame, quarantine: pl.DataFrame
 
         plan = {"pairs": dataset_fingerprint(pairs), "n_pairs": pairs.height, "model": facts["info"],
                 "scores": sorted(scores), "max_length": effective_max, "system_prompt": system_prompt,
-                "shard_size": shard_size}
+                "shard_size": shard_size, "dtype": facts["dtype"], "prefix_sharing": prefix_sharing}
         shard_dir = fresh_shards(run / SHARDS, plan, plan_file="plan.json", pattern="score-*.parquet")
         n_shards = -(-pairs.height // shard_size)
         todo = [k for k in range(n_shards) if not _shard_path(shard_dir, k).exists()]

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from curate.errors import CurateError
 
-DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "bf16-mixed", "fp16", "float16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -3,7 +3,7 @@ import torch
 
 from curate.data import load_pairs
 from curate.data.chat import ChatEncoder, ReplyTooLong, merge_same_role
-from curate.models import LoadedModel, resolve_dtype
+from curate.models import LoadedModel, Precision, resolve_precision
 
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
         {"role": "user", "content": "how?"}]
@@ -56,10 +56,12 @@ def test_plain_format_without_template(tiny_lm):
         tok.chat_template = template
 
 
-def test_resolve_dtype():
-    assert resolve_dtype("fp32", "cpu") == torch.float32
-    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
-    assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+def test_resolve_precision():
+    assert resolve_precision("fp32", "cpu") == Precision(torch.float32)
+    assert resolve_precision("bf16", "cpu").name == "bfloat16"
+    mixed = resolve_precision("bf16-mixed", "cpu")
+    assert (mixed.weights, mixed.autocast, mixed.name) == (torch.float32, torch.bfloat16, "bf16-mixed")
+    assert resolve_precision("auto", "cpu") in (Precision(torch.float32), mixed)
 
 
 @pytest.mark.slow

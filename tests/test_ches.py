@@ -221,12 +221,11 @@ def test_other_runtime_errors_are_not_swallowed(tiny_model, monkeypatch):
         score_encoded(tiny_model, random_pairs(2))
 
 
-def test_reply_groups_bound_the_padding():
-    from curate.lm import reply_groups
+def test_bucket_width_rounds_up_to_the_bucket():
+    from curate.lm.forward import WIDTH_BUCKET, bucket_width
 
-    # sorted: 10, 9, 7 (>= 0.7 * 10), then 3 starts a group, 2 < 0.7 * 3 starts another; 0 is skipped
-    assert reply_groups([10, 9, 3, 0, 7, 2]) == [[0, 1, 4], [2], [5]]
-    assert reply_groups([0, 0]) == []
+    assert [bucket_width(n) for n in (0, 1, WIDTH_BUCKET, WIDTH_BUCKET + 1)] == [WIDTH_BUCKET, WIDTH_BUCKET,
+                                                                             WIDTH_BUCKET, 2 * WIDTH_BUCKET]
 
 
 @pytest.mark.parametrize("shared_prompt", [True, False])

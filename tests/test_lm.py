@@ -7,7 +7,7 @@ import torch
 
 from curate.data.chat import ChatEncoder
 from curate.data.schema import pairs_frame
-from curate.lm import encode_pair, head_logits, pool_replies, reply_states, token_logps
+from curate.lm import EncodedPair, encode_pair, head_logits, pool_replies, reply_states, token_logps
 from curate.models import LoadedModel, tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -124,3 +124,27 @@ def test_shared_prompt_states_equal_full_sequences_with_gradients(tiny_lm):
     assert torch.equal(valid, full.valid)
     assert torch.allclose(shared.states[valid], full.states[valid], atol=1e-4)
     assert shared.states.requires_grad
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_under_bf16_a_rows_states_do_not_depend_on_its_batch(tiny_lm, shared_prompt):
+    # what lets training reuse scored reference log-probs: a pair batched with prompts and replies
+    # of other widths (across bucket boundaries) gets bit-identical states to the pair run alone
+    from curate.lm import pair_rows
+    from curate.lm.forward import WIDTH_BUCKET
+
+    rng = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(3, 90, (n,), generator=rng).tolist()
+
+    pairs = [EncodedPair(tokens(p), tokens(c) + [2], tokens(r) + [2])  # 2: an end-of-turn stand-in
+             for p, c, r in ((5, 7, 3), (WIDTH_BUCKET + 9, 40, 2), (3 * WIDTH_BUCKET, 1, WIDTH_BUCKET), (20, 12, 30))]
+    model = tiny_lm.model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        together = reply_states(model, *pair_rows(pairs), shared_prompt=shared_prompt)
+        for i, pair in enumerate(pairs):
+            alone = reply_states(model, *pair_rows([pair]), shared_prompt=shared_prompt)
+            for side, row in ((0, i), (1, len(pairs) + i)):
+                n = int(alone.lengths[side])
+                assert torch.equal(together.states[row, :n], alone.states[side, :n])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from curate.data.chat import ChatEncoder
+from curate.lm.forward import bucket_width
 from curate.pairs.pooling import pool_response_sets
 from curate.scores.ches import ches, ches_matrix, ln_ches
 from curate.scores.engine import EncodedPair, forward_batch
@@ -71,10 +72,10 @@ def test_one_decoder_sequence_per_response(tiny_lm):
 
 def test_shared_prompt_runs_once_and_each_reply_once(tiny_lm):
     prompt, encoded, calls = _decoder_calls(tiny_lm, prefix_sharing=True)
-    assert calls[0] == (1, len(prompt))  # the prompt, once for all 7 replies
+    assert calls[0] == (1, bucket_width(len(prompt)))  # the prompt, once for all 7 replies
     reply_calls = calls[1:]
     assert sum(rows for rows, _ in reply_calls) == 7
-    # every reply token but the end-of-turn one, plus right padding inside its length group
+    # every reply token but the end-of-turn one, plus right padding to its bucket width
     assert sum(rows * width for rows, width in reply_calls) >= sum(len(r) - 1 for _, r in encoded)
 
 

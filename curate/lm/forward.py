@@ -8,18 +8,23 @@ own state is never used).
 
 ``shared_prompt=True``:
 
-1. the prompts, left-padded, run once, keeping the KV cache;
-2. the replies run on top of that cache in groups of similar length, each
-   group over a copy of its prompts' cache rows, right-padded after the reply.
+1. the prompts run once, right-padded, keeping the KV cache;
+2. the replies run on top of their prompts' cache rows, right-padded too.
 
-Left padding puts every prompt's last token in the last column, and right
-padding after a reply cannot influence earlier positions of a causal model,
-so every mask is built from lengths alone (never from ``ids != pad``: SmolLM2
-pads with its end-of-turn token). ``shared_prompt=False`` runs each (prompt,
-reply) as one left-padded sequence instead; it alone can return every layer's
-states (SparsePO masks). ``grad`` switches autograd on (training) or runs
-under ``inference_mode`` (scoring, eval); gradients flow through the cache
-into the prompt pass.
+Both passes pad to a fixed bucket width (the next multiple of WIDTH_BUCKET) and
+run one bucket at a time, so a row's arithmetic depends on its own lengths, not
+on what it is batched with. Under bf16 that matters: CPU and GPU attention
+kernels split work by sequence width, and a pair scored in a batch of long
+prompts differed by up to 0.55 nats from the same pair trained in another
+batch; with buckets, scoring and training agree to ~3e-5 nats, so training
+reuses scored reference log-probs. Right padding cannot influence earlier
+positions of a causal model, so every mask is built from lengths alone (never
+from ``ids != pad``: SmolLM2 pads with its end-of-turn token).
+
+``shared_prompt=False`` runs each (prompt, reply) as one sequence instead,
+bucketed the same way; it alone can return every layer's states (SparsePO masks). ``grad`` switches autograd
+on (training) or runs under ``inference_mode`` (scoring, eval); gradients flow
+through the cache into the prompt pass.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ PROBE_DEPTH = 2 / 3
 # AUC went from 0.705 (layer 20 alone) to 0.712, and from 0.693 to 0.700 on two
 # 256-pair halves (benchmarks/exp_ensemble_hh.py, results/exp_ensemble_hh_layers_*).
 PROBE_DEPTHS = (8 / 15, PROBE_DEPTH, 4 / 5)
+WIDTH_BUCKET = 32  # tokens; see the module docstring
 
 
 def left_pad(seqs: Sequence[Sequence[int]], device, pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,22 +70,6 @@ def right_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> Ten
         if len(seq):
             ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     return ids
-
-
-def reply_groups(lengths: Sequence[int], ratio: float = 0.7) -> list[list[int]]:
-    """Split rows into groups of similar length, longest first, skipping zero lengths.
-
-    A row joins the current group while its length is at least ``ratio`` times
-    the group's longest, so right padding stays under ``1 - ratio`` per group.
-    """
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i], reverse=True)
-    groups: list[list[int]] = []
-    for row in order:
-        if groups and lengths[row] >= ratio * lengths[groups[-1][0]]:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return groups
 
 
 def decoder_blocks(model) -> Sequence[torch.nn.Module] | None:
@@ -167,60 +157,99 @@ def _cache_rows(cache, rows: Tensor, config):
     return DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
 
 
+def bucket_width(length: int) -> int:
+    """The width a prompt or reply of ``length`` tokens is padded to: the next multiple of WIDTH_BUCKET."""
+    return max(1, -(-length // WIDTH_BUCKET)) * WIDTH_BUCKET
+
+
 def _shared(model, prompts, replies, owner, probe) -> ReplyStates:
-    decoder = unwrap(model).base_model
+    decoder, config = unwrap(model).base_model, unwrap(model).config
     device = next(model.parameters()).device
-    ids, mask, positions = left_pad(prompts, device)
+    fed = [r[:-1] for r in replies]
+    width = max(len(r) for r in replies)
+    states = probe_states = None
     with _ProbeTap(model, probe) as tap:
-        prompt_out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        owner_t = torch.as_tensor(owner, device=device)
-        last_state = prompt_out.last_hidden_state[:, -1][owner_t]  # left padding: last column
-        fed = [r[:-1] for r in replies]
-        fed_lens = [len(f) for f in fed]
-        states = last_state.new_zeros(len(replies), 1 + max(fed_lens), last_state.shape[-1])
-        states[:, 0] = last_state
-        probe_states = None
-        if tap.layers:
-            prompt_probe = tap.last[:, -1]  # concatenate the layers once, last column only
-            probe_states = states.new_zeros(*states.shape[:2], prompt_probe.shape[-1])
-            probe_states[:, 0] = prompt_probe[owner_t]
-        prompt_lens = mask.sum(1)
-        for group in reply_groups(fed_lens):
-            rows = torch.tensor(group, device=device)
-            prompt_rows = owner_t[rows]
-            width = fed_lens[group[0]]
-            lens = torch.tensor([fed_lens[row] for row in group], device=device)
-            reply_mask = (torch.arange(width, device=device).unsqueeze(0) < lens.unsqueeze(1)).long()
-            out = decoder(
-                input_ids=right_pad([fed[row] for row in group], width).to(device),
-                attention_mask=torch.cat([mask[prompt_rows], reply_mask], dim=1),
-                position_ids=prompt_lens[prompt_rows].unsqueeze(1) + torch.arange(width, device=device),
-                cache=_cache_rows(prompt_out.cache, prompt_rows, unwrap(model).config),
-                use_cache=True,
-            )
-            states[rows, 1:1 + width] = out.last_hidden_state
+        for prompt_width, prompt_rows in _buckets(range(len(prompts)), lambda o: len(prompts[o])).items():
+            lens = torch.tensor([len(prompts[o]) for o in prompt_rows], device=device)
+            mask = _length_mask(lens, prompt_width)
+            prompt_out = decoder(input_ids=right_pad([prompts[o] for o in prompt_rows], prompt_width).to(device),
+                                 attention_mask=mask, position_ids=_positions(len(prompt_rows), prompt_width, device),
+                                 use_cache=True)
+            if states is None:
+                states = prompt_out.last_hidden_state.new_zeros(len(replies), width, prompt_out.last_hidden_state.shape[-1])
+                if tap.layers:
+                    probe_states = states.new_zeros(len(replies), width, tap.last.shape[-1])
+            slot = {o: i for i, o in enumerate(prompt_rows)}
+            rows = [r for r, o in enumerate(owner) if o in slot]
+            slots = torch.tensor([slot[owner[r]] for r in rows], device=device)
+            last = lens[slots] - 1  # each prompt's last token predicts its replies' first
+            states[rows, 0] = prompt_out.last_hidden_state[slots, last]
             if probe_states is not None:
-                probe_states[rows, 1:1 + width] = tap.last
+                probe_states[rows, 0] = tap.last[slots, last]
+            for reply_width, reply_rows in _buckets([r for r in rows if len(fed[r])], lambda r: len(fed[r])).items():
+                slots = torch.tensor([slot[owner[r]] for r in reply_rows], device=device)
+                reply_lens = torch.tensor([len(fed[r]) for r in reply_rows], device=device)
+                out = decoder(
+                    input_ids=right_pad([fed[r] for r in reply_rows], reply_width).to(device),
+                    attention_mask=torch.cat([mask[slots], _length_mask(reply_lens, reply_width)], dim=1),
+                    position_ids=lens[slots].unsqueeze(1) + _positions(1, reply_width, device),
+                    cache=_cache_rows(prompt_out.cache, slots, config),
+                    use_cache=True,
+                )
+                n = int(reply_lens.max())
+                states[reply_rows, 1:1 + n] = out.last_hidden_state[:, :n]
+                if probe_states is not None:
+                    probe_states[reply_rows, 1:1 + n] = tap.last[:, :n]
     lengths = torch.tensor([len(r) for r in replies], device=device)
     return ReplyStates(states, lengths, probe_states)
+
+
+def _length_mask(lengths: Tensor, width: int) -> Tensor:
+    return (torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+
+def _positions(rows: int, width: int, device) -> Tensor:
+    return torch.arange(width, device=device).expand(rows, -1)
+
+
+def _buckets(items, length) -> dict[int, list]:
+    """``items`` grouped by :func:`bucket_width` of their ``length``, widest first."""
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(bucket_width(length(item)), []).append(item)
+    return dict(sorted(groups.items(), reverse=True))
 
 
 def _full(model, prompts, replies, owner, probe, all_layers: bool) -> ReplyStates:
     decoder = unwrap(model).base_model
     device = next(model.parameters()).device
     seqs = [list(prompts[o]) + list(r[:-1]) for o, r in zip(owner, replies)]
-    ids, mask, positions = left_pad(seqs, device)
+    width = max(len(r) for r in replies)
+    states = probe_states = layers = None
     with _ProbeTap(model, probe) as tap:
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                      output_hidden_states=all_layers)
-    # with left padding the n states predicting an n-token reply are the last n columns
+        for seq_width, rows in _buckets(range(len(seqs)), lambda r: len(seqs[r])).items():
+            out = decoder(input_ids=right_pad([seqs[r] for r in rows], seq_width).to(device),
+                          attention_mask=_length_mask(torch.tensor([len(seqs[r]) for r in rows], device=device), seq_width),
+                          position_ids=_positions(len(rows), seq_width, device), use_cache=False,
+                          output_hidden_states=all_layers)
+            # the state predicting reply token j is at column len(prompt) - 1 + j
+            starts = torch.tensor([len(prompts[owner[r]]) - 1 for r in rows], device=device)
+            gather = (starts.unsqueeze(1) + torch.arange(width, device=device)).clamp(max=seq_width - 1)
+            at = torch.arange(len(rows), device=device).unsqueeze(1), gather
+            if states is None:
+                states = out.last_hidden_state.new_zeros(len(replies), width, out.last_hidden_state.shape[-1])
+                if tap.layers:
+                    probe_states = states.new_zeros(len(replies), width, tap.last.shape[-1])
+                if all_layers:
+                    layers = [states.new_zeros(states.shape) for _ in out.hidden_states[1:]]
+            states[rows] = out.last_hidden_state[at]
+            if probe_states is not None:
+                probe_states[rows] = tap.last[at]
+            if layers is not None:
+                for layer, hidden in zip(layers, out.hidden_states[1:]):
+                    layer[rows] = hidden[at]
     lengths = torch.tensor([len(r) for r in replies], device=device)
-    width = ids.shape[1]
-    gather = ((width - lengths).unsqueeze(1) + torch.arange(int(lengths.max()), device=device)).clamp(max=width - 1)
-    rows = torch.arange(len(seqs), device=device).unsqueeze(1)
-    layers = [h[rows, gather] for h in out.hidden_states[1:]] if all_layers else None
-    return ReplyStates(out.last_hidden_state[rows, gather], lengths, tap.last[rows, gather] if tap.layers else None,
-                       layers)
+    return ReplyStates(states, lengths, probe_states, layers)
 
 
 def reply_states(model, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],

@@ -117,8 +117,9 @@ def _pool_shard(run: RunDir, lm, encoded: list, sets: pl.DataFrame, rows: np.nda
         todo = [i for i in rows if encoded[i] is not None]
         block = np.full((len(rows), lm.model.config.hidden_size), np.nan, dtype=np.float32)
         if todo:
-            pooled = pool_response_sets(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
-                                        prefix_sharing=prefix_sharing).numpy()
+            with lm.compute():
+                pooled = pool_response_sets(lm.model, [encoded[i] for i in todo], token_budget=token_budget,
+                                            prefix_sharing=prefix_sharing).numpy()
             position = {row: n for n, row in enumerate(rows)}
             block[[position[i] for i in todo]] = pooled
             pooled_now = len(todo)
@@ -207,7 +208,7 @@ def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, rev
         raise CurateError(f"--max-length {max_length} exceeds the model's context of {context} tokens")
     encoder = ChatEncoder(lm.tokenizer, system_prompt=system_prompt, max_length=max_length or context)
     encoded, refused, n_cut = _encode(encoder, sets)
-    plan = {"sets": _sets_digest(sets), "model": lm.info, "dtype": str(lm.dtype), "max_length": max_length or context,
+    plan = {"sets": _sets_digest(sets), "model": lm.info, "dtype": lm.precision, "max_length": max_length or context,
             "system_prompt": system_prompt, "shard_size": shard_size}
     fresh_shards(run / SHARDS, plan, plan_file=PLAN, pattern="pool-*.npz")
     t1 = time.time()
@@ -218,7 +219,7 @@ def _run_model(run: RunDir, sets: pl.DataFrame, *, lm, model, device, dtype, rev
     n_tokens = np.array([len(e[1]) for e in encoded if e is not None], dtype=np.int64)
     sets, sums = sets.filter(pl.Series(kept)), sums[kept]
     ches_by, ln_by = ches_matrices(sets, sums, n_tokens)
-    info = {"model": lm.info, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+    info = {"model": lm.info, "device": str(lm.device), "dtype": lm.precision,
             "max_length": max_length or context, "system_prompt": system_prompt,
             "pool": {**shard_info, "shard_size": shard_size, "prefix_sharing": prefix_sharing},
             "truncation": {"rule": "each response on its own: keep the reply whole, cut its prompt from the left",

@@ -33,6 +33,7 @@ import torch
 from curate.env import progress_bar
 from curate.errors import CurateError
 from curate.fsutil import remove_inside
+from curate.models import BF16_MIXED
 from curate.rundir import RunDir, ScoreSection, TrainSection
 from curate.train import checkpoints as ckpt
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -78,10 +79,19 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 def _use_bf16(setting: bool | str, device: torch.device) -> bool:
     if setting == "auto":
-        from curate.models import resolve_dtype
+        from curate.models import resolve_precision
 
-        return resolve_dtype("auto", device) == torch.bfloat16
+        return resolve_precision("auto", device).autocast == torch.bfloat16
     return bool(setting)
+
+
+def _scored_layout(data) -> bool | None:
+    """Whether the scoring run in ``data`` (a run directory) shared prompts; None if unknown."""
+    if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
+        return None
+    section = RunDir(data).section(ScoreSection)
+    layout = section.batch.get("prefix_sharing") if section else None
+    return layout if isinstance(layout, bool) else None
 
 
 def _fingerprint(cfg: TrainConfig, model_name: str, pair_ids: list[str], epsilon: float, total: int) -> dict:
@@ -377,8 +387,10 @@ def train(data: Any, *, out: str | os.PathLike[str], model: Any = "smollm2-135m-
     warmup = int(cfg.warmup_ratio * total)
     bf16 = _use_bf16(cfg.bf16, accelerator.device)
     # One prompt pass shared by both replies, unless a loss needs full sequences (hidden states)
-    # or gradient checkpointing rules out the KV cache.
-    shared_prompt = cfg.loss in SEQUENCE_LOSSES and not cfg.gradient_checkpointing
+    # or gradient checkpointing rules out the KV cache; and the scoring run's layout when it chose
+    # full sequences (a GPU's default), so its reference log-probs are the policy's own at step 0.
+    shared_prompt = (cfg.loss in SEQUENCE_LOSSES and not cfg.gradient_checkpointing
+                     and _scored_layout(data) is not False)
     make_batch = collate_shared if shared_prompt else collate
 
     def autocast():
@@ -405,7 +417,7 @@ def train(data: Any, *, out: str | os.PathLike[str], model: Any = "smollm2-135m-
         else:
             reference.logps, reference_source = _reused_reference(
                 data, pairs[kept.tolist()], policy, encoding, loaded.info, cfg, make_batch, pad_id, autocast,
-                accelerator, compute_dtype="bfloat16" if bf16 else "float32")
+                accelerator, compute_dtype=BF16_MIXED if bf16 else "float32")
             if reference.logps is None:
                 reference.logps = precompute_reference_logps(
                     policy, encoding.pairs, pad_id=pad_id, batch_size=micro, autocast=autocast,
