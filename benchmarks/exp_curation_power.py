@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/exp_curation_power_cpu.json"))
     args = parser.parse_args()
 
+    from curate.env import configure
+
+    configure()  # curate's process setup (oneDNN cache, quiet libraries), as the CLI does
     from curate.eval import mean_ci
     from curate.models import load_causal_lm
 
