@@ -89,7 +89,8 @@ class RewardPrior:
             return f"this run's {', '.join(other)} features come from another model than the prior's"
         seen = int(np.isin(hashes, self.seen).any(axis=1).sum())
         if seen:
-            return f"{seen} of the scored pairs were in its training data ({self.trained_on})"
+            # `seen` lists every reply of the priors' shared training samples, not only this prior's own
+            return f"{seen} of the scored pairs were in the priors' training data (this one: {self.trained_on})"
         return None
 
     def rewards(self, feature_sets) -> tuple[np.ndarray, np.ndarray]:
