@@ -62,8 +62,9 @@ def score_pool(dataset: Path, pool: int, max_length: int, work: Path) -> tuple[P
 def make_arms(run: Path, work: Path, holdout: float, ches_drop_top: float, max_flip_prob: str) -> dict[str, Any]:
     from curate.curation import ches_drop_top_rule, filter_run, max_flip_prob_rule
 
+    curated_rules = [ches_drop_top_rule(ches_drop_top), max_flip_prob_rule(max_flip_prob)]
     arms = {}
-    for name, rules in (("all", []), ("curated", [ches_drop_top_rule(ches_drop_top), max_flip_prob_rule(max_flip_prob)])):
+    for name, rules in (("all", []), ("curated", curated_rules)):
         summary = filter_run(run, rules, out=work / name, holdout=holdout, force=True)
         arms[name] = {"dir": work / name, "counts": summary["counts"], "per_rule": summary["per_rule"]}
     return arms

@@ -64,7 +64,8 @@ def test_why_not():
     assert "another model" in made_by_abc.why_not(policy, {"policy": "xyz"}, hashes)
     assert "another model" in made_by_abc.why_not(policy, {}, hashes)
     assert made_by_abc.why_not(policy, {"policy": "abc"}, hashes) is None
-    assert "1 of the scored pairs were in the priors' training data" in _prior(seen=[hashes[1, 1]]).why_not(sets, {}, hashes)
+    seen_one = _prior(seen=[hashes[1, 1]]).why_not(sets, {}, hashes)
+    assert "1 of the scored pairs were in the priors' training data" in seen_one
 
 
 def test_prior_feature_sets_record(tmp_path, monkeypatch):
