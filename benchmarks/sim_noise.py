@@ -21,7 +21,11 @@ pooled over the cell's replicates, which has less binning noise) and of
 ``flip_prob_conservative`` (at the interval's lower end where the rate is not
 identified: what actions read), the bias of the rate's posterior mean where the
 estimator gives one, the ECE of the Bayes flip posterior (true utility and
-rate) on the same pairs: the floor that binning noise sets at that n, and the ensemble's measured OOF AUC on the clean labels. The summary checks the
+rate) on the same pairs: the floor that binning noise sets at that n; the
+default estimator fed the *true* utility difference instead of the OOF margin
+(``true_utility``: perfect features, but the margin's scale still unknown, as
+it is for any margin; what remains of its ECE is the price of not knowing the
+scale); and the ensemble's measured OOF AUC on the clean labels. The summary checks the
 bars of issue 15: pooled 90%-interval coverage over all cells and replicates
 >= 0.85 (the share of cells whose own coverage is >= 0.85 is reported too),
 and cell-mean ECE <= 0.05 where the Bayes AUC >= 0.8.
@@ -86,8 +90,13 @@ def replicate(eps: float, beta: float, n: int, seed: int) -> dict:
     # finite-sample binning noise sets for any predictor
     t = beta * (fs.chosen - fs.rejected) @ u
     oracle = eps * expit(-t) / (eps * expit(-t) + (1 - eps) * expit(t))
+    # the default fed the true utility difference: perfect features, but the margin's scale still unknown
+    perfect = noise.get_estimator(noise.DEFAULT_ESTIMATOR)(t)
     out = {"true_rate": float(flipped.mean()), "oof_auc_clean": oriented_auc(clean_margin, seed=seed)["auc"],
-           "ece_oracle": expected_calibration_error(oracle, flipped), "flipped": flipped, "estimators": {}}
+           "ece_oracle": expected_calibration_error(oracle, flipped), "flipped": flipped, "oracle": oracle,
+           "true_utility": {"rate": perfect.rate, "interval": [float(v) for v in perfect.interval],
+                            "ece": expected_calibration_error(perfect.flip_prob, flipped)},
+           "true_utility_flip_prob": perfect.flip_prob, "estimators": {}}
     for name, est in noise.estimate_all(margin, margins, seed=seed).items():
         row = {"rate": est.rate, "ece": expected_calibration_error(est.flip_prob, flipped), "flip_prob": est.flip_prob,
                "ece_conservative": expected_calibration_error(est.flip_prob_conservative, flipped),
@@ -104,6 +113,11 @@ def summarise_cell(reps: list[dict]) -> dict:
     cell = {"oof_auc_clean": float(np.mean([r["oof_auc_clean"] for r in reps])),
             "ece_oracle": float(np.mean([r["ece_oracle"] for r in reps])), "estimators": {}}
     flipped = np.concatenate([r["flipped"] for r in reps])
+    cell["ece_oracle_pooled"] = expected_calibration_error(np.concatenate([r["oracle"] for r in reps]), flipped)
+    cell["true_utility"] = {
+        "ece": float(np.mean([r["true_utility"]["ece"] for r in reps])),
+        "ece_pooled": expected_calibration_error(np.concatenate([r["true_utility_flip_prob"] for r in reps]), flipped),
+        "rmse": float(np.sqrt(np.mean([(r["true_utility"]["rate"] - r["true_rate"]) ** 2 for r in reps])))}
     for name in reps[0]["estimators"]:
         rows = [r["estimators"][name] for r in reps]
         err = np.array([row["rate"] for row in rows]) - truth
@@ -150,7 +164,8 @@ def main() -> None:
                           f"{noise.DEFAULT_ESTIMATOR}: bias={d['bias']:+.3f} rmse={d['rmse']:.3f} "
                           f"cover={d['coverage']:.2f} width={d['mean_width']:.3f} ece={d['ece']:.3f} "
                           f"ece_conservative={d['ece_conservative']:.3f} ece_pooled={d['ece_pooled']:.3f} "
-                          f"ece_oracle={cell['ece_oracle']:.3f}", flush=True)
+                          f"ece_oracle={cell['ece_oracle']:.3f} ece_pooled_true_utility="
+                          f"{cell['true_utility']['ece_pooled']:.3f}", flush=True)
                     cells.append(cell)
     summary = {}
     for name in noise.ESTIMATORS:
@@ -171,6 +186,11 @@ def main() -> None:
             s["pooled_coverage"] = float(np.mean([r["coverage"] for r in rows]))
             s["cells_covered_share"] = float(np.mean([r["coverage"] >= 0.85 for r in rows]))
         summary[name] = s
+    hard = [c for c in cells if c["bayes_auc"] >= 0.8]
+    summary["reference_true_utility"] = {  # what the default reaches fed perfect features (scale unknown)
+        "max_ece_pooled_auc_ge_0.8": float(np.max([c["true_utility"]["ece_pooled"] for c in hard])),
+        "mean_ece_auc_ge_0.8": float(np.mean([c["true_utility"]["ece"] for c in hard])),
+        "mean_rmse": float(np.mean([c["true_utility"]["rmse"] for c in cells]))}
     d = summary[noise.DEFAULT_ESTIMATOR]
     bars = {"pooled_coverage_ge_0.85": d["pooled_coverage"] >= 0.85,
             "mean_ece_le_0.05_where_auc_ge_0.8": d["mean_ece_auc_ge_0.8"] <= 0.05,
@@ -189,7 +209,7 @@ def main() -> None:
 def _without_arrays(run: dict) -> dict:
     return {k: v if k != "estimators" else {name: {f: x for f, x in row.items() if f != "flip_prob"}
                                              for name, row in v.items()}
-            for k, v in run.items() if k != "flipped"}
+            for k, v in run.items() if k not in ("flipped", "oracle", "true_utility_flip_prob")}
 
 
 if __name__ == "__main__":
