@@ -21,7 +21,7 @@ pooled over the cell's replicates, which has less binning noise) and of
 ``flip_prob_conservative`` (at the interval's lower end where the rate is not
 identified: what actions read), the bias of the rate's posterior mean where the
 estimator gives one, the ECE of the Bayes flip posterior (true utility and
-rate) on the same pairs: the floor that binning noise sets at that n; the
+rate) on the same pairs, per replicate and pooled: the floor that binning noise sets at that n; the
 default estimator fed the *true* utility difference instead of the OOF margin
 (``true_utility``: perfect features, but the margin's scale still unknown, as
 it is for any margin; what remains of its ECE is the price of not knowing the
